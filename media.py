@@ -1,0 +1,481 @@
+"""Uploaded bytes in, model-ready media out: PIL images (RGB) and numpy audio (16 kHz mono float32).
+
+Pure functions over a seekable binary file or a path; no web framework, no torch. Every failure
+is a `MediaError` whose message is safe to show the user: `UnsupportedMedia` (not a format we
+read, or the wrong kind for the field), `UndecodableMedia` (a known format, but broken) and
+`MediaTooLarge` (over a limit). Files are judged by their bytes, never by their names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import BinaryIO, Literal
+
+import av
+import numpy as np
+import soundfile
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SAMPLE_RATE = 16_000  # what Qwen2.5-Omni's Whisper feature extractor expects
+
+Source = str | os.PathLike | BinaryIO
+Kind = Literal["image", "audio", "video"]
+
+# Container formats that FFmpeg reads as a single picture rather than a moving video.
+_STILL_IMAGE_FORMATS = ("image2", "_pipe", "heif", "ico", "tga")
+FIELD_OF_KIND: dict[str, str] = {"image": "images", "audio": "audios", "video": "videos"}
+_NAMED = {"image": "an image", "audio": "an audio file", "video": "a video"}
+# Signatures of formats that no bundled decoder reads, to name them in the 415.
+_KNOWN_UNSUPPORTED = (
+    (b"MThd", "MIDI"),
+    (b"\xff\x0a", "JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
+    (b"<svg", "SVG"),
+    (b"%PDF", "PDF"),
+    (b"PK\x03\x04", "ZIP"),
+)
+# (offset, signature, name) of formats we do read, to tell "broken" from "unknown".
+_KNOWN_SIGNATURES = (
+    (0, b"\x89PNG", "a PNG image"), (0, b"\xff\xd8\xff", "a JPEG image"), (0, b"GIF8", "a GIF image"),
+    (8, b"WEBP", "a WebP image"), (0, b"BM", "a BMP image"), (0, b"II*\x00", "a TIFF image"),
+    (0, b"MM\x00*", "a TIFF image"), (4, b"ftypheic", "a HEIC image"), (4, b"ftypavif", "an AVIF image"),
+    (8, b"WAVE", "a WAV file"), (0, b"fLaC", "a FLAC file"), (0, b"ID3", "an MP3 file"), (0, b"OggS", "an Ogg file"),
+    (8, b"AIFF", "an AIFF file"), (8, b"AIFC", "an AIFF file"), (4, b"ftyp", "an MP4/MOV file"),
+    (0, b"\x1aE\xdf\xa3", "a Matroska/WebM file"), (8, b"AVI ", "an AVI file"), (0, b"FLV", "an FLV file"),
+    (0, b"\x00\x00\x01\xba", "an MPEG-PS file"),
+)
+
+
+class MediaError(Exception):
+    """A problem with an uploaded file; the message is meant for the user."""
+
+
+class UnsupportedMedia(MediaError):
+    """Not a format we decode, or the wrong kind of media for the field."""
+
+
+class UndecodableMedia(MediaError):
+    """A recognised format whose data is broken."""
+
+
+class MediaTooLarge(MediaError):
+    """Over a configured limit (pixels, duration)."""
+
+
+@dataclass
+class DecodedAudio:
+    samples: np.ndarray  # float32, mono, SAMPLE_RATE
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+
+@dataclass
+class DecodedVideo:
+    frames: list[Image.Image]  # RGB, evenly spaced at `fps`
+    fps: float
+    seconds: float  # from the decoded timestamps, not the container's claim
+    audio: DecodedAudio | None  # the audio track, when there is one and it was asked for
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- sniffing
+
+
+def _rewind(source: Source) -> Source:
+    if hasattr(source, "seek"):
+        source.seek(0)
+    return source
+
+
+def _head(source: Source, size: int = 64) -> bytes:
+    if hasattr(source, "read"):
+        source.seek(0)
+        data = source.read(size)
+        source.seek(0)
+        return data
+    with open(source, "rb") as handle:
+        return handle.read(size)
+
+
+def _av_open(source: Source) -> av.container.InputContainer:
+    # mode="r" explicitly: PyAV would take a "w+b" temporary file for an output otherwise.
+    return av.open(_rewind(source), mode="r", metadata_errors="ignore")
+
+
+def sniff_kind(source: Source) -> Kind | None:
+    """What the bytes are (image, audio or video), or None when no bundled decoder reads them."""
+    try:
+        with Image.open(_rewind(source)):
+            return "image"
+    except Exception:  # noqa: BLE001 - any failure just means "not an image Pillow knows"
+        pass
+    try:
+        with _av_open(source) as container:
+            if _moving_video_stream(container) is not None:
+                return "image" if _is_still_image_container(container) else "video"
+            if container.streams.audio:
+                return "audio"
+    except Exception:  # noqa: BLE001
+        pass
+    finally:
+        _rewind(source)
+    return None
+
+
+def unreadable(source: Source) -> MediaError:
+    """The error for bytes no bundled decoder reads: unsupported (and named), broken, or unknown."""
+    head = _head(source, 1024)
+    stripped = head.lstrip()
+    for signature, name in _KNOWN_UNSUPPORTED:
+        if head.startswith(signature) or stripped.startswith(signature):
+            return UnsupportedMedia(f"is a {name} file, which is not supported")
+    if stripped.startswith(b"<?xml") and b"<svg" in head:
+        return UnsupportedMedia("is an SVG file, which is not supported")
+    if not head:
+        return UndecodableMedia("is empty")
+    for offset, signature, name in _KNOWN_SIGNATURES:
+        if head[offset:offset + len(signature)] == signature:
+            return UndecodableMedia(f"looks like {name} but is broken or truncated")
+    return UnsupportedMedia("is not a recognised image, audio or video format")
+
+
+def _wrong_kind(source: Source, wanted: Kind) -> MediaError:
+    """The error for a file that is not of the `wanted` kind: what it is, and which field takes it."""
+    kind = sniff_kind(source)
+    if kind is None:
+        return unreadable(source)
+    return UnsupportedMedia(f"is {_NAMED[kind]}, not {_NAMED[wanted]}; send it in `{FIELD_OF_KIND[kind]}`")
+
+
+def _moving_video_stream(container: av.container.InputContainer) -> av.VideoStream | None:
+    """The first video stream that is real video, not an attached picture (cover art)."""
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    return None
+
+
+def _is_still_image_container(container: av.container.InputContainer) -> bool:
+    name = container.format.name
+    return any(marker in name for marker in _STILL_IMAGE_FORMATS)
+
+
+# ---------------------------------------------------------------- images
+
+
+def load_image(source: Source, *, max_pixels: int) -> Image.Image:
+    """Decode an image to RGB: first frame, EXIF orientation applied, alpha composited on white.
+
+    The size is checked from the header before any pixel is decoded (decompression bombs).
+    Formats Pillow cannot read (HEIC and friends) are tried through FFmpeg.
+    """
+    try:
+        with Image.open(_rewind(source)) as image:
+            _check_pixels(image.width, image.height, max_pixels)
+            image.seek(0)
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
+    except MediaError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise MediaTooLarge(f"image is too large to decode safely ({error})") from None
+    except UnidentifiedImageError:
+        pass
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise UndecodableMedia(f"image data is broken or truncated ({_short(error)})") from None
+    return _load_image_with_ffmpeg(source, max_pixels=max_pixels)
+
+
+def _load_image_with_ffmpeg(source: Source, *, max_pixels: int) -> Image.Image:
+    try:
+        with _av_open(source) as container:
+            stream = _moving_video_stream(container)
+            if stream is None or not _is_still_image_container(container):
+                raise _wrong_kind(source, "image")
+            _check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
+            for frame in container.decode(stream):
+                return _frame_to_image(frame)
+            raise UndecodableMedia("image holds no decodable picture")
+    except MediaError:
+        raise
+    except av.error.FFmpegError:
+        raise _wrong_kind(source, "image") from None
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise UndecodableMedia(f"image has an invalid size {width}x{height}")
+    if width * height > max_pixels:
+        raise MediaTooLarge(
+            f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} (MAX_IMAGE_PIXELS)"
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency becomes white, 16-bit and float are rescaled."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------- audio
+
+
+def load_audio(source: Source, *, max_seconds: float) -> DecodedAudio:
+    """Decode any audio file (or the audio of a video) to 16 kHz mono float32.
+
+    FFmpeg (PyAV) reads nearly everything; libsndfile is the fallback for the few WAV/AIFF
+    flavours it reads and FFmpeg does not. Both go through the same resampler (libswresample).
+    """
+    try:
+        with _av_open(source) as container:
+            if not container.streams.audio:
+                if _moving_video_stream(container) is not None and not _is_still_image_container(container):
+                    raise UnsupportedMedia("is a video without an audio track; send it in `videos`")
+                raise _wrong_kind(source, "audio")
+            return _decode_audio_stream(container, container.streams.audio[0], max_seconds)
+    except MediaError:
+        raise
+    except av.error.FFmpegError:
+        try:
+            samples, rate = soundfile.read(_rewind(source), dtype="float32", always_2d=True)
+        except Exception:  # noqa: BLE001 - libsndfile's errors carry no useful type
+            raise _wrong_kind(source, "audio") from None
+        if len(samples) > max_seconds * rate:
+            raise _audio_too_long(len(samples) / rate, max_seconds)
+        return DecodedAudio(resample_to_mono_16k(samples.T, rate))
+
+
+def _audio_too_long(seconds: float, limit: float) -> MediaTooLarge:
+    return MediaTooLarge(f"audio is over {limit:g} s long (at least {seconds:.1f} s; MAX_AUDIO_SECONDS)")
+
+
+def _decode_audio_stream(container, stream, max_seconds: float) -> DecodedAudio:
+    """Decode one audio stream to 16 kHz mono; keep what decoded when the file ends in garbage."""
+    resampler = _Resampler()
+    warnings: list[str] = []
+    try:
+        for frame in container.decode(stream):
+            resampler.push(frame)
+            if resampler.samples > max_seconds * SAMPLE_RATE:
+                raise _audio_too_long(resampler.samples / SAMPLE_RATE, max_seconds)
+    except av.error.FFmpegError as error:
+        if resampler.samples == 0:
+            raise UndecodableMedia(f"audio data is broken ({_short(error)})") from None
+        warnings.append(f"audio is damaged after {resampler.samples / SAMPLE_RATE:.2f} s; the part before was used")
+    samples = resampler.finish()
+    if samples.size == 0:
+        raise UndecodableMedia("audio track holds no decodable sound")
+    return DecodedAudio(samples, warnings)
+
+
+class _Resampler:
+    """Decoded audio frames to 16 kHz mono float32.
+
+    libswresample does the rate conversion (a windowed-sinc filter) but keeps the channels:
+    its own downmix weighs each channel by -3 dB, which clips loud stereo, so the channels are
+    averaged here instead, as Whisper-style front ends do.
+    """
+
+    def __init__(self) -> None:
+        self._resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
+        self._chunks: list[np.ndarray] = []
+        self.samples = 0
+
+    def push(self, frame: av.AudioFrame | None) -> None:
+        for out in self._resampler.resample(frame):
+            mono = out.to_ndarray().mean(axis=0, dtype=np.float32)
+            self._chunks.append(mono)
+            self.samples += mono.size
+
+    def finish(self) -> np.ndarray:
+        self.push(None)
+        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
+
+
+def resample_to_mono_16k(channels: np.ndarray, rate: int) -> np.ndarray:
+    """(channels, samples) float32 at `rate` to mono 16 kHz."""
+    mono = np.ascontiguousarray(channels.mean(axis=0, dtype=np.float32)[None, :])
+    if rate == SAMPLE_RATE:
+        return mono[0]
+    frame = av.AudioFrame.from_ndarray(mono, format="fltp", layout="mono")
+    frame.sample_rate = rate
+    resampler = _Resampler()
+    resampler.push(frame)
+    return resampler.finish()
+
+
+# ---------------------------------------------------------------- video
+
+
+def _open_video(source: Source):
+    """Open a video container and its real video stream, mapping failures to MediaErrors."""
+    try:
+        container = _av_open(source)
+    except av.error.FFmpegError:
+        raise _wrong_kind(source, "video") from None
+    stream = _moving_video_stream(container)
+    if stream is None or _is_still_image_container(container):
+        container.close()
+        if stream is None and container.streams.audio:
+            raise UnsupportedMedia("has no video stream (audio only, or only cover art); send it in `audios`")
+        raise _wrong_kind(source, "video")
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
+def _frame_to_image(frame: av.VideoFrame, max_pixels: int | None = None) -> Image.Image:
+    """A decoded frame as an upright RGB image, scaled down to at most `max_pixels`."""
+    width, height = frame.width, frame.height
+    if max_pixels and width * height > max_pixels:
+        scale = (max_pixels / (width * height)) ** 0.5
+        width, height = max(2, int(width * scale)), max(2, int(height * scale))
+    image = frame.to_image(width=width, height=height)
+    # The display matrix says how far the picture must turn, counter-clockwise, to be upright.
+    turns = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+    rotation = round((frame.rotation or 0) / 90) * 90 % 360
+    return image.transpose(turns[rotation]) if rotation in turns else image
+
+
+def _too_long_video(seconds: float, limit: float) -> MediaTooLarge:
+    return MediaTooLarge(f"video is over {limit:g} s long (at least {seconds:.1f} s; MAX_VIDEO_SECONDS)")
+
+
+def load_video(
+    source: Source,
+    *,
+    fps: float,
+    max_frames: int,
+    max_seconds: float,
+    frame_max_pixels: int,
+    with_audio: bool = True,
+    max_audio_seconds: float | None = None,
+) -> DecodedVideo:
+    """Sample frames at `fps` (and the audio track) in one pass over the file.
+
+    Only the sampled frames are kept, each scaled to at most `frame_max_pixels`. When a video is
+    longer than `max_frames / fps`, the sampling rate halves as often as needed, so memory stays
+    bounded whatever the length and the frames stay evenly spaced. Times come from each frame's
+    own timestamp, so variable frame rates and lying container durations are handled.
+    """
+    container, stream = _open_video(source)
+    with container:
+        audio_stream = container.streams.audio[0] if with_audio and container.streams.audio else None
+        resampler = _Resampler() if audio_stream else None
+        interval = 1.0 / fps
+        frames: list[tuple[float, Image.Image]] = []
+        warnings: list[str] = []
+        start: float | None = None
+        last_time = 0.0
+        next_sample = 0.0
+        streams = [stream] + ([audio_stream] if audio_stream else [])
+        try:
+            for packet in container.demux(*streams):
+                for frame in packet.decode():
+                    if packet.stream is audio_stream:
+                        resampler.push(frame)
+                        continue
+                    time = frame.time if frame.time is not None else last_time + 1.0 / float(stream.guessed_rate or 25)
+                    start = time if start is None else start
+                    last_time = max(last_time, time - start)
+                    if last_time > max_seconds:
+                        raise _too_long_video(last_time, max_seconds)
+                    if time - start + 1e-6 >= next_sample:
+                        frames.append((time - start, _frame_to_image(frame, frame_max_pixels)))
+                        next_sample = time - start + interval
+                        if len(frames) > max_frames:
+                            frames = frames[::2]
+                            interval *= 2
+                            next_sample = frames[-1][0] + interval
+        except av.error.FFmpegError as error:
+            if not frames:
+                raise UndecodableMedia(f"video data is broken ({_short(error)})") from None
+            warnings.append(f"video is damaged after {last_time:.2f} s; the part before was used")
+        if not frames:
+            raise UndecodableMedia("video holds no decodable frame")
+        audio = None
+        if resampler is not None:
+            samples = resampler.finish()
+            if max_audio_seconds is not None and samples.size > max_audio_seconds * SAMPLE_RATE:
+                raise _audio_too_long(samples.size / SAMPLE_RATE, max_audio_seconds)
+            audio = DecodedAudio(samples) if samples.size else None
+        return DecodedVideo(
+            frames=[image for _, image in frames],
+            fps=1.0 / interval,
+            seconds=last_time + interval if len(frames) == 1 else last_time,
+            audio=audio,
+            warnings=warnings,
+        )
+
+
+def extract_audio_track(source: Source, *, max_seconds: float) -> DecodedAudio | None:
+    """The audio track of a video as 16 kHz mono, or None when it has none (video is not decoded)."""
+    container, _ = _open_video(source)
+    with container:
+        if not container.streams.audio:
+            return None
+        return _decode_audio_stream(container, container.streams.audio[0], max_seconds)
+
+
+def extract_last_frame(source: Source, *, max_seconds: float) -> Image.Image:
+    """The video's last frame, found by seeking near the end instead of decoding the whole file.
+
+    It seeks to a few seconds before the claimed end and decodes to the real end, keeping the
+    frame with the latest timestamp. If nothing decodes there (the container lied about its
+    length, or the end is damaged), the window doubles back towards the start.
+    """
+    container, stream = _open_video(source)
+    with container:
+        claimed_end = _claimed_duration(container, stream)
+        window = 4.0
+        while True:
+            seek_to = max(0.0, claimed_end - window)
+            try:
+                if seek_to > 0:
+                    container.seek(int(seek_to / stream.time_base), stream=stream, backward=True)
+                else:
+                    container.seek(0, stream=stream, backward=True)
+            except av.error.FFmpegError:
+                seek_to = 0.0
+            last: av.VideoFrame | None = None
+            try:
+                for frame in container.decode(stream):
+                    if last is None or (frame.pts or 0) >= (last.pts or 0):
+                        last = frame
+            except av.error.FFmpegError:
+                pass  # a damaged tail: keep the last good frame, if any
+            if last is not None:
+                start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+                if last.time is not None and last.time - start > max_seconds:
+                    raise _too_long_video(last.time - start, max_seconds)
+                return _frame_to_image(last)
+            if seek_to == 0:
+                raise UndecodableMedia("video holds no decodable frame")
+            window *= 4
+
+
+def _claimed_duration(container, stream) -> float:
+    """The container's claimed duration in seconds (0 when it gives none)."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return 0.0
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).split(";")[0].strip() or type(error).__name__
+    return text[:200]

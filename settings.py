@@ -1,0 +1,99 @@
+"""Every setting of the server, read from the environment and `.env` (see `.env.example`)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Server settings. Each field is an environment variable of the same name in upper case."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Model and placement
+    model_path: str = Field(
+        "Qwen/Qwen2.5-Omni-3B",
+        description="Local folder or Hugging Face hub id of a Qwen2.5-Omni checkpoint (3B or 7B).",
+    )
+    device_map: str = Field(
+        "auto",
+        description="Where each component runs: 'auto' (low-vram on a GPU, cpu without one), 'gpu', "
+        "'low-vram' (encoders on CPU, the rest on GPU), 'cpu', or a JSON object mapping components "
+        "(language_model, lm_head, visual, audio_tower, talker, token2wav) to devices.",
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weights dtype: 'auto' is bf16 on GPUs that support it, else fp16; fp32 on CPU."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; flash_attention_2 only where installed (falls back to sdpa)."
+    )
+    enable_audio_output: bool = Field(
+        False, description="Load the talker and token2wav (about 2.4 GiB for 3B) so answers can be spoken."
+    )
+    cpu_threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 keeps torch's default.")
+
+    # HTTP
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+
+    # Generation
+    default_system_prompt: str = Field(
+        "You are a helpful AI assistant.", max_length=20_000, description="System prompt when a request sends none."
+    )
+    default_max_new_tokens: int = Field(512, ge=1, le=32768, description="max_new_tokens when a request sends none.")
+    max_new_tokens_limit: int = Field(
+        2048, ge=1, le=32768, description="Largest max_new_tokens a request may ask for."
+    )
+    max_text_chars: int = Field(100_000, ge=1, description="Longest text or system_prompt a request may send.")
+
+    # Upload limits
+    max_file_mb: float = Field(512, gt=0, description="Largest single uploaded file, in MiB.")
+    max_request_mb: float = Field(1024, gt=0, description="Largest request body, in MiB, counted as it arrives.")
+    max_files_per_field: int = Field(8, ge=1, le=1000, description="Most files in each of images/audios/videos.")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="Largest image (width x height) decoded; larger ones are refused unread."
+    )
+    max_audio_seconds: float = Field(
+        300, gt=0, description="Longest audio input, in seconds (the model's audio window is 300 s)."
+    )
+    max_video_seconds: float = Field(1800, gt=0, description="Longest video, in seconds, judged by decoded timestamps.")
+
+    # Vision budgets (what reaches qwen-omni-utils and the processor)
+    image_min_pixels: int = Field(4 * 28 * 28, ge=28 * 28, description="Smallest image after resizing, in pixels.")
+    image_max_pixels: int = Field(
+        1280 * 28 * 28, ge=28 * 28, description="Largest image after resizing (1 token per 28x28 pixels)."
+    )
+    video_fps: float = Field(2.0, gt=0, le=30, description="Frames sampled per second of video.")
+    video_max_frames: int = Field(64, ge=2, le=768, description="Most frames sampled from one video.")
+    video_min_pixels: int = Field(128 * 28 * 28, ge=28 * 28, description="Smallest video frame after resizing.")
+    video_max_pixels: int = Field(768 * 28 * 28, ge=28 * 28, description="Largest video frame after resizing.")
+    video_total_pixels: int = Field(
+        32768 * 28 * 28, ge=28 * 28, description="Pixel budget shared by all frames of one video."
+    )
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @cached_property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * MiB)
+
+    @cached_property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * MiB)
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment and `.env`; on invalid values, exit naming each variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']).upper() or 'SETTINGS'}: {e['msg']}" for e in error.errors()
+        )
+        raise SystemExit(f"invalid configuration: {problems}") from None

@@ -1,0 +1,111 @@
+"""Shared fixtures: the tiny checkpoint, generated media, settings, and clients (fake and real engine)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+torch.set_num_threads(1)  # torch's pool busy-waits on 2 cores
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+import make_media  # noqa: E402
+import tiny_model  # noqa: E402
+from modeling_low_vram import GenerationRequest, GenerationResult, OmniEngine  # noqa: E402
+from multimodal_api import create_app  # noqa: E402
+from settings import Settings  # noqa: E402
+
+CORPUS = ROOT.parent / "shared" / "media-corpus"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny random Qwen2.5-Omni, built once per test run."""
+    return tiny_model.build(tmp_path_factory.mktemp("tiny-qwen2.5-omni"))
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    """One file of each everyday kind, made with PyAV and Pillow."""
+    folder = tmp_path_factory.mktemp("media")
+    files = {
+        "image.png": make_media.image_bytes("PNG"),
+        "image.jpg": make_media.image_bytes("JPEG", (320, 240)),
+        "audio.wav": make_media.audio_bytes("wav", 1.5),
+        "audio.mp3": make_media.audio_bytes("mp3", 1.5),
+        "audio.flac": make_media.audio_bytes("flac", 1.0),
+        "video.mp4": make_media.video_bytes(2.0, audio=True),
+        "silent.mp4": make_media.video_bytes(2.0, audio=False),
+        "notes.txt": b"this is a text file, not a video\n" * 20,
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def tiny_settings(model_dir: Path, **overrides) -> Settings:
+    return Settings(_env_file=None, model_path=str(model_dir), device_map="cpu", default_max_new_tokens=8,
+                    **overrides)
+
+
+class FakeEngine:
+    """Stands in for the model in HTTP-layer tests; records what it was asked."""
+
+    def __init__(self) -> None:
+        self.requests: list[GenerationRequest] = []
+
+    def describe(self) -> dict:
+        return {"model": "fake", "dtype": "float32", "devices": ["cpu"], "placement": {}, "audio_output": False}
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.requests.append(request)
+        summary = f"{len(request.images)} images, {len(request.audios)} audios, {len(request.videos)} videos"
+        return GenerationResult(text=summary, prompt_tokens=10, completion_tokens=3,
+                                timings_ms={"prepare": 1.0, "generate": 2.0})
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def make_client(tmp_path):
+    """Build a TestClient around create_app(settings, engine); closed after the test."""
+    clients = []
+
+    def build(engine=None, **overrides) -> TestClient:
+        settings = Settings(_env_file=None, model_path=str(tmp_path / "unused"), device_map="cpu", **overrides)
+        client = TestClient(create_app(settings, engine=engine))
+        clients.append(client.__enter__())
+        return client
+
+    yield build
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client, fake_engine) -> TestClient:
+    return make_client(fake_engine)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir) -> OmniEngine:
+    return OmniEngine.load(tiny_settings(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_client(tiny_model_dir, tiny_engine):
+    """The real server code around the tiny model, shared by the end-to-end tests."""
+    with TestClient(create_app(tiny_settings(tiny_model_dir), engine=tiny_engine)) as client:
+        yield client
+
+
+def upload(path: Path, content_type: str = "application/octet-stream") -> tuple[str, bytes, str]:
+    return (path.name, path.read_bytes(), content_type)

@@ -1,0 +1,177 @@
+"""The HTTP layer with a fake engine: form handling, conversions, limits and error shapes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from conftest import FakeEngine, upload
+
+
+def post(client, data=None, files=None):
+    return client.post("/multimodal", data=data or {}, files=files or [])
+
+
+def test_text_only_answer_has_the_documented_shape(client, fake_engine):
+    response = post(client, {"text": "hello", "max_new_tokens": "7"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["text"] == "0 images, 0 audios, 0 videos"
+    assert body["model"] == "fake"
+    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
+    assert body["inputs"] == {"images": 0, "audios": 0, "videos": 0}
+    assert set(body["timings_ms"]) == {"preprocess", "generate", "total"}
+    request = fake_engine.requests[0]
+    assert request.text == "hello" and request.max_new_tokens == 7
+    assert request.system_prompt == "You are a helpful AI assistant."
+
+
+def test_system_prompt_is_passed_through(client, fake_engine):
+    post(client, {"text": "hi", "system_prompt": "Answer in French."})
+    assert fake_engine.requests[0].system_prompt == "Answer in French."
+
+
+def test_every_kind_of_file_reaches_the_engine(client, fake_engine, media_dir):
+    files = [("images", upload(media_dir / "image.png")), ("images", upload(media_dir / "image.jpg")),
+             ("audios", upload(media_dir / "audio.wav")), ("videos", upload(media_dir / "video.mp4"))]
+    body = post(client, {"text": "describe"}, files).json()
+    assert body["inputs"] == {"images": 2, "audios": 1, "videos": 1}
+    video = fake_engine.requests[0].videos[0]
+    assert video.audio is not None and len(video.frames) == 4 and video.fps == 2.0
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"extract_video_audio": "true"}, {"images": 0, "audios": 1, "videos": 0}),
+        ({"extract_video_frame": "true"}, {"images": 1, "audios": 0, "videos": 0}),
+        ({"extract_video_audio": "true", "extract_video_frame": "true"}, {"images": 1, "audios": 1, "videos": 0}),
+    ],
+)
+def test_video_flags_convert_the_video_into_its_parts(client, media_dir, flags, expected):
+    body = post(client, flags, [("videos", upload(media_dir / "video.mp4"))]).json()
+    assert body["inputs"] == expected and body["warnings"] == []
+
+
+def test_silent_video_with_audio_asked_says_so(client, media_dir):
+    body = post(client, {"extract_video_audio": "true", "extract_video_frame": "true"},
+                [("videos", upload(media_dir / "silent.mp4"))]).json()
+    assert body["inputs"] == {"images": 1, "audios": 0, "videos": 0}
+    assert "has no audio track" in body["warnings"][0]
+
+
+def test_silent_video_with_only_audio_asked_is_kept_as_video(client, media_dir):
+    body = post(client, {"extract_video_audio": "true"}, [("videos", upload(media_dir / "silent.mp4"))]).json()
+    assert body["inputs"] == {"images": 0, "audios": 0, "videos": 1}
+    assert any("sent whole as a video" in w for w in body["warnings"])
+
+
+def test_empty_file_inputs_from_browser_forms_are_ignored(client):
+    # What a browser sends for a file input left empty: a part with filename="" and no bytes.
+    body = (
+        b'--zz\r\nContent-Disposition: form-data; name="text"\r\n\r\nhi\r\n'
+        b'--zz\r\nContent-Disposition: form-data; name="images"; filename=""\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n\r\n--zz--\r\n"
+    )
+    response = client.post("/multimodal", content=body, headers={"content-type": "multipart/form-data; boundary=zz"})
+    assert response.status_code == 200 and response.json()["inputs"]["images"] == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "files", "status", "detail"),
+    [
+        ({}, [], 422, "send `text`, or at least one file"),
+        ({"text": "   "}, [], 422, "send `text`"),
+        ({"text": "hi", "extract_video_audio": "maybe"}, [], 422, "extract_video_audio"),
+        ({"text": "hi", "max_new_tokens": "lots"}, [], 422, "max_new_tokens"),
+        ({"text": "hi", "max_new_tokens": "0"}, [], 422, "max_new_tokens"),
+        ({"text": "hi", "max_new_tokens": "999999"}, [], 422, "MAX_NEW_TOKENS_LIMIT"),
+        ({"text": "hi", "image": "x"}, [], 422, "unknown form field(s) ['image']"),
+        ({}, [("videos", "notes.txt")], 415, "videos[0] 'notes.txt': is not a recognised"),
+        ({}, [("images", "video.mp4")], 415, "images[0] 'video.mp4': is a video, not an image; send it in `videos`"),
+        ({}, [("audios", "image.png")], 415, "send it in `images`"),
+        ({}, [("videos", "truncated.mp4")], 400, "broken or truncated"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx(client, media_dir, data, files, status, detail):
+    (media_dir / "truncated.mp4").write_bytes((media_dir / "video.mp4").read_bytes()[:3000])
+    response = post(client, data, [(field, upload(media_dir / name)) for field, name in files])
+    assert response.status_code == status, response.text
+    assert detail in response.json()["detail"]
+
+
+def test_file_count_and_size_limits(make_client, fake_engine, media_dir):
+    client = make_client(fake_engine, max_files_per_field=2, max_file_mb=0.01)
+    three = [("images", upload(media_dir / "image.png"))] * 3
+    response = post(client, {}, three)
+    assert response.status_code == 413 and "MAX_FILES_PER_FIELD" in response.json()["detail"]
+    response = post(client, {}, [("audios", upload(media_dir / "audio.wav"))])
+    assert response.status_code == 413 and "MAX_FILE_MB" in response.json()["detail"]
+
+
+def test_request_body_limit_is_counted_as_it_arrives(make_client, fake_engine, media_dir):
+    client = make_client(fake_engine, max_request_mb=0.05)
+    response = post(client, {}, [("audios", upload(media_dir / "audio.wav"))])  # ~260 kB
+    assert response.status_code == 413 and "MAX_REQUEST_MB" in response.json()["detail"]
+
+    def lying_body():  # no Content-Length: the server can only count
+        yield b"x" * 40_000
+        yield b"x" * 40_000
+
+    response = client.post("/multimodal", content=lying_body(),
+                           headers={"content-type": "multipart/form-data; boundary=zz"})
+    assert response.status_code == 413
+
+
+def test_health_and_about(client):
+    assert client.get("/health").json() == {"status": "ok", "model": "fake"}
+    about = client.get("/").json()
+    assert about["model"]["model"] == "fake"
+    assert "POST /multimodal" in about["endpoints"] and about["limits"]["max_files_per_field"] == 8
+
+
+def test_health_is_503_until_the_model_has_loaded(make_client, tmp_path):
+    client = make_client(engine=None)  # MODEL_PATH points at a folder that does not exist
+    deadline = time.time() + 30
+    while (response := client.get("/health")).json()["status"] == "loading" and time.time() < deadline:
+        time.sleep(0.05)
+    assert response.status_code == 503
+    assert response.json()["status"] == "error" and "MODEL_PATH" in response.json()["detail"]
+    assert client.post("/multimodal", data={"text": "hi"}).status_code == 503
+
+
+class SlowEngine(FakeEngine):
+    """Generation that takes a while and counts how many run at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+
+    def generate(self, request):
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        time.sleep(0.3)
+        with self.lock:
+            self.running -= 1
+        return super().generate(request)
+
+
+def test_generations_run_one_at_a_time_while_health_stays_fast(make_client):
+    engine = SlowEngine()
+    client = make_client(engine)
+    threads = [threading.Thread(target=post, args=(client, {"text": f"q{i}"})) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.1)
+    started = time.perf_counter()
+    assert client.get("/health").status_code == 200
+    health_seconds = time.perf_counter() - started
+    for thread in threads:
+        thread.join()
+    assert engine.peak == 1 and len(engine.requests) == 4
+    assert health_seconds < 0.25  # not behind ~1.2 s of queued generations

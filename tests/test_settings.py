@@ -1,0 +1,62 @@
+"""Settings: every one documented in .env.example, bounded, and device maps checked at start-up."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from pydantic import ValidationError
+
+from conftest import ROOT
+from modeling_low_vram import COMPONENTS, ConfigError, parse_device_map, resolve_placement
+from settings import Settings, load_settings
+
+
+def test_every_setting_is_documented_in_env_example():
+    documented = set(re.findall(r"^#? ?([A-Z_]+)=", (ROOT / ".env.example").read_text(), re.MULTILINE))
+    assert {name.upper() for name in Settings.model_fields} <= documented
+
+
+def test_env_example_values_are_valid(monkeypatch):
+    settings = Settings(_env_file=ROOT / ".env.example")
+    assert settings.port == 8000 and settings.device_map == "auto"
+
+
+def test_invalid_values_are_refused_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("MAX_FILES_PER_FIELD", "-3")
+    with pytest.raises(SystemExit, match="MAX_FILES_PER_FIELD"):
+        load_settings(_env_file=None)
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, dtype="float8")
+
+
+def test_presets_and_json_maps():
+    assert parse_device_map("auto") is None
+    assert parse_device_map("low-vram")["visual"] == "cpu" and parse_device_map("low-vram")["language_model"] == "cuda"
+    assert set(parse_device_map("gpu").values()) == {"cuda"}
+    custom = parse_device_map('{"visual": "cuda:1", "talker": "cuda"}')
+    assert custom["visual"] == "cuda:1" and custom["talker"] == "cuda" and custom["language_model"] == "cpu"
+    assert set(custom) == set(COMPONENTS)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('{"vision_tower": "cpu"}', "unknown component"),
+        ('{"visual": "tpu"}', "is not a device"),
+        ('{"visual": 3}', "must be a string"),
+        ("fast", "is not a preset"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_bad_device_maps_name_the_problem(value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_device_map(value)
+
+
+def test_placement_without_a_gpu():
+    settings = Settings(_env_file=None, device_map="auto")
+    assert set(resolve_placement(settings, cuda_available=False).values()) == {"cpu"}
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        resolve_placement(Settings(_env_file=None, device_map="low-vram"), cuda_available=False)
+    assert resolve_placement(Settings(_env_file=None, device_map="auto"), cuda_available=True)["visual"] == "cpu"
