@@ -1,19 +1,23 @@
-"""Qwen2.5-Omni's lifetime: where each component lives, loading, and generation on one owner thread.
+"""Qwen2.5-Omni's lifetime: placement from settings, loading, and generation on one owner thread.
 
-Users name components, never module paths: `language_model`, `lm_head`, `visual`, `audio_tower`,
-`talker`, `token2wav`. They are resolved against the model's real module tree, so the device map
-keeps working when transformers moves modules around (as 5.x did: `thinker.visual` became
-`thinker.model.visual`). No web framework here: the API calls `OmniEngine.generate` through a
-`ModelWorker`, the single thread that owns the model.
+Component names, presets and the memory planner live in `placement.py`; this module turns the
+settings into a placement on this machine, loads the checkpoint with it, and generates. No web
+framework here: the API calls `OmniEngine.generate` through a `ModelWorker`, the single thread
+that owns the model.
+
+    python modeling_low_vram.py plan --model PATH_OR_CONFIG_JSON --gpu-gib 8 [--json]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
-import importlib.util
+import copy
 import json
 import logging
+import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,26 +28,25 @@ import numpy as np
 import torch
 from PIL import Image
 
+from placement import (
+    GPU,
+    PRESETS,
+    SPEECH_COMPONENTS,
+    ConfigError,
+    GiB,
+    Plan,
+    attention_for,
+    build_skeleton,
+    check_device,
+    module_device_map,
+    on_gpu,
+    parse_device_map,
+    plan_placement,
+)
 from settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Component name -> module paths it may have, newest layout first.
-COMPONENT_PATHS: dict[str, tuple[str, ...]] = {
-    "language_model": ("thinker.model.language_model", "thinker.model"),
-    "lm_head": ("thinker.lm_head",),
-    "visual": ("thinker.model.visual", "thinker.visual"),
-    "audio_tower": ("thinker.model.audio_tower", "thinker.audio_tower"),
-    "talker": ("talker",),
-    "token2wav": ("token2wav",),
-}
-COMPONENTS = tuple(COMPONENT_PATHS)
-SPEECH_COMPONENTS = ("talker", "token2wav")
-PRESETS: dict[str, dict[str, str]] = {
-    "gpu": dict.fromkeys(COMPONENTS, "cuda"),
-    "low-vram": {**dict.fromkeys(COMPONENTS, "cuda"), "visual": "cpu", "audio_tower": "cpu"},
-    "cpu": dict.fromkeys(COMPONENTS, "cpu"),
-}
 # The official system prompt: the talker only speaks under it.
 OFFICIAL_SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -52,114 +55,102 @@ OFFICIAL_SYSTEM_PROMPT = (
 IMAGE_PATCH_SIZE = 14
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the variable and what to set."""
-
-
 class ModelLoadError(RuntimeError):
     """The checkpoint could not be loaded; the message says what to set."""
 
 
-# ---------------------------------------------------------------- placement
+# ---------------------------------------------------------------- placement from settings
 
 
-def parse_device_map(value: str) -> dict[str, str] | None:
-    """DEVICE_MAP as component -> device; None for 'auto' (decided once the hardware is known)."""
-    value = value.strip()
-    if value == "auto":
-        return None
-    if value in PRESETS:
-        return dict(PRESETS[value])
-    if not value.startswith("{"):
-        raise ConfigError(
-            f"DEVICE_MAP={value!r} is not a preset ({', '.join(['auto', *PRESETS])}) or a JSON object"
-        )
-    try:
-        mapping = json.loads(value)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"DEVICE_MAP is not valid JSON: {error}") from None
-    if not isinstance(mapping, dict):
-        raise ConfigError("DEVICE_MAP must be a JSON object mapping components to devices")
-    unknown = sorted(set(mapping) - set(COMPONENTS))
-    if unknown:
-        raise ConfigError(f"DEVICE_MAP names unknown component(s) {unknown}; valid: {', '.join(COMPONENTS)}")
-    placement = dict(PRESETS["cpu"])
-    for component, device in mapping.items():
-        placement[component] = _check_device(component, device)
-    return placement
+@dataclass
+class Placement:
+    components: dict[str, str]  # component -> device, or "split" for a language model across GPU and CPU
+    gpu_layers: int | None = None  # decoder layers on the GPU when split
+    plan: Plan | None = None  # the planner's reasoning, when DEVICE_MAP=auto used it
 
 
-def _check_device(component: str, device: Any) -> str:
-    if not isinstance(device, str):
-        raise ConfigError(f"DEVICE_MAP: device for {component} must be a string like 'cpu' or 'cuda:0'")
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"DEVICE_MAP: {component} -> {device!r} is not a device (use 'cpu', 'cuda' or 'cuda:N')") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise ConfigError(f"DEVICE_MAP: {component} -> {device!r}: only cpu and cuda devices are supported")
-    return device
+def uses_gpu_device(settings: Settings) -> bool:
+    return settings.gpu_device.startswith("cuda")
 
 
-def resolve_placement(settings: Settings, cuda_available: bool | None = None) -> dict[str, str]:
-    """Component -> device for these settings on this machine; refuses cuda where there is none."""
+def check_placement_settings(settings: Settings, cuda_available: bool | None = None) -> dict[str, str] | None:
+    """Validate DEVICE_MAP and GPU_DEVICE before anything loads; the parsed map (None for auto)."""
     cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    check_device("GPU_DEVICE", settings.gpu_device)
     placement = parse_device_map(settings.device_map)
     if placement is None:
-        placement = dict(PRESETS["low-vram" if cuda_available else "cpu"])
-    if not cuda_available:
-        on_gpu = sorted(c for c, d in placement.items() if d.startswith("cuda"))
-        if on_gpu:
-            raise ConfigError(
-                f"DEVICE_MAP={settings.device_map!r} puts {', '.join(on_gpu)} on cuda, but no CUDA GPU is "
-                "available; use DEVICE_MAP=cpu or auto"
-            )
-    if not settings.enable_audio_output:
-        placement = {c: d for c, d in placement.items() if c not in SPEECH_COMPONENTS}
+        return None
+    needs_cuda = sorted(c for c, d in placement.items() if (settings.gpu_device if d == GPU else d).startswith("cuda"))
+    if needs_cuda and not cuda_available:
+        raise ConfigError(
+            f"DEVICE_MAP={settings.device_map!r} puts {', '.join(needs_cuda)} on cuda, but no CUDA GPU is "
+            "available; use DEVICE_MAP=cpu or auto"
+        )
     return placement
 
 
-def resolve_dtype(settings: Settings, placement: dict[str, str]) -> torch.dtype:
+def resolve_placement(settings: Settings, config=None, cuda_available: bool | None = None) -> Placement:
+    """Component -> device for these settings on this machine ('auto' asks the planner)."""
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    chosen = check_placement_settings(settings, cuda_available)
+    gpu_usable = cuda_available or not uses_gpu_device(settings)  # a cpu GPU_DEVICE stands in for tests
+    plan = None
+    if chosen is None and not gpu_usable:
+        chosen = dict(PRESETS["cpu"])
+    elif chosen is None:
+        if config is None:
+            raise ConfigError("DEVICE_MAP=auto needs the model's config to plan")
+        budget = _gpu_budget(settings)
+        plan = plan_placement(copy.deepcopy(config), budget, resolve_dtype(settings, uses_gpu=True),
+                              audio_output=settings.enable_audio_output, context_tokens=settings.max_context_tokens)
+        if plan.fits:
+            chosen = dict(plan.placement)
+        else:
+            logger.warning("DEVICE_MAP=auto: the model does not fit in %.1f GiB of GPU memory; running on the CPU",
+                           budget / GiB)
+            chosen = dict(PRESETS["cpu"])
+            plan = None
+    components = {c: settings.gpu_device if d == GPU else d for c, d in chosen.items()}
+    if not settings.enable_audio_output:
+        components = {c: d for c, d in components.items() if c not in SPEECH_COMPONENTS}
+    gpu_layers = plan.language_model_layers["gpu"] if plan and plan.language_model_layers else None
+    return Placement(components, gpu_layers, plan)
+
+
+def _gpu_budget(settings: Settings) -> int:
+    if settings.gpu_memory_gib:
+        return int(settings.gpu_memory_gib * GiB)
+    free, _ = torch.cuda.mem_get_info(torch.device(settings.gpu_device))
+    return int(free)
+
+
+def resolve_dtype(settings: Settings, uses_gpu: bool) -> torch.dtype:
     """DTYPE as a torch dtype: auto is bf16 where the GPU supports it, else fp16; fp32 on CPU only."""
     if settings.dtype != "auto":
         return getattr(torch, settings.dtype)
-    if any(d.startswith("cuda") for d in placement.values()):
+    if uses_gpu and torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if uses_gpu:
+        return torch.float16
     return torch.float32
 
 
-def resolve_attention(settings: Settings, placement: dict[str, str]) -> str:
-    """The attention kernel: flash_attention_2 only where installed and everything is on a GPU."""
-    wanted = settings.attn_implementation
-    if wanted != "flash_attention_2":
-        return wanted
-    if importlib.util.find_spec("flash_attn") is None:
-        logger.warning("ATTN_IMPLEMENTATION=flash_attention_2 but flash-attn is not installed; using sdpa")
-        return "sdpa"
-    on_cpu = sorted(c for c, d in placement.items() if d == "cpu")
-    if on_cpu:
-        logger.warning("flash_attention_2 cannot run %s on the CPU; using sdpa", ", ".join(on_cpu))
-        return "sdpa"
-    return wanted
+def memory_in_use() -> dict[str, int]:
+    """Process RSS, and on CUDA the memory torch has allocated now and at its peak."""
+    report = {"rss_bytes": _rss_bytes()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        report["gpu_allocated_bytes"] = int(torch.cuda.memory_allocated())
+        report["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return report
 
 
-def module_device_map(model: torch.nn.Module, placement: dict[str, str]) -> dict[str, str]:
-    """Component placement as accelerate's module-path device map, resolved on `model`'s real tree."""
-    device_map = {}
-    for component, device in placement.items():
-        path = find_component(model, component)
-        if path is not None:
-            device_map[path] = device
-    return device_map
+def _rss_bytes() -> int:
+    with contextlib.suppress(OSError):
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    import resource
 
-
-def find_component(model: torch.nn.Module, component: str) -> str | None:
-    """The module path of `component` in this model, or None when the model lacks it."""
-    for path in COMPONENT_PATHS[component]:
-        with contextlib.suppress(AttributeError):
-            model.get_submodule(path)
-            return path
-    return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------- requests and results
@@ -188,6 +179,7 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     timings_ms: dict[str, float]
+    completion_ids: list[int] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- the engine
@@ -196,7 +188,7 @@ class GenerationResult:
 class OmniEngine:
     """A loaded Qwen2.5-Omni and its processor; `generate` must run on the model's owner thread."""
 
-    def __init__(self, model, processor, settings: Settings, placement: dict[str, str], dtype: torch.dtype):
+    def __init__(self, model, processor, settings: Settings, placement: Placement, dtype: torch.dtype):
         self.model = model
         self.processor = processor
         self.settings = settings
@@ -209,19 +201,20 @@ class OmniEngine:
     @classmethod
     def load(cls, settings: Settings) -> OmniEngine:
         """Load MODEL_PATH with the configured placement and dtype (weights from disk or the hub)."""
-        from transformers import AutoConfig, Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
+        from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
 
-        placement = resolve_placement(settings)
-        dtype = resolve_dtype(settings, placement)
-        attention = resolve_attention(settings, placement)
         if settings.cpu_threads:
             torch.set_num_threads(settings.cpu_threads)
         config = load_config(settings.model_path)
         config.enable_audio_output = settings.enable_audio_output
-        with _init_empty_weights():
-            skeleton = Qwen2_5OmniForConditionalGeneration(config)
-        device_map = module_device_map(skeleton, placement)
-        del skeleton
+        placement = resolve_placement(settings, config)
+        if placement.plan is not None:
+            logger.info("DEVICE_MAP=auto planned:\n%s", placement.plan.table())
+        uses_gpu = any(on_gpu(d) for d in placement.components.values())
+        dtype = resolve_dtype(settings, uses_gpu)
+        attention = attention_for(settings.attn_implementation, placement.components)
+        device_map = module_device_map(build_skeleton(config), placement.components, placement.gpu_layers,
+                                       settings.gpu_device)
         logger.info("loading %s: %s, dtype %s, attention %s", settings.model_path, device_map, dtype, attention)
         try:
             model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
@@ -241,40 +234,54 @@ class OmniEngine:
     # -- description
 
     def describe(self) -> dict[str, Any]:
-        devices = sorted(set(self.placement.values()))
-        return {
+        """What runs where: the model, dtype, devices, and the placement actually used."""
+        devices = sorted({str(p.device) for p in self.model.parameters()})
+        description = {
             "model": self.settings.model_path,
             "dtype": str(self.dtype).removeprefix("torch."),
             "devices": devices,
-            "placement": self.placement,
+            "placement": self.placement.components,
             "audio_output": self.settings.enable_audio_output,
         }
+        if self.placement.gpu_layers is not None:
+            description["language_model_gpu_layers"] = self.placement.gpu_layers
+        return description
+
+    def memory(self) -> dict[str, int]:
+        return memory_in_use()
 
     # -- generation
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Build the prompt, run the processor and the thinker; returns the decoded answer."""
-        started = time.perf_counter()
-        inputs, use_audio_in_video = self._prepare(request)
-        prepared = time.perf_counter()
-        with torch.inference_mode():
-            sequences = self.model.thinker.generate(
-                **inputs,
-                use_audio_in_video=use_audio_in_video,
-                max_new_tokens=request.max_new_tokens,
-                do_sample=False,
-                eos_token_id=self._stop_ids,
-                pad_token_id=self._pad_id,
+        try:
+            started = time.perf_counter()
+            inputs, use_audio_in_video = self._prepare(request)
+            prepared = time.perf_counter()
+            with torch.inference_mode():
+                sequences = self.model.thinker.generate(
+                    **inputs,
+                    use_audio_in_video=use_audio_in_video,
+                    max_new_tokens=request.max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=self._stop_ids,
+                    pad_token_id=self._pad_id,
+                )
+            prompt_tokens = int(inputs["input_ids"].shape[1])
+            generated = sequences[0, prompt_tokens:].cpu()
+            del inputs, sequences  # the big tensors go before the next request comes
+            text = self.processor.tokenizer.decode(generated, skip_special_tokens=True)
+            finished = time.perf_counter()
+            return GenerationResult(
+                text=text,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=int(generated.numel()),
+                timings_ms={"prepare": (prepared - started) * 1000, "generate": (finished - prepared) * 1000},
+                completion_ids=generated.tolist(),
             )
-        generated = sequences[0, inputs["input_ids"].shape[1]:]
-        text = self.processor.tokenizer.decode(generated, skip_special_tokens=True)
-        finished = time.perf_counter()
-        return GenerationResult(
-            text=text,
-            prompt_tokens=int(inputs["input_ids"].shape[1]),
-            completion_tokens=int(generated.numel()),
-            timings_ms={"prepare": (prepared - started) * 1000, "generate": (finished - prepared) * 1000},
-        )
+        finally:
+            if self.settings.empty_cuda_cache and torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def _prepare(self, request: GenerationRequest) -> tuple[dict[str, Any], bool]:
         """The processor's tensors for `request`, on the thinker's input device."""
@@ -359,11 +366,25 @@ def _common_rate(videos: list[VideoInput]) -> list[VideoInput]:
     ]
 
 
+def _config_from_json(path: Path):
+    from transformers import Qwen2_5OmniConfig
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{path}: not a readable JSON config ({error})") from None
+    if data.get("model_type") != "qwen2_5_omni":
+        raise ModelLoadError(f"{path} describes a {data.get('model_type')!r} model, not Qwen2.5-Omni")
+    return Qwen2_5OmniConfig.from_dict(data)
+
+
 def load_config(model_path: str):
     """The checkpoint's config, with clear errors for a missing path, no network or another model."""
     from transformers import AutoConfig
 
     local = Path(model_path).expanduser()
+    if local.is_file() and local.suffix == ".json":
+        return _config_from_json(local)
     looks_local = local.exists() or model_path.startswith((".", "/", "~")) or model_path.count("/") > 1
     if looks_local and not local.is_dir():
         raise ModelLoadError(
@@ -391,14 +412,6 @@ def load_config(model_path: str):
             "Qwen2.5-Omni (model_type 'qwen2_5_omni'); point MODEL_PATH at Qwen2.5-Omni-3B or -7B."
         )
     return config
-
-
-@contextlib.contextmanager
-def _init_empty_weights():
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        yield
 
 
 # ---------------------------------------------------------------- the owner thread
@@ -431,3 +444,38 @@ class ModelWorker:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------- the planner's command line
+
+
+def _plan_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python modeling_low_vram.py plan",
+                                     description="Plan where Qwen2.5-Omni runs for a GPU memory budget (no GPU needed).")
+    parser.add_argument("--model", required=True, help="checkpoint folder, hub id, or a config.json file")
+    parser.add_argument("--gpu-gib", type=float, required=True, help="GPU memory budget in GiB")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--audio-output", action="store_true", help="also place the talker and token2wav")
+    parser.add_argument("--context", type=int, default=Settings.model_fields["max_context_tokens"].default,
+                        help="planning context in tokens (MAX_CONTEXT_TOKENS)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.model)
+    except ModelLoadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    plan = plan_placement(config, int(args.gpu_gib * GiB), getattr(torch, args.dtype),
+                          audio_output=args.audio_output, context_tokens=args.context)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["plan"]:
+        sys.exit("usage: python modeling_low_vram.py plan --model PATH_OR_CONFIG_JSON --gpu-gib N "
+                 "[--dtype D] [--audio-output] [--context N] [--json]")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # the configs' token-id range notes are not for this table
+    sys.exit(_plan_command(sys.argv[2:]))

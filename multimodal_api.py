@@ -9,6 +9,7 @@ in the thread pool; the event loop never waits on either.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -29,8 +30,8 @@ from modeling_low_vram import (
     ModelWorker,
     OmniEngine,
     VideoInput,
+    check_placement_settings,
     load_config,
-    resolve_placement,
 )
 from settings import Settings, load_settings
 
@@ -230,8 +231,8 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
             app.state.model.load_in_background(settings, on_load_failure or (lambda: None))
         try:
             yield
-        finally:
-            app.state.worker.shutdown()
+        finally:  # the running generation finishes; waiting ones are cancelled
+            await asyncio.to_thread(app.state.worker.shutdown)
 
     app = FastAPI(title="Qwen2.5-Omni multimodal API", version=__version__, lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
@@ -250,6 +251,7 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
             "name": "Qwen2.5-Omni multimodal API",
             "version": __version__,
             "model": state.engine.describe() if state.engine else {"model": settings.model_path, "status": "loading"},
+            "memory": state.engine.memory() if state.engine else None,
             "endpoints": {"POST /multimodal": "multipart form: text, system_prompt, max_new_tokens, "
                           "extract_video_audio, extract_video_frame, images, audios, videos",
                           "GET /health": "readiness", "GET /": "this page", "GET /docs": "OpenAPI UI"},
@@ -267,7 +269,9 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
         if state.engine is None:
             status = "error" if state.error else "loading"
             return JSONResponse({"status": status, "detail": state.error}, 503)
-        return JSONResponse({"status": "ok", "model": state.engine.describe()["model"]})
+        description = state.engine.describe()
+        return JSONResponse({"status": "ok", "model": description["model"], "placement": description["placement"],
+                             "memory": state.engine.memory()})
 
     @app.post("/multimodal")
     async def multimodal(
@@ -332,7 +336,7 @@ def main() -> None:
     settings = load_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        resolve_placement(settings)
+        check_placement_settings(settings)
         load_config(settings.model_path)  # fail fast on a wrong MODEL_PATH, before the server starts
     except ConfigError as error:
         raise SystemExit(f"invalid configuration: {error}") from None

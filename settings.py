@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     )
     device_map: str = Field(
         "auto",
-        description="Where each component runs: 'auto' (low-vram on a GPU, cpu without one), 'gpu', "
+        description="Where each component runs: 'auto' (planned for the GPU's memory; cpu without a GPU), 'gpu', "
         "'low-vram' (encoders on CPU, the rest on GPU), 'cpu', or a JSON object mapping components "
         "(language_model, lm_head, visual, audio_tower, talker, token2wav) to devices.",
     )
@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 only where installed (falls back to sdpa)."
     )
+    gpu_device: str = Field("cuda", description="The GPU the presets' GPU side uses (cuda, cuda:1…).")
+    gpu_memory_gib: float = Field(
+        0, ge=0, le=4096, description="GPU memory DEVICE_MAP=auto may plan for, in GiB; 0 uses what is free."
+    )
+    max_context_tokens: int = Field(
+        8192, ge=256, le=131072, description="Longest prompt plus answer the memory plan reserves room for."
+    )
+    empty_cuda_cache: bool = Field(False, description="Return cached CUDA memory to the driver after each request.")
     enable_audio_output: bool = Field(
         False, description="Load the talker and token2wav (about 2.4 GiB for 3B) so answers can be spoken."
     )

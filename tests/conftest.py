@@ -49,8 +49,8 @@ def media_dir(tmp_path_factory) -> Path:
 
 
 def tiny_settings(model_dir: Path, **overrides) -> Settings:
-    return Settings(_env_file=None, model_path=str(model_dir), device_map="cpu", default_max_new_tokens=8,
-                    **overrides)
+    options = {"device_map": "cpu", "default_max_new_tokens": 8, **overrides}
+    return Settings(_env_file=None, model_path=str(model_dir), **options)
 
 
 class FakeEngine:
@@ -61,6 +61,9 @@ class FakeEngine:
 
     def describe(self) -> dict:
         return {"model": "fake", "dtype": "float32", "devices": ["cpu"], "placement": {}, "audio_output": False}
+
+    def memory(self) -> dict:
+        return {"rss_bytes": 1}
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         self.requests.append(request)

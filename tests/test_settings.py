@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 from pydantic import ValidationError
 
 from conftest import ROOT
-from modeling_low_vram import COMPONENTS, ConfigError, parse_device_map, resolve_placement
+from modeling_low_vram import resolve_placement
+from placement import COMPONENTS, ConfigError, parse_device_map
 from settings import Settings, load_settings
 
 
 def test_every_setting_is_documented_in_env_example():
     documented = set(re.findall(r"^#? ?([A-Z_]+)=", (ROOT / ".env.example").read_text(), re.MULTILINE))
     assert {name.upper() for name in Settings.model_fields} <= documented
+
+
+def test_env_example_and_readme_table_are_up_to_date():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "document_settings.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
 
 
 def test_env_example_values_are_valid(monkeypatch):
@@ -32,8 +41,8 @@ def test_invalid_values_are_refused_naming_the_variable(monkeypatch):
 
 def test_presets_and_json_maps():
     assert parse_device_map("auto") is None
-    assert parse_device_map("low-vram")["visual"] == "cpu" and parse_device_map("low-vram")["language_model"] == "cuda"
-    assert set(parse_device_map("gpu").values()) == {"cuda"}
+    assert parse_device_map("low-vram")["visual"] == "cpu" and parse_device_map("low-vram")["language_model"] == "gpu"
+    assert set(parse_device_map("gpu").values()) == {"gpu"}
     custom = parse_device_map('{"visual": "cuda:1", "talker": "cuda"}')
     assert custom["visual"] == "cuda:1" and custom["talker"] == "cuda" and custom["language_model"] == "cpu"
     assert set(custom) == set(COMPONENTS)
@@ -56,7 +65,14 @@ def test_bad_device_maps_name_the_problem(value, message):
 
 def test_placement_without_a_gpu():
     settings = Settings(_env_file=None, device_map="auto")
-    assert set(resolve_placement(settings, cuda_available=False).values()) == {"cpu"}
+    assert set(resolve_placement(settings, cuda_available=False).components.values()) == {"cpu"}
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         resolve_placement(Settings(_env_file=None, device_map="low-vram"), cuda_available=False)
-    assert resolve_placement(Settings(_env_file=None, device_map="auto"), cuda_available=True)["visual"] == "cpu"
+    with pytest.raises(ConfigError, match="GPU_DEVICE"):
+        resolve_placement(Settings(_env_file=None, gpu_device="tpu"), cuda_available=False)
+
+
+def test_presets_use_the_configured_gpu():
+    settings = Settings(_env_file=None, device_map="low-vram", gpu_device="cuda:1")
+    components = resolve_placement(settings, cuda_available=True).components
+    assert components["language_model"] == "cuda:1" and components["visual"] == "cpu"
