@@ -16,6 +16,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -53,6 +54,11 @@ OFFICIAL_SYSTEM_PROMPT = (
     "auditory and visual inputs, as well as generating text and speech."
 )
 IMAGE_PATCH_SIZE = 14
+SPEECH_SAMPLE_RATE = 24_000  # token2wav's output rate
+
+
+class SpeechError(ValueError):
+    """Speech was asked for and cannot be given (no talker, unknown voice); the message says why."""
 
 
 class ModelLoadError(RuntimeError):
@@ -166,11 +172,13 @@ class VideoInput:
 @dataclass
 class GenerationRequest:
     text: str | None
-    system_prompt: str
+    system_prompt: str | None  # None: DEFAULT_SYSTEM_PROMPT (or the official one, for speech)
     images: list[Image.Image] = field(default_factory=list)
     audios: list[np.ndarray] = field(default_factory=list)
     videos: list[VideoInput] = field(default_factory=list)
     max_new_tokens: int = 512
+    return_audio: bool = False
+    speaker: str | None = None  # a voice of the checkpoint; None is its first
 
 
 @dataclass
@@ -180,6 +188,7 @@ class GenerationResult:
     completion_tokens: int
     timings_ms: dict[str, float]
     completion_ids: list[int] = field(default_factory=list)
+    audio: np.ndarray | None = None  # float32 mono at SPEECH_SAMPLE_RATE, when speech was asked for
 
 
 # ---------------------------------------------------------------- the engine
@@ -242,6 +251,7 @@ class OmniEngine:
             "devices": devices,
             "placement": self.placement.components,
             "audio_output": self.settings.enable_audio_output,
+            "voices": self.voices,
         }
         if self.placement.gpu_layers is not None:
             description["language_model_gpu_layers"] = self.placement.gpu_layers
@@ -250,23 +260,56 @@ class OmniEngine:
     def memory(self) -> dict[str, int]:
         return memory_in_use()
 
+    @property
+    def voices(self) -> list[str]:
+        """The checkpoint's voices (from its spk_dict.pt), the default first."""
+        return list(getattr(self.model, "speaker_map", {}) or {})
+
+    def check_speech(self, speaker: str | None) -> str:
+        """The voice to speak with; SpeechError when speech is off or the voice unknown."""
+        if not self.settings.enable_audio_output or not getattr(self.model, "has_talker", False):
+            raise SpeechError("speech output is not enabled on this server: start it with ENABLE_AUDIO_OUTPUT=true "
+                              "(loads the talker and token2wav, about 2.4 GiB for the 3B model)")
+        voices = self.voices
+        if not voices:
+            raise SpeechError("this checkpoint has no voices (its spk_dict.pt is empty)")
+        if speaker is None:
+            return voices[0]
+        if speaker not in voices:
+            raise SpeechError(f"unknown speaker {speaker!r}; available voices: {', '.join(voices)}")
+        return speaker
+
+    def _speech_kwargs(self, speaker: str) -> dict[str, Any]:
+        """The talker's arguments, read from the checkpoint: its end-of-speech codes and a length bound."""
+        talker = self.model.config.talker_config
+        token2wav = self.model.config.token2wav_config
+        samples_per_code = token2wav.dit_config.repeats * math.prod(token2wav.bigvgan_config.upsample_rates)
+        codes_per_second = SPEECH_SAMPLE_RATE / samples_per_code
+        return {
+            "generation_mode": "audio",
+            "speaker": speaker,
+            "talker_eos_token_id": [talker.tts_codec_pad_token_id, talker.tts_codec_end_token_id],
+            "talker_max_new_tokens": max(1, int(self.settings.max_speech_seconds * codes_per_second)),
+        }
+
     # -- generation
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Build the prompt, run the processor and the thinker; returns the decoded answer."""
+        speaker = self.check_speech(request.speaker) if request.return_audio else None
         try:
             started = time.perf_counter()
             inputs, use_audio_in_video = self._prepare(request)
             prepared = time.perf_counter()
+            audio = None
             with torch.inference_mode():
-                sequences = self.model.thinker.generate(
-                    **inputs,
-                    use_audio_in_video=use_audio_in_video,
-                    max_new_tokens=request.max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=self._stop_ids,
-                    pad_token_id=self._pad_id,
-                )
+                if speaker is None:
+                    sequences = self.model.thinker.generate(
+                        **inputs, use_audio_in_video=use_audio_in_video, max_new_tokens=request.max_new_tokens,
+                        do_sample=False, eos_token_id=self._stop_ids, pad_token_id=self._pad_id,
+                    )
+                else:
+                    sequences, audio = self._generate_speech(inputs, use_audio_in_video, request, speaker)
             prompt_tokens = int(inputs["input_ids"].shape[1])
             generated = sequences[0, prompt_tokens:].cpu()
             del inputs, sequences  # the big tensors go before the next request comes
@@ -278,10 +321,38 @@ class OmniEngine:
                 completion_tokens=int(generated.numel()),
                 timings_ms={"prepare": (prepared - started) * 1000, "generate": (finished - prepared) * 1000},
                 completion_ids=generated.tolist(),
+                audio=audio,
             )
         finally:
             if self.settings.empty_cuda_cache and torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def _generate_speech(self, inputs: dict[str, Any], use_audio_in_video: bool, request: GenerationRequest,
+                         speaker: str) -> tuple[torch.Tensor, np.ndarray]:
+        """Thinker, talker and token2wav: the answer's tokens and its waveform."""
+        # Pixel inputs belong to the thinker only; the wrapper would hand them to the talker too.
+        thinker_only = {"pixel_values": "thinker_pixel_values", "pixel_values_videos": "thinker_pixel_values_videos"}
+        inputs = {thinker_only.get(key, key): value for key, value in inputs.items()}
+        sequences, waveform = self.model.generate(
+            **inputs, use_audio_in_video=use_audio_in_video, thinker_max_new_tokens=request.max_new_tokens,
+            thinker_do_sample=False, thinker_eos_token_id=self._stop_ids, thinker_pad_token_id=self._pad_id,
+            **self._speech_kwargs(speaker),
+        )
+        return sequences, waveform.reshape(-1).float().cpu().numpy()
+
+    def _conversation(self, request: GenerationRequest, content: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The chat turns. Speech needs the official system prompt: a custom one (the model authors'
+        workaround) moves into the first user turn, ahead of the media and the question."""
+        system = request.system_prompt if request.system_prompt is not None else self.settings.default_system_prompt
+        if request.return_audio:
+            persona = request.system_prompt
+            if persona and persona.strip() and persona != OFFICIAL_SYSTEM_PROMPT:
+                content = [{"type": "text", "text": persona.strip() + "\n"}] + content
+            system = OFFICIAL_SYSTEM_PROMPT
+        return [
+            {"role": "system", "content": [{"type": "text", "text": system}]},
+            {"role": "user", "content": content},
+        ]
 
     def _prepare(self, request: GenerationRequest) -> tuple[dict[str, Any], bool]:
         """The processor's tensors for `request`, on the thinker's input device."""
@@ -306,10 +377,7 @@ class OmniEngine:
                     audio_slots.append(None)
         if request.text:
             content.append({"type": "text", "text": request.text})
-        conversation = [
-            {"role": "system", "content": [{"type": "text", "text": request.system_prompt}]},
-            {"role": "user", "content": content},
-        ]
+        conversation = self._conversation(request, content)
         prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         images = [
             fetch_image({"image": image, "min_pixels": s.image_min_pixels, "max_pixels": s.image_max_pixels},

@@ -10,25 +10,33 @@ in the thread pool; the event loop never waits on either.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import logging
 import threading
 import time
+import urllib.parse
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+
+import numpy as np
+import soundfile
 
 import media
 from modeling_low_vram import (
     ConfigError,
     GenerationRequest,
     ModelLoadError,
+    SPEECH_SAMPLE_RATE,
     ModelWorker,
     OmniEngine,
+    SpeechError,
     VideoInput,
     check_placement_settings,
     load_config,
@@ -40,7 +48,7 @@ logger = logging.getLogger("multimodal_api")
 
 FORM_FIELDS = {
     "text", "system_prompt", "max_new_tokens", "extract_video_audio", "extract_video_frame",
-    "images", "audios", "videos",
+    "return_audio", "speaker", "response_format", "images", "audios", "videos",
 }
 MEDIA_STATUS = {media.UnsupportedMedia: 415, media.UndecodableMedia: 400, media.MediaTooLarge: 413}
 
@@ -214,6 +222,13 @@ def check_uploads(settings: Settings, uploads: dict[str, list[UploadFile]]) -> d
     return checked
 
 
+def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
+    """A mono float waveform as a 16-bit PCM WAV file."""
+    out = io.BytesIO()
+    soundfile.write(out, np.clip(samples, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
 # ---------------------------------------------------------------- the app
 
 
@@ -252,8 +267,7 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
             "version": __version__,
             "model": state.engine.describe() if state.engine else {"model": settings.model_path, "status": "loading"},
             "memory": state.engine.memory() if state.engine else None,
-            "endpoints": {"POST /multimodal": "multipart form: text, system_prompt, max_new_tokens, "
-                          "extract_video_audio, extract_video_frame, images, audios, videos",
+            "endpoints": {"POST /multimodal": "multipart form: " + ", ".join(sorted(FORM_FIELDS)),
                           "GET /health": "readiness", "GET /": "this page", "GET /docs": "OpenAPI UI"},
             "limits": {
                 "max_file_bytes": settings.max_file_bytes, "max_request_bytes": settings.max_request_bytes,
@@ -274,7 +288,7 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
                              "memory": state.engine.memory()})
 
     @app.post("/multimodal")
-    async def multimodal(
+    async def multimodal(  # noqa: PLR0913 - one parameter per form field
         request: Request,
         settings: SettingsDep,
         engine: EngineDep,
@@ -284,6 +298,10 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
         max_new_tokens: Annotated[int | None, Form(ge=1, description="Answer length bound.")] = None,
         extract_video_audio: Annotated[bool, Form(description="Send each video's audio track as audio.")] = False,
         extract_video_frame: Annotated[bool, Form(description="Send each video's last frame as an image.")] = False,
+        return_audio: Annotated[bool, Form(description="Also speak the answer (needs ENABLE_AUDIO_OUTPUT).")] = False,
+        speaker: Annotated[str | None, Form(description="Voice for the spoken answer; default the first.")] = None,
+        response_format: Annotated[Literal["json", "wav"], Form(
+            description="json (default), or wav: the spoken answer as audio/wav, its text in X-Text.")] = "json",
         images: Annotated[list[UploadFile], File(description="Images.")] = [],  # noqa: B006 - FastAPI copies it
         audios: Annotated[list[UploadFile], File(description="Audio files.")] = [],  # noqa: B006
         videos: Annotated[list[UploadFile], File(description="Videos.")] = [],  # noqa: B006
@@ -299,6 +317,13 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
             if value is not None and len(value) > settings.max_text_chars:
                 raise HTTPException(413, f"{name}: {len(value):,} characters, at most {settings.max_text_chars:,} "
                                          "(MAX_TEXT_CHARS)")
+        if response_format == "wav" and not return_audio:
+            raise HTTPException(422, "response_format=wav returns the spoken answer: also send return_audio=true")
+        if return_audio:
+            try:
+                speaker = engine.check_speech(speaker)
+            except SpeechError as error:
+                raise HTTPException(400, f"{'speaker' if engine.voices and speaker else 'return_audio'}: {error}")
         uploads = check_uploads(settings, {"images": images, "audios": audios, "videos": videos})
         if not (text and text.strip()) and not any(uploads.values()):
             raise HTTPException(422, "send `text`, or at least one file in `images`, `audios` or `videos`")
@@ -306,13 +331,17 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
         decoded = time.perf_counter()
         generation = GenerationRequest(
             text=text if text and text.strip() else None,
-            system_prompt=system_prompt if system_prompt is not None else settings.default_system_prompt,
+            system_prompt=system_prompt,
             images=inputs.images, audios=inputs.audios, videos=inputs.videos,
             max_new_tokens=max_new_tokens or settings.default_max_new_tokens,
+            return_audio=return_audio, speaker=speaker,
         )
         result = await worker.run(engine.generate, generation)
+        if result.audio is not None and response_format == "wav":
+            return Response(wav_bytes(result.audio, SPEECH_SAMPLE_RATE), media_type="audio/wav",
+                            headers={"X-Text": urllib.parse.quote(result.text)})
         decode_ms = (decoded - started) * 1000
-        return {
+        body = {
             "text": result.text,
             "model": engine.describe()["model"],
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
@@ -325,6 +354,13 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
                 "total": round((time.perf_counter() - started) * 1000, 1),
             },
         }
+        if result.audio is not None:
+            body["audio"] = {
+                "format": "wav", "sample_rate": SPEECH_SAMPLE_RATE,
+                "data": base64.b64encode(wav_bytes(result.audio, SPEECH_SAMPLE_RATE)).decode("ascii"),
+                "seconds": round(len(result.audio) / SPEECH_SAMPLE_RATE, 3),
+            }
+        return body
 
     return app
 

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     enable_audio_output: bool = Field(
         False, description="Load the talker and token2wav (about 2.4 GiB for 3B) so answers can be spoken."
     )
+    max_speech_seconds: float = Field(
+        180, gt=0, le=3600, description="Longest spoken answer, in seconds (bounds the talker's codec tokens)."
+    )
     cpu_threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 keeps torch's default.")
 
     # HTTP

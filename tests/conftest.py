@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import make_media  # noqa: E402
 import tiny_model  # noqa: E402
-from modeling_low_vram import GenerationRequest, GenerationResult, OmniEngine  # noqa: E402
+from modeling_low_vram import GenerationRequest, GenerationResult, OmniEngine, SpeechError  # noqa: E402
 from multimodal_api import create_app  # noqa: E402
 from settings import Settings  # noqa: E402
 
@@ -56,11 +57,22 @@ def tiny_settings(model_dir: Path, **overrides) -> Settings:
 class FakeEngine:
     """Stands in for the model in HTTP-layer tests; records what it was asked."""
 
-    def __init__(self) -> None:
+    voices = ["Alto", "Bass"]
+
+    def __init__(self, speech: bool = True) -> None:
         self.requests: list[GenerationRequest] = []
+        self.speech = speech
 
     def describe(self) -> dict:
-        return {"model": "fake", "dtype": "float32", "devices": ["cpu"], "placement": {}, "audio_output": False}
+        return {"model": "fake", "dtype": "float32", "devices": ["cpu"], "placement": {}, "audio_output": self.speech,
+                "voices": self.voices}
+
+    def check_speech(self, speaker):
+        if not self.speech:
+            raise SpeechError("speech output is not enabled on this server: start it with ENABLE_AUDIO_OUTPUT=true")
+        if speaker is not None and speaker not in self.voices:
+            raise SpeechError(f"unknown speaker {speaker!r}; available voices: {', '.join(self.voices)}")
+        return speaker or self.voices[0]
 
     def memory(self) -> dict:
         return {"rss_bytes": 1}
@@ -68,8 +80,9 @@ class FakeEngine:
     def generate(self, request: GenerationRequest) -> GenerationResult:
         self.requests.append(request)
         summary = f"{len(request.images)} images, {len(request.audios)} audios, {len(request.videos)} videos"
+        audio = np.sin(np.arange(12_000) / 10).astype(np.float32) * 0.5 if request.return_audio else None
         return GenerationResult(text=summary, prompt_tokens=10, completion_tokens=3,
-                                timings_ms={"prepare": 1.0, "generate": 2.0})
+                                timings_ms={"prepare": 1.0, "generate": 2.0}, audio=audio)
 
 
 @pytest.fixture
@@ -101,6 +114,14 @@ def client(make_client, fake_engine) -> TestClient:
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir) -> OmniEngine:
     return OmniEngine.load(tiny_settings(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def speaking_client(tiny_model_dir):
+    """The real server code around the tiny model with speech output on (short answers, short speech)."""
+    settings = tiny_settings(tiny_model_dir, enable_audio_output=True, max_speech_seconds=2)
+    with TestClient(create_app(settings, engine=OmniEngine.load(settings))) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

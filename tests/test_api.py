@@ -25,7 +25,7 @@ def test_text_only_answer_has_the_documented_shape(client, fake_engine):
     assert set(body["timings_ms"]) == {"preprocess", "generate", "total"}
     request = fake_engine.requests[0]
     assert request.text == "hello" and request.max_new_tokens == 7
-    assert request.system_prompt == "You are a helpful AI assistant."
+    assert request.system_prompt is None  # the engine applies DEFAULT_SYSTEM_PROMPT (or the official one)
 
 
 def test_system_prompt_is_passed_through(client, fake_engine):
