@@ -8,7 +8,10 @@ read, or the wrong kind for the field), `UndecodableMedia` (a known format, but 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal
 
@@ -24,6 +27,8 @@ Kind = Literal["image", "audio", "video"]
 
 # Container formats that FFmpeg reads as a single picture rather than a moving video.
 _STILL_IMAGE_FORMATS = ("image2", "_pipe", "heif", "ico", "tga")
+# ISO-BMFF brands of still images (HEIF, HEIC, AVIF), which FFmpeg opens as a "mov" container.
+_STILL_IMAGE_BRANDS = {"mif1", "msf1", "heic", "heix", "heim", "heis", "hevc", "avif", "avis"}
 FIELD_OF_KIND: dict[str, str] = {"image": "images", "audio": "audios", "video": "videos"}
 _NAMED = {"image": "an image", "audio": "an audio file", "video": "a video"}
 # Signatures of formats that no bundled decoder reads, to name them in the 415.
@@ -61,6 +66,12 @@ class UndecodableMedia(MediaError):
 
 class MediaTooLarge(MediaError):
     """Over a configured limit (pixels, duration)."""
+
+
+@dataclass
+class DecodedImage:
+    image: Image.Image  # RGB
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -161,49 +172,79 @@ def _moving_video_stream(container: av.container.InputContainer) -> av.VideoStre
 
 def _is_still_image_container(container: av.container.InputContainer) -> bool:
     name = container.format.name
-    return any(marker in name for marker in _STILL_IMAGE_FORMATS)
+    if any(marker in name for marker in _STILL_IMAGE_FORMATS):
+        return True
+    brand = str(container.metadata.get("major_brand", "")).strip()
+    return brand in _STILL_IMAGE_BRANDS
 
 
 # ---------------------------------------------------------------- images
 
 
-def load_image(source: Source, *, max_pixels: int) -> Image.Image:
+def load_image(source: Source, *, max_pixels: int) -> DecodedImage:
     """Decode an image to RGB: first frame, EXIF orientation applied, alpha composited on white.
 
     The size is checked from the header before any pixel is decoded (decompression bombs).
-    Formats Pillow cannot read (HEIC and friends) are tried through FFmpeg.
+    Formats Pillow cannot read (HEIC and friends) go through FFmpeg, and so does a truncated
+    file, whose readable part FFmpeg's error concealment can often recover.
     """
     try:
         with Image.open(_rewind(source)) as image:
             _check_pixels(image.width, image.height, max_pixels)
-            image.seek(0)
             image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
+            warnings: list[str] = []
+            return DecodedImage(to_rgb(_upright(image, warnings)), warnings)
     except MediaError:
         raise
     except Image.DecompressionBombError as error:
         raise MediaTooLarge(f"image is too large to decode safely ({error})") from None
     except UnidentifiedImageError:
-        pass
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise UndecodableMedia(f"image data is broken or truncated ({_short(error)})") from None
-    return _load_image_with_ffmpeg(source, max_pixels=max_pixels)
+        return _load_image_with_ffmpeg(source, max_pixels=max_pixels)
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as error:
+        message = _short(error)
+        if "not supported" in message.lower() or "unsupported" in message.lower():
+            raise UnsupportedMedia(f"uses a variant Pillow cannot read ({message})") from None
+        if "truncated" in message:
+            with contextlib.suppress(MediaError):
+                recovered = _load_image_with_ffmpeg(source, max_pixels=max_pixels)
+                recovered.warnings.append("image file is truncated; the part that decoded was used")
+                return recovered
+        raise UndecodableMedia(f"image data is broken or truncated ({message})") from None
 
 
-def _load_image_with_ffmpeg(source: Source, *, max_pixels: int) -> Image.Image:
+def _upright(image: Image.Image, warnings: list[str]) -> Image.Image:
+    """EXIF orientation applied; a broken EXIF block is reported, not fatal."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - Pillow raises assorted errors on malformed EXIF
+        warnings.append("EXIF data is malformed, so its orientation could not be applied")
+        return image
+
+
+def _load_image_with_ffmpeg(source: Source, *, max_pixels: int) -> DecodedImage:
     try:
         with _av_open(source) as container:
-            stream = _moving_video_stream(container)
+            stream = _largest_picture_stream(container)
             if stream is None or not _is_still_image_container(container):
                 raise _wrong_kind(source, "image")
+            if stream.codec_context is None:  # FFmpeg knows the container but has no decoder for it
+                raise unreadable(source)
             _check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
             for frame in container.decode(stream):
-                return _frame_to_image(frame)
+                return DecodedImage(_frame_to_image(frame))
             raise UndecodableMedia("image holds no decodable picture")
     except MediaError:
         raise
     except av.error.FFmpegError:
         raise _wrong_kind(source, "image") from None
+
+
+def _largest_picture_stream(container) -> av.VideoStream | None:
+    """The main picture of a still-image container (HEIF keeps a thumbnail beside it)."""
+    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not streams:
+        return None
+    return max(streams, key=lambda s: (s.codec_context.width * s.codec_context.height) if s.codec_context else 0)
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -234,7 +275,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 # ---------------------------------------------------------------- audio
 
 
-def load_audio(source: Source, *, max_seconds: float) -> DecodedAudio:
+def load_audio(source: Source, *, max_seconds: float, timeout: float | None = None) -> DecodedAudio:
     """Decode any audio file (or the audio of a video) to 16 kHz mono float32.
 
     FFmpeg (PyAV) reads nearly everything; libsndfile is the fallback for the few WAV/AIFF
@@ -246,12 +287,13 @@ def load_audio(source: Source, *, max_seconds: float) -> DecodedAudio:
                 if _moving_video_stream(container) is not None and not _is_still_image_container(container):
                     raise UnsupportedMedia("is a video without an audio track; send it in `videos`")
                 raise _wrong_kind(source, "audio")
-            return _decode_audio_stream(container, container.streams.audio[0], max_seconds)
+            _refuse_encrypted(source, container)
+            return _decode_audio_stream(container, container.streams.audio[0], max_seconds, timeout)
     except MediaError:
         raise
     except av.error.FFmpegError:
         try:
-            samples, rate = soundfile.read(_rewind(source), dtype="float32", always_2d=True)
+            samples, rate = soundfile.read(_in_memory(source), dtype="float32", always_2d=True)
         except Exception:  # noqa: BLE001 - libsndfile's errors carry no useful type
             raise _wrong_kind(source, "audio") from None
         if len(samples) > max_seconds * rate:
@@ -259,16 +301,27 @@ def load_audio(source: Source, *, max_seconds: float) -> DecodedAudio:
         return DecodedAudio(resample_to_mono_16k(samples.T, rate))
 
 
+def _in_memory(source: Source, limit: int = 64 * 1024 * 1024) -> Source:
+    """A small file as BytesIO for libsndfile, whose callbacks would seek a temporary file before its start."""
+    if not hasattr(source, "read"):
+        return source
+    data = _rewind(source).read(limit + 1)
+    _rewind(source)
+    return io.BytesIO(data) if len(data) <= limit else source
+
+
 def _audio_too_long(seconds: float, limit: float) -> MediaTooLarge:
     return MediaTooLarge(f"audio is over {limit:g} s long (at least {seconds:.1f} s; MAX_AUDIO_SECONDS)")
 
 
-def _decode_audio_stream(container, stream, max_seconds: float) -> DecodedAudio:
+def _decode_audio_stream(container, stream, max_seconds: float, timeout: float | None = None) -> DecodedAudio:
     """Decode one audio stream to 16 kHz mono; keep what decoded when the file ends in garbage."""
     resampler = _Resampler()
     warnings: list[str] = []
+    deadline = _Deadline(timeout)
     try:
         for frame in container.decode(stream):
+            deadline.check()
             resampler.push(frame)
             if resampler.samples > max_seconds * SAMPLE_RATE:
                 raise _audio_too_long(resampler.samples / SAMPLE_RATE, max_seconds)
@@ -279,7 +332,28 @@ def _decode_audio_stream(container, stream, max_seconds: float) -> DecodedAudio:
     samples = resampler.finish()
     if samples.size == 0:
         raise UndecodableMedia("audio track holds no decodable sound")
+    if not warnings and (note := _shortfall("audio", samples.size / SAMPLE_RATE, _claimed_duration(container, stream))):
+        warnings.append(note)
     return DecodedAudio(samples, warnings)
+
+
+def _shortfall(kind: str, decoded: float, claimed: float) -> str | None:
+    """A warning when much less decoded than the container claims (a truncated or lying file)."""
+    if claimed > 0 and decoded < 0.9 * claimed - 0.5:
+        return f"{kind} file claims {claimed:.1f} s but only {decoded:.3g} s decoded; the decoded part was used"
+    return None
+
+
+class _Deadline:
+    """Cooperative decode time limit (a decoding thread cannot be killed, so loops check it)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds if seconds else None
+
+    def check(self) -> None:
+        if self.end is not None and time.monotonic() > self.end:
+            raise MediaTooLarge(f"took longer than {self.seconds:g} s to decode (DECODE_TIMEOUT_SECONDS)")
 
 
 class _Resampler:
@@ -290,12 +364,23 @@ class _Resampler:
     averaged here instead, as Whisper-style front ends do.
     """
 
+    _TINY = 4096  # input samples kept raw, for clips too short for the resampler's filter
+
     def __init__(self) -> None:
         self._resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
         self._chunks: list[np.ndarray] = []
+        self._raw: list[np.ndarray] = []
+        self._raw_rate = SAMPLE_RATE
+        self.input_samples = 0
         self.samples = 0
 
     def push(self, frame: av.AudioFrame | None) -> None:
+        if frame is not None:
+            self.input_samples += frame.samples
+            if self.input_samples <= self._TINY:
+                self._raw.append(frame.to_ndarray().astype(np.float32).reshape(frame.samples, -1).mean(axis=1)
+                                 if frame.format.is_packed else frame.to_ndarray().astype(np.float32).mean(axis=0))
+                self._raw_rate = frame.sample_rate
         for out in self._resampler.resample(frame):
             mono = out.to_ndarray().mean(axis=0, dtype=np.float32)
             self._chunks.append(mono)
@@ -303,7 +388,13 @@ class _Resampler:
 
     def finish(self) -> np.ndarray:
         self.push(None)
-        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
+        if self._chunks:
+            return np.concatenate(self._chunks)
+        if self._raw:  # a few samples: linear interpolation where the filter has nothing to work on
+            raw = np.concatenate(self._raw)
+            length = max(1, round(raw.size * SAMPLE_RATE / self._raw_rate))
+            return np.interp(np.linspace(0, raw.size - 1, length), np.arange(raw.size), raw).astype(np.float32)
+        return np.zeros(0, np.float32)
 
 
 def resample_to_mono_16k(channels: np.ndarray, rate: int) -> np.ndarray:
@@ -333,8 +424,52 @@ def _open_video(source: Source):
         if stream is None and container.streams.audio:
             raise UnsupportedMedia("has no video stream (audio only, or only cover art); send it in `audios`")
         raise _wrong_kind(source, "video")
+    try:
+        _refuse_encrypted(source, container)
+    except MediaError:
+        container.close()
+        raise
     stream.thread_type = "AUTO"
     return container, stream
+
+
+def _refuse_encrypted(source: Source, container) -> None:
+    """FFmpeg "decodes" DRM-protected MP4 into garbage; refuse it instead."""
+    if "mp4" in container.format.name and _mp4_is_encrypted(source):
+        raise UnsupportedMedia("is encrypted (DRM-protected), so it cannot be decoded")
+
+
+def _mp4_is_encrypted(source: Source) -> bool:
+    """Whether the ISO-BMFF file's moov box holds encrypted sample entries (encv / enca).
+
+    The container may be reading the same file object: its position is restored afterwards.
+    """
+    handle = source if hasattr(source, "read") else open(source, "rb")  # noqa: SIM115 - closed below
+    reading_at = handle.tell()
+    try:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        position = 0
+        while position + 8 <= size:
+            handle.seek(position)
+            header = handle.read(8)
+            box_size, box_type = int.from_bytes(header[:4], "big"), header[4:8]
+            if box_size == 1:
+                box_size = int.from_bytes(handle.read(8), "big")
+            elif box_size == 0:
+                box_size = size - position
+            if box_type == b"moov":
+                body = handle.read(min(box_size, 64 * 1024 * 1024))
+                return b"encv" in body or b"enca" in body
+            if box_size < 8:
+                return False
+            position += box_size
+        return False
+    finally:
+        if handle is source:
+            handle.seek(reading_at)
+        else:
+            handle.close()
 
 
 def _frame_to_image(frame: av.VideoFrame, max_pixels: int | None = None) -> Image.Image:
@@ -363,6 +498,7 @@ def load_video(
     frame_max_pixels: int,
     with_audio: bool = True,
     max_audio_seconds: float | None = None,
+    timeout: float | None = None,
 ) -> DecodedVideo:
     """Sample frames at `fps` (and the audio track) in one pass over the file.
 
@@ -379,11 +515,14 @@ def load_video(
         frames: list[tuple[float, Image.Image]] = []
         warnings: list[str] = []
         start: float | None = None
-        last_time = 0.0
+        last_time = 0.0  # start of the latest frame, from the first frame's start
+        span = 0.0  # end of the latest frame: what actually decoded
         next_sample = 0.0
         streams = [stream] + ([audio_stream] if audio_stream else [])
+        deadline = _Deadline(timeout)
         try:
             for packet in container.demux(*streams):
+                deadline.check()
                 for frame in packet.decode():
                     if packet.stream is audio_stream:
                         resampler.push(frame)
@@ -391,6 +530,7 @@ def load_video(
                     time = frame.time if frame.time is not None else last_time + 1.0 / float(stream.guessed_rate or 25)
                     start = time if start is None else start
                     last_time = max(last_time, time - start)
+                    span = max(span, last_time + float((frame.duration or 0) * (frame.time_base or 0)))
                     if last_time > max_seconds:
                         raise _too_long_video(last_time, max_seconds)
                     if time - start + 1e-6 >= next_sample:
@@ -406,6 +546,9 @@ def load_video(
             warnings.append(f"video is damaged after {last_time:.2f} s; the part before was used")
         if not frames:
             raise UndecodableMedia("video holds no decodable frame")
+        seconds = max(span, last_time)
+        if not warnings and (note := _shortfall("video", seconds, _claimed_duration(container, stream))):
+            warnings.append(note)
         audio = None
         if resampler is not None:
             samples = resampler.finish()
@@ -415,22 +558,22 @@ def load_video(
         return DecodedVideo(
             frames=[image for _, image in frames],
             fps=1.0 / interval,
-            seconds=last_time + interval if len(frames) == 1 else last_time,
+            seconds=seconds,
             audio=audio,
             warnings=warnings,
         )
 
 
-def extract_audio_track(source: Source, *, max_seconds: float) -> DecodedAudio | None:
+def extract_audio_track(source: Source, *, max_seconds: float, timeout: float | None = None) -> DecodedAudio | None:
     """The audio track of a video as 16 kHz mono, or None when it has none (video is not decoded)."""
     container, _ = _open_video(source)
     with container:
         if not container.streams.audio:
             return None
-        return _decode_audio_stream(container, container.streams.audio[0], max_seconds)
+        return _decode_audio_stream(container, container.streams.audio[0], max_seconds, timeout)
 
 
-def extract_last_frame(source: Source, *, max_seconds: float) -> Image.Image:
+def extract_last_frame(source: Source, *, max_seconds: float, timeout: float | None = None) -> Image.Image:
     """The video's last frame, found by seeking near the end instead of decoding the whole file.
 
     It seeks to a few seconds before the claimed end and decodes to the real end, keeping the
@@ -438,6 +581,7 @@ def extract_last_frame(source: Source, *, max_seconds: float) -> Image.Image:
     length, or the end is damaged), the window doubles back towards the start.
     """
     container, stream = _open_video(source)
+    deadline = _Deadline(timeout)
     with container:
         claimed_end = _claimed_duration(container, stream)
         window = 4.0
@@ -453,6 +597,7 @@ def extract_last_frame(source: Source, *, max_seconds: float) -> Image.Image:
             last: av.VideoFrame | None = None
             try:
                 for frame in container.decode(stream):
+                    deadline.check()
                     if last is None or (frame.pts or 0) >= (last.pts or 0):
                         last = frame
             except av.error.FFmpegError:

@@ -206,6 +206,9 @@ class OmniEngine:
         tokenizer = processor.tokenizer
         self._stop_ids = sorted({i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")) if isinstance(i, int) and i >= 0})
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._stop_ids[0]
+        # "clip": audio features are padded to the longest clip (whole 2 s windows), so their cost
+        # follows the clip's length; "whisper": the feature extractor's default 300 s (benchmarks).
+        self.audio_padding = "clip"
 
     @classmethod
     def load(cls, settings: Settings) -> OmniEngine:
@@ -391,7 +394,7 @@ class OmniEngine:
             for v in videos
         ]
         kwargs: dict[str, Any] = {}
-        if audios:
+        if audios and self.audio_padding == "clip":
             # Whisper pads every clip to 300 s by default; pad only to the longest clip (whole 2 s windows).
             window = 2 * self.processor.feature_extractor.sampling_rate
             longest = max(len(a) for a in audios)

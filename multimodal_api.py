@@ -172,20 +172,23 @@ def decode_uploads(
 
 def _decode_one(s: Settings, field_name: str, source, out: MediaInputs, label: str,
                 extract_audio: bool, extract_frame: bool) -> None:
+    timeout = s.decode_timeout_seconds
     if field_name == "images":
-        out.images.append(media.load_image(source, max_pixels=s.max_image_pixels))
+        image = media.load_image(source, max_pixels=s.max_image_pixels)
+        out.images.append(image.image)
+        out.warnings += [f"{label}: {w}" for w in image.warnings]
         return
     if field_name == "audios":
-        audio = media.load_audio(source, max_seconds=s.max_audio_seconds)
+        audio = media.load_audio(source, max_seconds=s.max_audio_seconds, timeout=timeout)
         out.audios.append(audio.samples)
         out.warnings += [f"{label}: {w}" for w in audio.warnings]
         return
     converted = False
     if extract_frame:
-        out.images.append(media.extract_last_frame(source, max_seconds=s.max_video_seconds))
+        out.images.append(media.extract_last_frame(source, max_seconds=s.max_video_seconds, timeout=timeout))
         converted = True
     if extract_audio:
-        track = media.extract_audio_track(source, max_seconds=s.max_audio_seconds)
+        track = media.extract_audio_track(source, max_seconds=s.max_audio_seconds, timeout=timeout)
         if track is None:
             out.warnings.append(f"{label}: has no audio track, so no audio was extracted")
         else:
@@ -198,7 +201,7 @@ def _decode_one(s: Settings, field_name: str, source, out: MediaInputs, label: s
         out.warnings.append(f"{label}: sent whole as a video instead")
     video = media.load_video(
         source, fps=s.video_fps, max_frames=s.video_max_frames, max_seconds=s.max_video_seconds,
-        frame_max_pixels=s.video_max_pixels, max_audio_seconds=s.max_audio_seconds,
+        frame_max_pixels=s.video_max_pixels, max_audio_seconds=s.max_audio_seconds, timeout=timeout,
     )
     out.videos.append(VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None))
     out.warnings += [f"{label}: {w}" for w in video.warnings]

@@ -71,9 +71,12 @@ class Settings(BaseSettings):
         50_000_000, ge=1, description="Largest image (width x height) decoded; larger ones are refused unread."
     )
     max_audio_seconds: float = Field(
-        300, gt=0, description="Longest audio input, in seconds (the model's audio window is 300 s)."
+        300, gt=0, le=300, description="Longest audio input, in seconds (the model's audio window is 300 s)."
     )
     max_video_seconds: float = Field(1800, gt=0, description="Longest video, in seconds, judged by decoded timestamps.")
+    decode_timeout_seconds: float = Field(
+        120, gt=0, le=3600, description="Longest time one file may take to decode before it is refused."
+    )
 
     # Vision budgets (what reaches qwen-omni-utils and the processor)
     image_min_pixels: int = Field(4 * 28 * 28, ge=28 * 28, description="Smallest image after resizing, in pixels.")

@@ -95,3 +95,22 @@ def test_about_describes_the_loaded_model(tiny_client, tiny_model_dir):
     model = tiny_client.get("/").json()["model"]
     assert model["model"] == str(tiny_model_dir) and model["devices"] == ["cpu"] and model["dtype"] == "float32"
     assert "talker" not in model["placement"]  # speech output is off by default
+
+
+def test_audio_features_padded_to_the_clip_give_the_same_answer(tiny_model_dir, media_dir):
+    """Padding features to the clip instead of Whisper's 300 s changes the cost, not the greedy answer."""
+    import media
+    from conftest import tiny_settings
+    from modeling_low_vram import GenerationRequest, OmniEngine
+
+    engine = OmniEngine.load(tiny_settings(tiny_model_dir))
+    clips = [media.load_audio(str(media_dir / name), max_seconds=60).samples for name in ("audio.wav", "audio.mp3")]
+    request = GenerationRequest("What do you hear?", None, audios=clips, max_new_tokens=12)
+    fitted = engine.generate(request)
+    features, _ = engine._prepare(request)
+    engine.audio_padding = "whisper"
+    padded = engine.generate(request)
+    full_features, _ = engine._prepare(request)
+    assert fitted.completion_ids == padded.completion_ids and fitted.prompt_tokens == padded.prompt_tokens
+    assert features["input_features"].shape[-1] == 200  # 2 s of 10 ms frames, not 30000
+    assert full_features["input_features"].shape[-1] == 30000

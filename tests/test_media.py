@@ -21,7 +21,7 @@ def load_video(data: bytes, **overrides) -> media.DecodedVideo:
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
 def test_images_decode_to_rgb_of_their_size(fmt):
-    image = media.load_image(io.BytesIO(make_media.image_bytes(fmt, (96, 64))), max_pixels=BIG)
+    image = media.load_image(io.BytesIO(make_media.image_bytes(fmt, (96, 64))), max_pixels=BIG).image
     assert image.mode == "RGB" and image.size == (96, 64)
 
 
@@ -30,7 +30,7 @@ def test_transparent_pixels_become_white():
     rgba.putpixel((0, 0), (255, 0, 0, 255))
     out = io.BytesIO()
     rgba.save(out, "PNG")
-    image = media.load_image(out, max_pixels=BIG)
+    image = media.load_image(out, max_pixels=BIG).image
     assert image.getpixel((5, 5)) == (255, 255, 255)
     assert image.getpixel((0, 0)) == (255, 0, 0)
 
@@ -39,7 +39,7 @@ def test_sixteen_bit_grey_is_rescaled_not_clipped():
     grey = Image.fromarray(np.full((4, 4), 32768, np.uint16))
     out = io.BytesIO()
     grey.save(out, "PNG")
-    red, green, blue = media.load_image(out, max_pixels=BIG).getpixel((0, 0))
+    red, green, blue = media.load_image(out, max_pixels=BIG).image.getpixel((0, 0))
     assert 120 <= red <= 135 and red == green == blue
 
 
@@ -49,7 +49,7 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # rotate 90° clockwise to display
     out = io.BytesIO()
     picture.save(out, "JPEG", exif=exif)
-    assert media.load_image(out, max_pixels=BIG).size == (20, 40)
+    assert media.load_image(out, max_pixels=BIG).image.size == (20, 40)
 
 
 def test_image_over_the_pixel_limit_is_refused_before_decoding():
