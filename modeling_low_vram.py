@@ -206,7 +206,7 @@ class OmniEngine:
         tokenizer = processor.tokenizer
         self._stop_ids = sorted({i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")) if isinstance(i, int) and i >= 0})
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._stop_ids[0]
-        # "clip": audio features are padded to the longest clip (whole 2 s windows), so their cost
+        # "clip": audio features are padded to the longest clip, so their cost
         # follows the clip's length; "whisper": the feature extractor's default 300 s (benchmarks).
         self.audio_padding = "clip"
 
@@ -395,10 +395,10 @@ class OmniEngine:
         ]
         kwargs: dict[str, Any] = {}
         if audios and self.audio_padding == "clip":
-            # Whisper pads every clip to 300 s by default; pad only to the longest clip (whole 2 s windows).
-            window = 2 * self.processor.feature_extractor.sampling_rate
+            # Whisper pads every clip to 300 s by default; pad only to the longest clip (whole 10 ms frames).
+            hop = self.processor.feature_extractor.hop_length
             longest = max(len(a) for a in audios)
-            kwargs["audio_kwargs"] = {"max_length": max(window, -(-longest // window) * window)}
+            kwargs["audio_kwargs"] = {"max_length": max(hop, -(-longest // hop) * hop)}
         if images:
             kwargs["images_kwargs"] = {"do_resize": False}  # fetch_image already sized them
         if video_tensors:
