@@ -57,6 +57,10 @@ IMAGE_PATCH_SIZE = 14
 SPEECH_SAMPLE_RATE = 24_000  # token2wav's output rate
 
 
+class InputRejected(ValueError):
+    """An input the model cannot take (an image too narrow to cut into patches…); the message says which."""
+
+
 class SpeechError(ValueError):
     """Speech was asked for and cannot be given (no talker, unknown voice); the message says why."""
 
@@ -382,23 +386,27 @@ class OmniEngine:
             content.append({"type": "text", "text": request.text})
         conversation = self._conversation(request, content)
         prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        images = [
-            fetch_image({"image": image, "min_pixels": s.image_min_pixels, "max_pixels": s.image_max_pixels},
-                        image_patch_size=IMAGE_PATCH_SIZE)
-            for image in request.images
-        ]
-        video_tensors = [
-            fetch_video({"video": v.frames, "sample_fps": v.fps, "min_pixels": s.video_min_pixels,
-                         "max_pixels": s.video_max_pixels, "total_pixels": s.video_total_pixels},
-                        image_patch_size=IMAGE_PATCH_SIZE)
-            for v in videos
-        ]
+        try:
+            images = [
+                fetch_image({"image": image, "min_pixels": s.image_min_pixels, "max_pixels": s.image_max_pixels},
+                            image_patch_size=IMAGE_PATCH_SIZE)
+                for image in request.images
+            ]
+            video_tensors = [
+                fetch_video({"video": v.frames, "sample_fps": v.fps, "min_pixels": s.video_min_pixels,
+                             "max_pixels": s.video_max_pixels, "total_pixels": s.video_total_pixels},
+                            image_patch_size=IMAGE_PATCH_SIZE)
+                for v in videos
+            ]
+        except ValueError as error:  # qwen-omni-utils refuses e.g. aspect ratios over 200:1
+            raise InputRejected(f"a picture cannot be given to the model: {error}") from None
         kwargs: dict[str, Any] = {}
         if audios and self.audio_padding == "clip":
             # Whisper pads every clip to 300 s by default; pad only to the longest clip (whole 10 ms frames).
-            hop = self.processor.feature_extractor.hop_length
+            extractor = self.processor.feature_extractor
             longest = max(len(a) for a in audios)
-            kwargs["audio_kwargs"] = {"max_length": max(hop, -(-longest // hop) * hop)}
+            fitted = -(-max(longest, extractor.n_fft) // extractor.hop_length) * extractor.hop_length
+            kwargs["audio_kwargs"] = {"max_length": fitted}  # at least one STFT window
         if images:
             kwargs["images_kwargs"] = {"do_resize": False}  # fetch_image already sized them
         if video_tensors:

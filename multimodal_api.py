@@ -34,6 +34,7 @@ from modeling_low_vram import (
     GenerationRequest,
     ModelLoadError,
     SPEECH_SAMPLE_RATE,
+    InputRejected,
     ModelWorker,
     OmniEngine,
     SpeechError,
@@ -339,7 +340,10 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
             max_new_tokens=max_new_tokens or settings.default_max_new_tokens,
             return_audio=return_audio, speaker=speaker,
         )
-        result = await worker.run(engine.generate, generation)
+        try:
+            result = await worker.run(engine.generate, generation)
+        except InputRejected as error:
+            raise HTTPException(422, str(error)) from None
         if result.audio is not None and response_format == "wav":
             return Response(wav_bytes(result.audio, SPEECH_SAMPLE_RATE), media_type="audio/wav",
                             headers={"X-Text": urllib.parse.quote(result.text)})

@@ -91,6 +91,28 @@ def test_bad_inputs(tiny_client, media_dir, data, files, status):
     assert ask(tiny_client, {"text": "still serving?"})["text"] is not None
 
 
+def test_a_picture_the_model_cannot_take_is_a_422(tiny_client):
+    import io
+
+    from PIL import Image
+
+    sliver = io.BytesIO()
+    Image.new("RGB", (900, 2)).save(sliver, "PNG")  # 450:1, over qwen-omni-utils' 200:1 limit
+    response = tiny_client.post("/multimodal", files=[("images", ("sliver.png", sliver.getvalue()))])
+    assert response.status_code == 422 and "aspect ratio" in response.json()["detail"]
+
+
+def test_a_clip_of_a_few_samples_still_answers(tiny_client):
+    import io
+
+    import numpy as np
+    import soundfile
+
+    clip = io.BytesIO()
+    soundfile.write(clip, np.full(5, 0.1, np.float32), 44100, format="WAV")
+    assert ask(tiny_client, files=[("audios", ("five.wav", clip.getvalue()))])["inputs"]["audios"] == 1
+
+
 def test_about_describes_the_loaded_model(tiny_client, tiny_model_dir):
     model = tiny_client.get("/").json()["model"]
     assert model["model"] == str(tiny_model_dir) and model["devices"] == ["cpu"] and model["dtype"] == "float32"
