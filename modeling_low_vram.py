@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -59,6 +60,10 @@ SPEECH_SAMPLE_RATE = 24_000  # token2wav's output rate
 
 class InputRejected(ValueError):
     """An input the model cannot take (an image too narrow to cut into patches…); the message says which."""
+
+
+class PromptTooLong(InputRejected):
+    """The prompt alone would not fit MAX_CONTEXT_TOKENS; the message gives the counts and what to change."""
 
 
 class SpeechError(ValueError):
@@ -112,7 +117,8 @@ def resolve_placement(settings: Settings, config=None, cuda_available: bool | No
             raise ConfigError("DEVICE_MAP=auto needs the model's config to plan")
         budget = _gpu_budget(settings)
         plan = plan_placement(copy.deepcopy(config), budget, resolve_dtype(settings, uses_gpu=True),
-                              audio_output=settings.enable_audio_output, context_tokens=settings.max_context_tokens)
+                              audio_output=settings.enable_audio_output, context_tokens=settings.max_context_tokens,
+                              max_visual_patches=largest_visual_patches(settings))
         if plan.fits:
             chosen = dict(plan.placement)
         else:
@@ -125,6 +131,15 @@ def resolve_placement(settings: Settings, config=None, cuda_available: bool | No
         components = {c: d for c, d in components.items() if c not in SPEECH_COMPONENTS}
     gpu_layers = plan.language_model_layers["gpu"] if plan and plan.language_model_layers else None
     return Placement(components, gpu_layers, plan)
+
+
+def largest_visual_patches(settings: Settings) -> int:
+    """The most vision-encoder patches one request can bring under the pixel budgets (14x14 pixels each;
+    a video's patches span two frames, so its budget counts once)."""
+    per_image = max(settings.image_max_pixels, settings.max_pixels_ceiling) // IMAGE_PATCH_SIZE**2
+    per_video = settings.video_total_pixels // IMAGE_PATCH_SIZE**2
+    # Split videos turn into one frame each, never more patches than the video itself.
+    return settings.max_files_per_field * (per_image + per_video)
 
 
 def _gpu_budget(settings: Settings) -> int:
@@ -183,6 +198,7 @@ class GenerationRequest:
     max_new_tokens: int = 512
     return_audio: bool = False
     speaker: str | None = None  # a voice of the checkpoint; None is its first
+    max_pixels: int | None = None  # per-request pixel budget for each image and video frame
 
 
 @dataclass
@@ -193,6 +209,8 @@ class GenerationResult:
     timings_ms: dict[str, float]
     completion_ids: list[int] = field(default_factory=list)
     audio: np.ndarray | None = None  # float32 mono at SPEECH_SAMPLE_RATE, when speech was asked for
+    prompt_tokens_by_modality: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- the engine
@@ -307,6 +325,9 @@ class OmniEngine:
         try:
             started = time.perf_counter()
             inputs, use_audio_in_video = self._prepare(request)
+            by_modality = self.count_by_modality(inputs["input_ids"])
+            max_new_tokens, warnings = self._fit_context(by_modality, request)
+            request = dataclasses.replace(request, max_new_tokens=max_new_tokens)
             prepared = time.perf_counter()
             audio = None
             with torch.inference_mode():
@@ -329,10 +350,38 @@ class OmniEngine:
                 timings_ms={"prepare": (prepared - started) * 1000, "generate": (finished - prepared) * 1000},
                 completion_ids=generated.tolist(),
                 audio=audio,
+                prompt_tokens_by_modality=by_modality,
+                warnings=warnings,
             )
         finally:
             if self.settings.empty_cuda_cache and torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def count_by_modality(self, input_ids: torch.Tensor) -> dict[str, int]:
+        """Prompt tokens by modality; the audio of a video counts as audio."""
+        config = self.model.config.thinker_config
+        ids = input_ids[0]
+        counts = {
+            "image": int((ids == config.image_token_index).sum()),
+            "audio": int((ids == config.audio_token_index).sum()),
+            "video": int((ids == config.video_token_index).sum()),
+        }
+        return {"text": int(ids.numel()) - sum(counts.values()), **counts}
+
+    def _fit_context(self, by_modality: dict[str, int], request: GenerationRequest) -> tuple[int, list[str]]:
+        """Refuse a prompt over MAX_CONTEXT_TOKENS; shorten the answer bound to what is left."""
+        context = self.settings.max_context_tokens
+        prompt = sum(by_modality.values())
+        if prompt >= context:
+            counts = ", ".join(f"{name} {count}" for name, count in by_modality.items() if count)
+            raise PromptTooLong(
+                f"the prompt is {prompt} tokens ({counts}), over MAX_CONTEXT_TOKENS={context}. "
+                f"{_how_to_fit(max(by_modality, key=by_modality.get))}"
+            )
+        room = context - prompt
+        if request.max_new_tokens <= room:
+            return request.max_new_tokens, []
+        return room, [f"max_new_tokens lowered from {request.max_new_tokens} to {room} to fit MAX_CONTEXT_TOKENS={context}"]
 
     def _generate_speech(self, inputs: dict[str, Any], use_audio_in_video: bool, request: GenerationRequest,
                          speaker: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -366,6 +415,8 @@ class OmniEngine:
         from qwen_omni_utils.v2_5.vision_process import fetch_image, fetch_video
 
         s = self.settings
+        image_max = request.max_pixels or s.image_max_pixels
+        frame_max = min(request.max_pixels, s.video_max_pixels) if request.max_pixels else s.video_max_pixels
         content: list[dict[str, Any]] = [{"type": "image"} for _ in request.images]
         content += [{"type": "audio"} for _ in request.audios]
         videos = _common_rate(request.videos)
@@ -388,13 +439,15 @@ class OmniEngine:
         prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         try:
             images = [
-                fetch_image({"image": image, "min_pixels": s.image_min_pixels, "max_pixels": s.image_max_pixels},
+                fetch_image({"image": image, "min_pixels": min(s.image_min_pixels, image_max), "max_pixels": image_max},
                             image_patch_size=IMAGE_PATCH_SIZE)
                 for image in request.images
             ]
             video_tensors = [
-                fetch_video({"video": v.frames, "sample_fps": v.fps, "min_pixels": s.video_min_pixels,
-                             "max_pixels": s.video_max_pixels, "total_pixels": s.video_total_pixels},
+                fetch_video({"video": v.frames, "sample_fps": v.fps, "min_pixels": min(s.video_min_pixels, frame_max),
+                             "max_pixels": _frame_share(len(v.frames), frame_max, s.video_total_pixels,
+                                                        min(s.video_min_pixels, frame_max)),
+                             "total_pixels": s.video_total_pixels},
                             image_patch_size=IMAGE_PATCH_SIZE)
                 for v in videos
             ]
@@ -433,6 +486,25 @@ class OmniEngine:
                     value = value.to(self.dtype)
             tensors[key] = value
         return tensors, use_audio_in_video
+
+
+def _frame_share(frames: int, frame_max: int, total: int, frame_min: int) -> int:
+    """Each frame's pixel budget: its share of the video's total (frames go in pairs), as qwen-omni-utils
+    computes it, so the budget it is given never exceeds the one it would apply."""
+    pairs_of_frames = frames + frames % 2
+    return int(max(min(frame_max, total / pairs_of_frames * 2), frame_min * 1.05))
+
+
+def _how_to_fit(largest: str) -> str:
+    """What would make a prompt fit, for its largest modality."""
+    advice = {
+        "image": "Send smaller or fewer images, a lower `max_pixels`, or lower IMAGE_MAX_PIXELS.",
+        "video": "Send shorter or fewer videos, use extract_video_frame / extract_video_audio, or lower "
+                 "VIDEO_TOTAL_PIXELS, VIDEO_MAX_FRAMES or VIDEO_FPS.",
+        "audio": "Send shorter audio (each second costs 25 tokens), or use extract_video_frame for videos.",
+        "text": "Send a shorter text or system_prompt.",
+    }[largest]
+    return f"{advice} Or raise MAX_CONTEXT_TOKENS (the memory plan grows with it)."
 
 
 def _common_rate(videos: list[VideoInput]) -> list[VideoInput]:
@@ -535,8 +607,9 @@ def _plan_command(argv: list[str]) -> int:
     parser.add_argument("--gpu-gib", type=float, required=True, help="GPU memory budget in GiB")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--audio-output", action="store_true", help="also place the talker and token2wav")
-    parser.add_argument("--context", type=int, default=Settings.model_fields["max_context_tokens"].default,
-                        help="planning context in tokens (MAX_CONTEXT_TOKENS)")
+    settings = Settings()  # the budgets of this server (.env and environment), for the encoders' headroom
+    parser.add_argument("--context", type=int, default=settings.max_context_tokens,
+                        help="planning context in tokens (default MAX_CONTEXT_TOKENS)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -545,7 +618,8 @@ def _plan_command(argv: list[str]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     plan = plan_placement(config, int(args.gpu_gib * GiB), getattr(torch, args.dtype),
-                          audio_output=args.audio_output, context_tokens=args.context)
+                          audio_output=args.audio_output, context_tokens=args.context,
+                          max_visual_patches=largest_visual_patches(settings))
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
     return 0
 

@@ -36,6 +36,7 @@ from modeling_low_vram import (
     SPEECH_SAMPLE_RATE,
     InputRejected,
     ModelWorker,
+    PromptTooLong,
     OmniEngine,
     SpeechError,
     VideoInput,
@@ -49,7 +50,7 @@ logger = logging.getLogger("multimodal_api")
 
 FORM_FIELDS = {
     "text", "system_prompt", "max_new_tokens", "extract_video_audio", "extract_video_frame",
-    "return_audio", "speaker", "response_format", "images", "audios", "videos",
+    "return_audio", "speaker", "response_format", "max_pixels", "images", "audios", "videos",
 }
 MEDIA_STATUS = {media.UnsupportedMedia: 415, media.UndecodableMedia: 400, media.MediaTooLarge: 413}
 
@@ -304,6 +305,9 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
         extract_video_frame: Annotated[bool, Form(description="Send each video's last frame as an image.")] = False,
         return_audio: Annotated[bool, Form(description="Also speak the answer (needs ENABLE_AUDIO_OUTPUT).")] = False,
         speaker: Annotated[str | None, Form(description="Voice for the spoken answer; default the first.")] = None,
+        max_pixels: Annotated[int | None, Form(ge=28 * 28, description=(
+            "Pixel budget for each image and video frame (one token per 28x28 pixels); defaults to "
+            "IMAGE_MAX_PIXELS / VIDEO_MAX_PIXELS, at most MAX_PIXELS_CEILING."))] = None,
         response_format: Annotated[Literal["json", "wav"], Form(
             description="json (default), or wav: the spoken answer as audio/wav, its text in X-Text.")] = "json",
         images: Annotated[list[UploadFile], File(description="Images.")] = [],  # noqa: B006 - FastAPI copies it
@@ -321,6 +325,8 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
             if value is not None and len(value) > settings.max_text_chars:
                 raise HTTPException(413, f"{name}: {len(value):,} characters, at most {settings.max_text_chars:,} "
                                          "(MAX_TEXT_CHARS)")
+        if max_pixels is not None and max_pixels > settings.max_pixels_ceiling:
+            raise HTTPException(422, f"max_pixels: at most {settings.max_pixels_ceiling:,} (MAX_PIXELS_CEILING)")
         if response_format == "wav" and not return_audio:
             raise HTTPException(422, "response_format=wav returns the spoken answer: also send return_audio=true")
         if return_audio:
@@ -338,10 +344,12 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
             system_prompt=system_prompt,
             images=inputs.images, audios=inputs.audios, videos=inputs.videos,
             max_new_tokens=max_new_tokens or settings.default_max_new_tokens,
-            return_audio=return_audio, speaker=speaker,
+            return_audio=return_audio, speaker=speaker, max_pixels=max_pixels,
         )
         try:
             result = await worker.run(engine.generate, generation)
+        except PromptTooLong as error:
+            raise HTTPException(413, str(error)) from None
         except InputRejected as error:
             raise HTTPException(422, str(error)) from None
         if result.audio is not None and response_format == "wav":
@@ -352,9 +360,10 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
             "text": result.text,
             "model": engine.describe()["model"],
             "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                      "total_tokens": result.prompt_tokens + result.completion_tokens},
+                      "total_tokens": result.prompt_tokens + result.completion_tokens,
+                      "prompt_tokens_by_modality": result.prompt_tokens_by_modality},
             "inputs": {"images": len(inputs.images), "audios": len(inputs.audios), "videos": len(inputs.videos)},
-            "warnings": inputs.warnings,
+            "warnings": inputs.warnings + result.warnings,
             "timings_ms": {
                 "preprocess": round(decode_ms + result.timings_ms.get("prepare", 0.0), 1),
                 "generate": round(result.timings_ms.get("generate", 0.0), 1),

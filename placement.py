@@ -213,9 +213,13 @@ def component_sizes(skeleton: torch.nn.Module, dtype: torch.dtype) -> dict[str, 
     return sizes
 
 
-def headroom_bytes(config, context_tokens: int, dtype: torch.dtype, placement: dict[str, str]) -> int:
+def headroom_bytes(config, context_tokens: int, dtype: torch.dtype, placement: dict[str, str],
+                   max_visual_patches: int | None = None) -> int:
     """GPU memory beyond the weights: the KV cache and one layer's activations for the context,
-    plus the encoders' activations for the largest input they may see, where they are on the GPU."""
+    plus the encoders' activations for the largest input they may see, where they are on the GPU.
+
+    The vision encoder sees at most `max_visual_patches` (what the pixel budgets allow), and never
+    more than the context admits: a longer prompt is refused before it reaches the model."""
     element = torch.finfo(dtype).bits // 8
     text = config.thinker_config.text_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -225,6 +229,8 @@ def headroom_bytes(config, context_tokens: int, dtype: torch.dtype, placement: d
     if on_gpu(placement.get("visual", "cpu")):
         vision = config.thinker_config.vision_config
         patches = context_tokens * vision.spatial_merge_size**2  # more would not fit the context
+        if max_visual_patches is not None:
+            patches = min(patches, max_visual_patches)
         total += patches * (2 * vision.intermediate_size + 4 * vision.hidden_size) * element
     if on_gpu(placement.get("audio_tower", "cpu")):
         audio = config.thinker_config.audio_config
@@ -233,7 +239,8 @@ def headroom_bytes(config, context_tokens: int, dtype: torch.dtype, placement: d
 
 
 def plan_placement(config, budget_bytes: int, dtype: torch.dtype = torch.float16, audio_output: bool = False,
-                   context_tokens: int = 8192, skeleton: torch.nn.Module | None = None) -> Plan:
+                   context_tokens: int = 8192, skeleton: torch.nn.Module | None = None,
+                   max_visual_patches: int | None = None) -> Plan:
     """Fit the model into `budget_bytes` of GPU memory (see the module docstring)."""
     if skeleton is None:
         config.enable_audio_output = audio_output
@@ -245,7 +252,7 @@ def plan_placement(config, budget_bytes: int, dtype: torch.dtype = torch.float16
 
     def gpu_bytes() -> int:
         weights = sum(s.bytes for c, s in sizes.items() if placement[c] == GPU)
-        return weights + headroom_bytes(config, context_tokens, dtype, placement)
+        return weights + headroom_bytes(config, context_tokens, dtype, placement, max_visual_patches)
 
     for component in OFFLOAD_ORDER:
         if gpu_bytes() <= budget_bytes:
@@ -257,7 +264,7 @@ def plan_placement(config, budget_bytes: int, dtype: torch.dtype = torch.float16
                 context_tokens=context_tokens)
     if gpu_bytes() > budget_bytes:
         _split_language_model(plan, skeleton, config, dtype, gpu_bytes())
-    plan.headroom_bytes = headroom_bytes(config, context_tokens, dtype, placement)
+    plan.headroom_bytes = headroom_bytes(config, context_tokens, dtype, placement, max_visual_patches)
     if plan.language_model_layers is None:
         plan.predicted_gpu_bytes = gpu_bytes()
     plan.fits = plan.predicted_gpu_bytes <= budget_bytes

@@ -81,14 +81,17 @@ class Settings(BaseSettings):
     # Vision budgets (what reaches qwen-omni-utils and the processor)
     image_min_pixels: int = Field(4 * 28 * 28, ge=28 * 28, description="Smallest image after resizing, in pixels.")
     image_max_pixels: int = Field(
-        1280 * 28 * 28, ge=28 * 28, description="Largest image after resizing (1 token per 28x28 pixels)."
+        1280 * 28 * 28, ge=28 * 28, description="Largest image after resizing, in pixels (one token per 28x28)."
     )
     video_fps: float = Field(2.0, gt=0, le=30, description="Frames sampled per second of video.")
     video_max_frames: int = Field(64, ge=2, le=768, description="Most frames sampled from one video.")
     video_min_pixels: int = Field(128 * 28 * 28, ge=28 * 28, description="Smallest video frame after resizing.")
     video_max_pixels: int = Field(768 * 28 * 28, ge=28 * 28, description="Largest video frame after resizing.")
     video_total_pixels: int = Field(
-        32768 * 28 * 28, ge=28 * 28, description="Pixel budget shared by all frames of one video."
+        4096 * 28 * 28, ge=28 * 28, description="Pixel budget shared by all frames of one video (tokens x 784)."
+    )
+    max_pixels_ceiling: int = Field(
+        16384 * 28 * 28, ge=28 * 28, description="Most pixels per image or frame a request's max_pixels may ask for."
     )
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")

@@ -82,7 +82,8 @@ class FakeEngine:
         summary = f"{len(request.images)} images, {len(request.audios)} audios, {len(request.videos)} videos"
         audio = np.sin(np.arange(12_000) / 10).astype(np.float32) * 0.5 if request.return_audio else None
         return GenerationResult(text=summary, prompt_tokens=10, completion_tokens=3,
-                                timings_ms={"prepare": 1.0, "generate": 2.0}, audio=audio)
+                                timings_ms={"prepare": 1.0, "generate": 2.0}, audio=audio,
+                                prompt_tokens_by_modality={"text": 10, "image": 0, "audio": 0, "video": 0})
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ def test_text_only_answer_has_the_documented_shape(client, fake_engine):
     body = response.json()
     assert body["text"] == "0 images, 0 audios, 0 videos"
     assert body["model"] == "fake"
-    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
+    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+                             "prompt_tokens_by_modality": {"text": 10, "image": 0, "audio": 0, "video": 0}}
     assert body["inputs"] == {"images": 0, "audios": 0, "videos": 0}
     assert set(body["timings_ms"]) == {"preprocess", "generate", "total"}
     request = fake_engine.requests[0]
