@@ -21,7 +21,9 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import contextvars
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -29,6 +31,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import torch
 from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from placement import (
     GPU,
@@ -60,6 +63,10 @@ SPEECH_SAMPLE_RATE = 24_000  # token2wav's output rate
 
 class InputRejected(ValueError):
     """An input the model cannot take (an image too narrow to cut into patches…); the message says which."""
+
+
+class Cancelled(RuntimeError):
+    """The request was given up (client gone, time limit) before its generation started."""
 
 
 class PromptTooLong(InputRejected):
@@ -199,6 +206,7 @@ class GenerationRequest:
     return_audio: bool = False
     speaker: str | None = None  # a voice of the checkpoint; None is its first
     max_pixels: int | None = None  # per-request pixel budget for each image and video frame
+    stop: threading.Event | None = None  # set it to end the generation at the next token
 
 
 @dataclass
@@ -322,6 +330,8 @@ class OmniEngine:
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Build the prompt, run the processor and the thinker; returns the decoded answer."""
         speaker = self.check_speech(request.speaker) if request.return_audio else None
+        if request.stop is not None and request.stop.is_set():
+            raise Cancelled("the request was cancelled before it started")
         try:
             started = time.perf_counter()
             inputs, use_audio_in_video = self._prepare(request)
@@ -335,6 +345,7 @@ class OmniEngine:
                     sequences = self.model.thinker.generate(
                         **inputs, use_audio_in_video=use_audio_in_video, max_new_tokens=request.max_new_tokens,
                         do_sample=False, eos_token_id=self._stop_ids, pad_token_id=self._pad_id,
+                        stopping_criteria=self._stopping(request),
                     )
                 else:
                     sequences, audio = self._generate_speech(inputs, use_audio_in_video, request, speaker)
@@ -356,6 +367,10 @@ class OmniEngine:
         finally:
             if self.settings.empty_cuda_cache and torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    @staticmethod
+    def _stopping(request: GenerationRequest) -> StoppingCriteriaList:
+        return StoppingCriteriaList([_StopWhenSet(request.stop)] if request.stop is not None else [])
 
     def count_by_modality(self, input_ids: torch.Tensor) -> dict[str, int]:
         """Prompt tokens by modality; the audio of a video counts as audio."""
@@ -392,7 +407,7 @@ class OmniEngine:
         sequences, waveform = self.model.generate(
             **inputs, use_audio_in_video=use_audio_in_video, thinker_max_new_tokens=request.max_new_tokens,
             thinker_do_sample=False, thinker_eos_token_id=self._stop_ids, thinker_pad_token_id=self._pad_id,
-            **self._speech_kwargs(speaker),
+            thinker_stopping_criteria=self._stopping(request), **self._speech_kwargs(speaker),
         )
         return sequences, waveform.reshape(-1).float().cpu().numpy()
 
@@ -570,31 +585,72 @@ def load_config(model_path: str):
 T = TypeVar("T")
 
 
+class QueueFull(RuntimeError):
+    """More requests are waiting for the model than MAX_WAITING_REQUESTS allows."""
+
+
 class ModelWorker:
     """The single thread that owns the model: jobs run one at a time, in arrival order.
 
-    A waiter that is cancelled (its client went away) only cancels its job if the job has not
-    started; a running job always finishes on this thread, so two never overlap.
+    At most `max_waiting` jobs wait; more are refused at once (QueueFull). A waiter whose client
+    went away cancels its job if it has not started; a running job always finishes (or is
+    stopped cooperatively, see GenerationRequest.stop) on this thread, so two never overlap.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_waiting: int = 32) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._lock = threading.Lock()
+        self.max_waiting = max_waiting
+        self.waiting = 0
         self.running = 0
         self.peak_running = 0
 
+    def submit(self, job: Callable[..., T], *args: Any) -> Future:
+        """Queue `job(*args)` on the model thread; QueueFull when too many already wait."""
+        with self._lock:
+            if self.waiting + self.running >= self.max_waiting + 1:  # one running, max_waiting waiting
+                raise QueueFull(f"{self.waiting} requests are already waiting for the model")
+            self.waiting += 1
+        context = contextvars.copy_context()  # the request id follows the job into the log
+        future = self._executor.submit(context.run, self._track, job, *args)
+        future.add_done_callback(self._forget_if_cancelled)
+        return future
+
     async def run(self, job: Callable[..., T], *args: Any) -> T:
-        return await asyncio.wrap_future(self._executor.submit(self._track, job, *args))
+        return await asyncio.wrap_future(self.submit(job, *args))
 
     def _track(self, job: Callable[..., T], *args: Any) -> T:
-        self.running += 1
-        self.peak_running = max(self.peak_running, self.running)
+        with self._lock:
+            self.waiting -= 1
+            self.running += 1
+            self.peak_running = max(self.peak_running, self.running)
         try:
             return job(*args)
         finally:
-            self.running -= 1
+            with self._lock:
+                self.running -= 1
+
+    def _forget_if_cancelled(self, future: Future) -> None:
+        if future.cancelled():  # never started: it no longer waits
+            with self._lock:
+                self.waiting -= 1
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"running": self.running, "waiting": self.waiting, "peak_running": self.peak_running}
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation at the next token once the event is set (a thread cannot be killed)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 # ---------------------------------------------------------------- the planner's command line

@@ -11,39 +11,36 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import logging
 import threading
 import time
 import urllib.parse
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
-import numpy as np
-import soundfile
-
-import media
+from middleware import ApiKey, BodySizeLimit, RequestId, RequestIdFilter
 from modeling_low_vram import (
+    SPEECH_SAMPLE_RATE,
     ConfigError,
     GenerationRequest,
-    ModelLoadError,
-    SPEECH_SAMPLE_RATE,
     InputRejected,
+    ModelLoadError,
     ModelWorker,
-    PromptTooLong,
     OmniEngine,
+    PromptTooLong,
+    QueueFull,
     SpeechError,
-    VideoInput,
     check_placement_settings,
     load_config,
 )
 from settings import Settings, load_settings
+from uploads import check_uploads, decode_uploads, wav_bytes
 
 __version__ = "0.1.0"
 logger = logging.getLogger("multimodal_api")
@@ -52,7 +49,6 @@ FORM_FIELDS = {
     "text", "system_prompt", "max_new_tokens", "extract_video_audio", "extract_video_frame",
     "return_audio", "speaker", "response_format", "max_pixels", "images", "audios", "videos",
 }
-MEDIA_STATUS = {media.UnsupportedMedia: 415, media.UndecodableMedia: 400, media.MediaTooLarge: 413}
 
 
 # ---------------------------------------------------------------- app state and dependencies
@@ -89,8 +85,8 @@ def get_settings(request: Request) -> Settings:
 def get_engine(request: Request) -> OmniEngine:
     state: ModelState = request.app.state.model
     if state.engine is None:
-        raise HTTPException(503, state.error or "the model is still loading; retry shortly",
-                            headers={"Retry-After": "5"})
+        raise HTTPException(503, "the model could not be loaded; see the server log" if state.error else
+                            "the model is still loading; retry shortly", headers={"Retry-After": "5"})
     return state.engine
 
 
@@ -103,138 +99,38 @@ EngineDep = Annotated[OmniEngine, Depends(get_engine)]
 WorkerDep = Annotated[ModelWorker, Depends(get_worker)]
 
 
-# ---------------------------------------------------------------- request body limit
-
-
-class BodySizeLimit:
-    """Refuses a request body over `max_bytes`, counted as it arrives (Content-Length is not trusted)."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        message = f"request body is over {self.max_bytes:,} bytes (MAX_REQUEST_MB)"
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            return await JSONResponse({"detail": message}, 413)(scope, receive, send)
-        received = 0
-
-        async def counting_receive():
-            nonlocal received
-            event = await receive()
-            if event["type"] == "http.request":
-                received += len(event.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(413, message)
-            return event
-
-        await self.app(scope, counting_receive, send)
-
-
-# ---------------------------------------------------------------- uploads -> model inputs
-
-
-@dataclass
-class MediaInputs:
-    images: list = field(default_factory=list)
-    audios: list = field(default_factory=list)
-    videos: list[VideoInput] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-
-def _label(field_name: str, index: int, upload: UploadFile) -> str:
-    name = "".join(ch for ch in (upload.filename or "") if ch.isprintable())[:100]
-    return f"{field_name}[{index}]" + (f" '{name}'" if name else "")
-
-
-def decode_uploads(
-    settings: Settings,
-    uploads: dict[str, list[UploadFile]],
-    extract_video_audio: bool,
-    extract_video_frame: bool,
-) -> MediaInputs:
-    """Decode every upload (runs in a worker thread). Raises HTTPException naming the bad file."""
-    s = settings
-    out = MediaInputs()
-    for field_name, files in uploads.items():
-        for index, upload in enumerate(files):
-            label = _label(field_name, index, upload)
-            try:
-                _decode_one(s, field_name, upload.file, out, label, extract_video_audio, extract_video_frame)
-            except media.MediaError as error:
-                raise HTTPException(MEDIA_STATUS[type(error)], f"{label}: {error}") from None
-            except Exception:  # noqa: BLE001 - a decoder failure we did not foresee is still the file's fault
-                logger.exception("unexpected error decoding %s", label)
-                raise HTTPException(400, f"{label}: could not be decoded") from None
-    return out
-
-
-def _decode_one(s: Settings, field_name: str, source, out: MediaInputs, label: str,
-                extract_audio: bool, extract_frame: bool) -> None:
-    timeout = s.decode_timeout_seconds
-    if field_name == "images":
-        image = media.load_image(source, max_pixels=s.max_image_pixels)
-        out.images.append(image.image)
-        out.warnings += [f"{label}: {w}" for w in image.warnings]
-        return
-    if field_name == "audios":
-        audio = media.load_audio(source, max_seconds=s.max_audio_seconds, timeout=timeout)
-        out.audios.append(audio.samples)
-        out.warnings += [f"{label}: {w}" for w in audio.warnings]
-        return
-    converted = False
-    if extract_frame:
-        out.images.append(media.extract_last_frame(source, max_seconds=s.max_video_seconds, timeout=timeout))
-        converted = True
-    if extract_audio:
-        track = media.extract_audio_track(source, max_seconds=s.max_audio_seconds, timeout=timeout)
-        if track is None:
-            out.warnings.append(f"{label}: has no audio track, so no audio was extracted")
-        else:
-            out.audios.append(track.samples)
-            out.warnings += [f"{label}: {w}" for w in track.warnings]
-            converted = True
-    if converted:
-        return
-    if extract_audio:
-        out.warnings.append(f"{label}: sent whole as a video instead")
-    video = media.load_video(
-        source, fps=s.video_fps, max_frames=s.video_max_frames, max_seconds=s.max_video_seconds,
-        frame_max_pixels=s.video_max_pixels, max_audio_seconds=s.max_audio_seconds, timeout=timeout,
-    )
-    out.videos.append(VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None))
-    out.warnings += [f"{label}: {w}" for w in video.warnings]
-
-
-def check_uploads(settings: Settings, uploads: dict[str, list[UploadFile]]) -> dict[str, list[UploadFile]]:
-    """Drop the empty parts browsers send for an untouched file input; enforce count and size limits."""
-    checked = {}
-    for field_name, files in uploads.items():
-        files = [f for f in files if f.filename or (f.size or 0) > 0]
-        if len(files) > settings.max_files_per_field:
-            raise HTTPException(413, f"{field_name}: {len(files)} files, at most {settings.max_files_per_field} "
-                                     "are accepted (MAX_FILES_PER_FIELD)")
-        for index, upload in enumerate(files):
-            if (upload.size or 0) > settings.max_file_bytes:
-                raise HTTPException(413, f"{_label(field_name, index, upload)}: {upload.size:,} bytes, over the "
-                                         f"limit of {settings.max_file_bytes:,} (MAX_FILE_MB)")
-            if upload.size == 0:
-                raise HTTPException(400, f"{_label(field_name, index, upload)}: the file is empty")
-        checked[field_name] = files
-    return checked
-
-
-def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
-    """A mono float waveform as a 16-bit PCM WAV file."""
-    out = io.BytesIO()
-    soundfile.write(out, np.clip(samples, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
-    return out.getvalue()
-
-
 # ---------------------------------------------------------------- the app
+
+
+async def run_generation(request: Request, worker: ModelWorker, engine, generation: GenerationRequest,
+                         timeout: float, started: float):
+    """Run `generation` on the model thread; give up cleanly if the client leaves or time runs out.
+
+    Giving up cancels a job that has not started and stops a running one at its next token
+    (the thread itself cannot be killed); either way the queue moves on at once.
+    """
+    generation.stop = threading.Event()
+    try:
+        job = worker.submit(engine.generate, generation)
+    except QueueFull as error:
+        raise HTTPException(503, f"the server is busy ({error}); retry shortly", headers={"Retry-After": "10"}) from None
+    future = asyncio.wrap_future(job)
+    try:
+        while True:
+            remaining = started + timeout - time.perf_counter()
+            done, _ = await asyncio.wait({future}, timeout=min(0.5, max(remaining, 0)))
+            if done:
+                return future.result()
+            if remaining <= 0:
+                raise HTTPException(504, f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS); "
+                                         "its generation was stopped")
+            if await request.is_disconnected():
+                logger.info("client went away; its generation is cancelled")
+                raise HTTPException(499, "client closed the request")
+    finally:
+        if not job.done():  # cancel the job itself, not just its asyncio wrapper: its place frees at once
+            generation.stop.set()
+            job.cancel()
 
 
 def create_app(settings: Settings | None = None, engine: Any | None = None,
@@ -244,9 +140,7 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.settings = settings
-        app.state.worker = ModelWorker()
-        app.state.model = ModelState(engine)
+        app.state.worker = ModelWorker(settings.max_waiting_requests)  # a fresh one for each start
         if engine is None:
             app.state.model.load_in_background(settings, on_load_failure or (lambda: None))
         try:
@@ -255,7 +149,18 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
             await asyncio.to_thread(app.state.worker.shutdown)
 
     app = FastAPI(title="Qwen2.5-Omni multimodal API", version=__version__, lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.state.settings = settings
+    app.state.worker = ModelWorker(settings.max_waiting_requests)  # for callers that skip the lifespan
+    app.state.model = ModelState(engine)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)  # innermost
+    if settings.api_key:
+        app.add_middleware(ApiKey, key=settings.api_key)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "X-Text"])
+    app.add_middleware(RequestId)  # outermost: every answer, errors included, carries the id
+
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -286,11 +191,13 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
     async def health(request: Request) -> JSONResponse:
         state: ModelState = request.app.state.model
         if state.engine is None:
-            status = "error" if state.error else "loading"
-            return JSONResponse({"status": status, "detail": state.error}, 503)
+            if state.error:  # the reason is in the log; no server paths in answers
+                return JSONResponse({"status": "error", "detail": "the model could not be loaded: check MODEL_PATH "
+                                     "and the server log"}, 503)
+            return JSONResponse({"status": "loading", "detail": None}, 503)
         description = state.engine.describe()
         return JSONResponse({"status": "ok", "model": description["model"], "placement": description["placement"],
-                             "memory": state.engine.memory()})
+                             "memory": state.engine.memory(), "generations": request.app.state.worker.stats()})
 
     @app.post("/multimodal")
     async def multimodal(  # noqa: PLR0913 - one parameter per form field
@@ -347,7 +254,8 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
             return_audio=return_audio, speaker=speaker, max_pixels=max_pixels,
         )
         try:
-            result = await worker.run(engine.generate, generation)
+            result = await run_generation(request, worker, engine, generation, settings.request_timeout_seconds,
+                                          started)
         except PromptTooLong as error:
             raise HTTPException(413, str(error)) from None
         except InputRejected as error:
@@ -386,7 +294,10 @@ def main() -> None:
     import uvicorn
 
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
     try:
         check_placement_settings(settings)
         load_config(settings.model_path)  # fail fast on a wrong MODEL_PATH, before the server starts

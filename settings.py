@@ -53,6 +53,19 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
 
+    api_key: str | None = Field(
+        None, min_length=8, description="When set, every endpoint but /health needs `Authorization: Bearer <key>`."
+    )
+    cors_origins: list[str] = Field(
+        [], description='Origins allowed to call the API from a browser, as JSON (["https://example.org"]); none by default.'
+    )
+    max_waiting_requests: int = Field(
+        32, ge=0, le=10_000, description="Requests that may wait for the model; more get 503 with Retry-After."
+    )
+    request_timeout_seconds: float = Field(
+        600, gt=0, le=86_400, description="Longest a request may wait and generate before a 504 (the run is stopped)."
+    )
+
     # Generation
     default_system_prompt: str = Field(
         "You are a helpful AI assistant.", max_length=20_000, description="System prompt when a request sends none."

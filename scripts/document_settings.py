@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -27,7 +28,11 @@ BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
 def _default(name: str) -> str:
     value = Settings.model_fields[name].default
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return json.dumps(value)
+    return "" if value is None else str(value)
 
 
 def env_example() -> str:
@@ -40,6 +45,8 @@ def env_example() -> str:
         if name == "model_path":
             lines += ["# Left unset, scripts/serve.sh serves the tiny random test model instead.",
                       f"# MODEL_PATH={_default(name)}"]
+        elif Settings.model_fields[name].default is None:
+            lines.append(f"# {name.upper()}=")
         else:
             lines.append(f"{name.upper()}={_default(name)}")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,115 @@
+"""ASGI middleware: request ids, the optional API key, and the request body limit.
+
+Plain ASGI classes rather than BaseHTTPMiddleware, so that responses stream through untouched.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import logging
+import re
+import uuid
+
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+
+logger = logging.getLogger("multimodal_api")
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request id on every log record (`%(request_id)s`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class RequestId:
+    """Gives each request an id (the client's X-Request-ID when it is sane), logged and returned.
+
+    Outermost of ours, it also turns an unexpected error into a 500 that names the request id
+    and nothing else: the traceback goes to the log, never to the client.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        offered = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        current = offered if _CLIENT_ID.match(offered) else uuid.uuid4().hex[:16]
+        token = request_id.set(current)
+
+        started = False
+
+        async def send_with_id(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message.setdefault("headers", []).append((b"x-request-id", current.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:  # noqa: BLE001 - whatever it was, the client gets a clean 500
+            logger.exception("unexpected error")
+            if not started:
+                await JSONResponse({"detail": f"internal error; request id {current}"}, 500)(
+                    scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
+
+
+class ApiKey:
+    """With API_KEY set, every path but /health needs `Authorization: Bearer <key>` (compared in constant time)."""
+
+    def __init__(self, app, key: str, open_paths: frozenset[str] = frozenset({"/health"})) -> None:
+        self.app = app
+        self.key = key.encode()
+        self.open_paths = open_paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        message = "a valid API key is required: send the header `Authorization: Bearer <API_KEY>`"
+        body = ({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                           "code": "invalid_api_key"}}
+                if scope["path"].startswith("/v1/") else {"detail": message})
+        response = JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+class BodySizeLimit:
+    """Refuses a request body over `max_bytes`, counted as it arrives (Content-Length is not trusted)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"request body is over {self.max_bytes:,} bytes (MAX_REQUEST_MB)"
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            return await JSONResponse({"detail": message}, 413)(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, counting_receive, send)

@@ -1,0 +1,205 @@
+"""Reliability and security: API key, request ids, clean errors, CORS, the bounded queue, time limits,
+clients that leave, hostile input, and a clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi import HTTPException
+from fastapi.testclient import TestClient
+
+from conftest import ROOT, FakeEngine, upload
+from modeling_low_vram import ModelWorker
+from multimodal_api import create_app, run_generation
+from settings import Settings
+
+
+class BlockingEngine(FakeEngine):
+    """Generates until released, or until the request's stop event is set (as the real one does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.stopped: list[bool] = []
+
+    def generate(self, request):
+        give_up = time.monotonic() + 10  # a failing test must not hang the suite
+        while not self.release.is_set() and time.monotonic() < give_up:
+            if request.stop is not None and request.stop.is_set():
+                self.stopped.append(True)
+                break
+            time.sleep(0.01)
+        return super().generate(request)
+
+
+def test_api_key_guards_everything_but_health(make_client, fake_engine):
+    client = make_client(fake_engine, api_key="s3cret-key-123")
+    assert client.get("/health").status_code == 200
+    for method, path in (("GET", "/"), ("POST", "/multimodal"), ("GET", "/openapi.json")):
+        response = client.request(method, path, data={"text": "hi"} if method == "POST" else None)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert "Authorization: Bearer" in response.json()["detail"]
+    wrong = client.post("/multimodal", data={"text": "hi"}, headers={"Authorization": "Bearer nope-nope-nope"})
+    assert wrong.status_code == 401
+    right = client.post("/multimodal", data={"text": "hi"}, headers={"Authorization": "Bearer s3cret-key-123"})
+    assert right.status_code == 200
+
+
+def test_every_answer_carries_a_request_id(client):
+    ok = client.post("/multimodal", data={"text": "hi"})
+    bad = client.post("/multimodal", data={})
+    assert len(ok.headers["x-request-id"]) == 16 and bad.headers["x-request-id"] != ok.headers["x-request-id"]
+    echoed = client.get("/health", headers={"X-Request-ID": "trace-42"})
+    assert echoed.headers["x-request-id"] == "trace-42"
+    hostile = client.get("/health", headers={"X-Request-ID": "bad id\nwith newline"})
+    assert hostile.headers["x-request-id"] != "bad id\nwith newline"
+
+
+def test_internal_errors_hide_tracebacks_and_paths_but_log_them(tmp_path, caplog):
+    class BrokenEngine(FakeEngine):
+        def generate(self, request):
+            raise RuntimeError("/very/secret/server/path exploded")
+
+    settings = Settings(_env_file=None, model_path=str(tmp_path))
+    with TestClient(create_app(settings, engine=BrokenEngine()), raise_server_exceptions=False) as client:
+        response = client.post("/multimodal", data={"text": "hi"})
+    assert response.status_code == 500
+    body = response.text
+    assert "secret" not in body and "Traceback" not in body
+    assert response.headers["x-request-id"] in response.json()["detail"]
+    assert "/very/secret/server/path exploded" in caplog.text
+
+
+def test_cors_is_off_unless_origins_are_listed(make_client, fake_engine):
+    origin = {"Origin": "https://ui.example.org"}
+    assert "access-control-allow-origin" not in make_client(fake_engine).get("/health", headers=origin).headers
+    allowed = make_client(fake_engine, cors_origins=["https://ui.example.org"]).get("/health", headers=origin)
+    assert allowed.headers["access-control-allow-origin"] == "https://ui.example.org"
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(make_client):
+    engine = BlockingEngine()
+    client = make_client(engine, max_waiting_requests=1)
+    results: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: results.append(client.post("/multimodal", data={"text": "q"})))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)  # the first runs, the second waits
+    started = time.perf_counter()
+    refused = client.post("/multimodal", data={"text": "one too many"})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "10"
+    assert time.perf_counter() - started < 1.0
+    engine.release.set()
+    for thread in threads:
+        thread.join()
+    assert sorted(r.status_code for r in results) == [200, 200]
+
+
+def test_the_time_limit_gives_504_and_stops_the_generation(make_client):
+    engine = BlockingEngine()
+    client = make_client(engine, request_timeout_seconds=0.5)
+    response = client.post("/multimodal", data={"text": "never ending"})
+    assert response.status_code == 504 and "REQUEST_TIMEOUT_SECONDS" in response.json()["detail"]
+    deadline = time.time() + 5
+    while not engine.stopped and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.stopped == [True]  # the running generation was stopped cooperatively
+    engine.release.set()
+    assert client.post("/multimodal", data={"text": "next"}).status_code == 200
+
+
+def test_a_client_that_leaves_while_waiting_frees_its_place(fake_engine):
+    class GoneRequest:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    async def scenario():
+        worker = ModelWorker(max_waiting=4)
+        engine = BlockingEngine()
+        blocker = asyncio.wrap_future(worker.submit(engine.generate, _request("first")))
+        await asyncio.sleep(0.1)
+        waiting = _request("second")
+        with pytest.raises(HTTPException) as gone:
+            await run_generation(GoneRequest(), worker, engine, waiting, timeout=30, started=time.perf_counter())
+        assert gone.value.status_code == 499
+        assert worker.stats()["waiting"] == 0  # its place is free
+        engine.release.set()
+        await blocker
+        worker.shutdown()
+        assert [r.text for r in engine.requests] == ["first"]  # the second never ran
+        assert worker.peak_running == 1
+
+    asyncio.run(scenario())
+
+
+def _request(text: str):
+    from modeling_low_vram import GenerationRequest
+
+    return GenerationRequest(text, None)
+
+
+@pytest.mark.parametrize(
+    ("data", "files", "status"),
+    [
+        ({"text": "hi", "max_new_tokens": "-5"}, [], 422),
+        ({"text": "hi", "max_new_tokens": "9" * 40}, [], 422),
+        ({"text": "hi", "extract_video_frame": "[1, 2]"}, [], 422),
+        ({"text": "hi", "images": "not a file"}, [], 422),
+        ({}, [("images", ("../../etc/passwd", b"GIF89a junk"))], 415),
+        ({}, [("images", ("evil\x00name.png", b"\x89PNG\r\n\x1a\n junk"))], 400),
+        ({}, [("images", ("photo.png", b"hello, I am text", "image/png"))], 415),  # the content type lies
+    ],
+)
+def test_hostile_form_input_gets_a_clear_4xx(client, data, files, status):
+    response = client.post("/multimodal", data=data, files=files)
+    assert response.status_code == status, response.text
+    assert "\x00" not in response.json()["detail"]
+
+
+def test_thousands_of_tiny_files_are_refused(client):
+    files = [("images", (f"{i}.png", b"x")) for i in range(1500)]
+    response = client.post("/multimodal", files=files)
+    assert response.status_code in (400, 413) and response.json()["detail"]
+
+
+def test_sigterm_lets_the_running_generation_finish(tiny_model_dir, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MODEL_PATH": str(tiny_model_dir), "PORT": str(port), "HOST": "127.0.0.1",
+           "OMP_NUM_THREADS": "1", "DEVICE_MAP": "cpu"}
+    server = subprocess.Popen([sys.executable, str(ROOT / "multimodal_api.py")], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        answers: list[httpx.Response] = []
+        long_request = threading.Thread(target=lambda: answers.append(
+            httpx.post(f"{base}/multimodal", data={"text": "Tell a long story.", "max_new_tokens": "1500"},
+                       timeout=120)))
+        long_request.start()
+        time.sleep(1.0)  # it is generating now
+        server.send_signal(signal.SIGTERM)
+        long_request.join(120)
+        # uvicorn shuts down gracefully, then re-raises the signal: exit status -15 (143 in a shell).
+        assert server.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert answers and answers[0].status_code == 200 and answers[0].json()["usage"]["completion_tokens"] > 0
