@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from placement import (
     GPU,
@@ -195,6 +196,15 @@ class VideoInput:
     audio: np.ndarray | None = None  # its own audio track, 16 kHz mono, given with the video
 
 
+Part = "str | Image.Image | np.ndarray | VideoInput"  # text, picture, 16 kHz mono audio, video
+
+
+@dataclass
+class ChatTurn:
+    role: str  # system, user or assistant
+    parts: list  # of Part, in the order they are to be read
+
+
 @dataclass
 class GenerationRequest:
     text: str | None
@@ -207,6 +217,12 @@ class GenerationRequest:
     speaker: str | None = None  # a voice of the checkpoint; None is its first
     max_pixels: int | None = None  # per-request pixel budget for each image and video frame
     stop: threading.Event | None = None  # set it to end the generation at the next token
+    turns: list[ChatTurn] | None = None  # a whole conversation; else text and media make one user turn
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: list[str] = field(default_factory=list)
+    on_text: Callable[[str], None] | None = None  # receives the answer's text as it is generated
 
 
 @dataclass
@@ -219,6 +235,7 @@ class GenerationResult:
     audio: np.ndarray | None = None  # float32 mono at SPEECH_SAMPLE_RATE, when speech was asked for
     prompt_tokens_by_modality: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    finish_reason: str = "stop"  # or "length"
 
 
 # ---------------------------------------------------------------- the engine
@@ -341,18 +358,21 @@ class OmniEngine:
             prepared = time.perf_counter()
             audio = None
             with torch.inference_mode():
+                if request.seed is not None:
+                    torch.manual_seed(request.seed)
                 if speaker is None:
                     sequences = self.model.thinker.generate(
                         **inputs, use_audio_in_video=use_audio_in_video, max_new_tokens=request.max_new_tokens,
-                        do_sample=False, eos_token_id=self._stop_ids, pad_token_id=self._pad_id,
-                        stopping_criteria=self._stopping(request),
+                        eos_token_id=self._stop_ids, pad_token_id=self._pad_id, **self._decoding(request),
                     )
                 else:
                     sequences, audio = self._generate_speech(inputs, use_audio_in_video, request, speaker)
             prompt_tokens = int(inputs["input_ids"].shape[1])
             generated = sequences[0, prompt_tokens:].cpu()
             del inputs, sequences  # the big tensors go before the next request comes
-            text = self.processor.tokenizer.decode(generated, skip_special_tokens=True)
+            text, stopped_by_string = cut_at_stop(
+                self.processor.tokenizer.decode(generated, skip_special_tokens=True), request.stop_strings)
+            ended = stopped_by_string or (generated.numel() > 0 and int(generated[-1]) in self._stop_ids)
             finished = time.perf_counter()
             return GenerationResult(
                 text=text,
@@ -363,14 +383,24 @@ class OmniEngine:
                 audio=audio,
                 prompt_tokens_by_modality=by_modality,
                 warnings=warnings,
+                finish_reason="stop" if ended or generated.numel() < max_new_tokens else "length",
             )
         finally:
             if self.settings.empty_cuda_cache and torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    @staticmethod
-    def _stopping(request: GenerationRequest) -> StoppingCriteriaList:
-        return StoppingCriteriaList([_StopWhenSet(request.stop)] if request.stop is not None else [])
+    def _decoding(self, request: GenerationRequest) -> dict[str, Any]:
+        """Sampling, stop strings, the cooperative stop and the streamer, as generate() arguments."""
+        decoding: dict[str, Any] = {"do_sample": request.temperature > 0}
+        if request.temperature > 0:
+            decoding.update(temperature=request.temperature, top_p=request.top_p, top_k=0)
+        if request.stop_strings:
+            decoding.update(stop_strings=request.stop_strings, tokenizer=self.processor.tokenizer)
+        if request.stop is not None:
+            decoding["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(request.stop)])
+        if request.on_text is not None:
+            decoding["streamer"] = TextDeltas(self.processor.tokenizer, request.on_text, request.stop_strings)
+        return decoding
 
     def count_by_modality(self, input_ids: torch.Tensor) -> dict[str, int]:
         """Prompt tokens by modality; the audio of a video counts as audio."""
@@ -406,24 +436,32 @@ class OmniEngine:
         inputs = {thinker_only.get(key, key): value for key, value in inputs.items()}
         sequences, waveform = self.model.generate(
             **inputs, use_audio_in_video=use_audio_in_video, thinker_max_new_tokens=request.max_new_tokens,
-            thinker_do_sample=False, thinker_eos_token_id=self._stop_ids, thinker_pad_token_id=self._pad_id,
-            thinker_stopping_criteria=self._stopping(request), **self._speech_kwargs(speaker),
+            thinker_eos_token_id=self._stop_ids, thinker_pad_token_id=self._pad_id,
+            **{f"thinker_{key}": value for key, value in self._decoding(request).items()},
+            **self._speech_kwargs(speaker),
         )
         return sequences, waveform.reshape(-1).float().cpu().numpy()
 
-    def _conversation(self, request: GenerationRequest, content: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The chat turns. Speech needs the official system prompt: a custom one (the model authors'
-        workaround) moves into the first user turn, ahead of the media and the question."""
-        system = request.system_prompt if request.system_prompt is not None else self.settings.default_system_prompt
+    def _turns(self, request: GenerationRequest) -> list[ChatTurn]:
+        """The conversation, system turn first. Speech needs the official system prompt: a custom one
+        (the model authors' workaround) moves into the first user turn, ahead of its media and text."""
+        turns = list(request.turns) if request.turns else [
+            ChatTurn("user", [*request.images, *request.audios, *request.videos, *filter(None, [request.text])])]
+        given = [part for turn in turns if turn.role == "system" for part in turn.parts if isinstance(part, str)]
+        if not given and request.system_prompt is not None:
+            given = [request.system_prompt]
+        system = "\n".join(given) if given else self.settings.default_system_prompt
+        dialogue = [turn for turn in turns if turn.role != "system"]
         if request.return_audio:
-            persona = request.system_prompt
-            if persona and persona.strip() and persona != OFFICIAL_SYSTEM_PROMPT:
-                content = [{"type": "text", "text": persona.strip() + "\n"}] + content
+            if given and system.strip() and system != OFFICIAL_SYSTEM_PROMPT:
+                first_user = next((i for i, turn in enumerate(dialogue) if turn.role == "user"), None)
+                persona = system.strip() + "\n"
+                if first_user is None:
+                    dialogue.insert(0, ChatTurn("user", [persona]))
+                else:
+                    dialogue[first_user] = ChatTurn("user", [persona, *dialogue[first_user].parts])
             system = OFFICIAL_SYSTEM_PROMPT
-        return [
-            {"role": "system", "content": [{"type": "text", "text": system}]},
-            {"role": "user", "content": content},
-        ]
+        return [ChatTurn("system", [system]), *dialogue]
 
     def _prepare(self, request: GenerationRequest) -> tuple[dict[str, Any], bool]:
         """The processor's tensors for `request`, on the thinker's input device."""
@@ -432,31 +470,46 @@ class OmniEngine:
         s = self.settings
         image_max = request.max_pixels or s.image_max_pixels
         frame_max = min(request.max_pixels, s.video_max_pixels) if request.max_pixels else s.video_max_pixels
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in request.images]
-        content += [{"type": "audio"} for _ in request.audios]
-        videos = _common_rate(request.videos)
+        turns = self._turns(request)
+        all_videos = [part for turn in turns for part in turn.parts if isinstance(part, VideoInput)]
+        same_rate = iter(_common_rate(all_videos))
         # The model interleaves a video's audio with its frames only when every video has audio.
-        use_audio_in_video = bool(videos) and all(v.audio is not None for v in videos)
-        audios = list(request.audios)
-        audio_slots: list[int | None] = [None] * len(audios)
-        for index, video in enumerate(videos):
-            content.append({"type": "video"})
-            if video.audio is not None:
-                audios.append(video.audio)
-                if use_audio_in_video:
-                    audio_slots.append(index)
-                else:  # mixed silent and sounding videos: each track follows its video as plain audio
+        use_audio_in_video = bool(all_videos) and all(v.audio is not None for v in all_videos)
+        conversation: list[dict[str, Any]] = []
+        images: list[Image.Image] = []
+        audios: list[np.ndarray] = []
+        audio_slots: list[int | None] = []  # per audio, in prompt order: None, or the video it belongs to
+        videos: list[VideoInput] = []
+        for turn in turns:
+            content: list[dict[str, Any]] = []
+            for part in turn.parts:
+                if isinstance(part, str):
+                    content.append({"type": "text", "text": part})
+                elif isinstance(part, Image.Image):
+                    content.append({"type": "image"})
+                    images.append(part)
+                elif isinstance(part, np.ndarray):
                     content.append({"type": "audio"})
+                    audios.append(part)
                     audio_slots.append(None)
-        if request.text:
-            content.append({"type": "text", "text": request.text})
-        conversation = self._conversation(request, content)
+                else:
+                    video = next(same_rate)
+                    content.append({"type": "video"})
+                    videos.append(video)
+                    if video.audio is not None:
+                        audios.append(video.audio)
+                        if use_audio_in_video:
+                            audio_slots.append(len(videos) - 1)
+                        else:  # mixed silent and sounding videos: each track follows its video as plain audio
+                            content.append({"type": "audio"})
+                            audio_slots.append(None)
+            conversation.append({"role": turn.role, "content": content})
         prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         try:
             images = [
                 fetch_image({"image": image, "min_pixels": min(s.image_min_pixels, image_max), "max_pixels": image_max},
                             image_patch_size=IMAGE_PATCH_SIZE)
-                for image in request.images
+                for image in images
             ]
             video_tensors = [
                 fetch_video({"video": v.frames, "sample_fps": v.fps, "min_pixels": min(s.video_min_pixels, frame_max),
@@ -641,6 +694,55 @@ class ModelWorker:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def cut_at_stop(text: str, stop_strings: list[str]) -> tuple[str, bool]:
+    """The text up to the first stop string (excluded, as OpenAI does), and whether one was found."""
+    cuts = [text.find(stop) for stop in stop_strings if stop and stop in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class TextDeltas(BaseStreamer):
+    """Hands the answer's new text to `on_text` token by token (generate() calls put/end on the model thread).
+
+    Text is held back while it ends in an incomplete UTF-8 sequence, or could be the start of a stop
+    string, so what was streamed is always a prefix of the final answer.
+    """
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None], stop_strings: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.stop_strings = [s for s in stop_strings if s]
+        self.hold = max((len(s) for s in self.stop_strings), default=1) - 1
+        self.tokens: list[int] = []
+        self.sent = 0
+        self.prompt_seen = False
+        self.done = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.tokens.extend(value.reshape(-1).tolist())
+        self._flush(final=False)
+
+    def end(self) -> None:
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
+        if self.done:
+            return
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, self.stop_strings)
+        if stopped or final:
+            ready, self.done = text, True
+        else:
+            ready = text[: len(text) - self.hold] if self.hold else text
+            if ready.endswith("\ufffd"):
+                return
+        if len(ready) > self.sent:
+            self.on_text(ready[self.sent:])
+            self.sent = len(ready)
 
 
 class _StopWhenSet(StoppingCriteria):

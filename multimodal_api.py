@@ -18,12 +18,16 @@ import urllib.parse
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Callable, Literal
 
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import openai_api
+from deps import EngineDep, ModelState, SettingsDep, WorkerDep, run_generation
 from middleware import ApiKey, BodySizeLimit, RequestId, RequestIdFilter
 from modeling_low_vram import (
     SPEECH_SAMPLE_RATE,
@@ -32,9 +36,7 @@ from modeling_low_vram import (
     InputRejected,
     ModelLoadError,
     ModelWorker,
-    OmniEngine,
     PromptTooLong,
-    QueueFull,
     SpeechError,
     check_placement_settings,
     load_config,
@@ -47,90 +49,8 @@ logger = logging.getLogger("multimodal_api")
 
 FORM_FIELDS = {
     "text", "system_prompt", "max_new_tokens", "extract_video_audio", "extract_video_frame",
-    "return_audio", "speaker", "response_format", "max_pixels", "images", "audios", "videos",
+    "return_audio", "speaker", "response_format", "max_pixels", "stream", "images", "audios", "videos",
 }
-
-
-# ---------------------------------------------------------------- app state and dependencies
-
-
-class ModelState:
-    """The engine once loaded, or why it is not (yet)."""
-
-    def __init__(self, engine: Any | None = None) -> None:
-        self.engine = engine
-        self.error: str | None = None
-
-    def load_in_background(self, settings: Settings, on_failure: Callable[[], None]) -> None:
-        def load() -> None:
-            try:
-                self.engine = OmniEngine.load(settings)
-                logger.info("model ready: %s", self.engine.describe())
-            except (ModelLoadError, ConfigError) as error:
-                self.error = str(error)
-                logger.error("%s", error)
-                on_failure()
-            except Exception as error:  # noqa: BLE001 - anything else is still fatal, with its traceback
-                self.error = f"model failed to load: {error}"
-                logger.exception("model failed to load")
-                on_failure()
-
-        threading.Thread(target=load, name="model-loader", daemon=True).start()
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-def get_engine(request: Request) -> OmniEngine:
-    state: ModelState = request.app.state.model
-    if state.engine is None:
-        raise HTTPException(503, "the model could not be loaded; see the server log" if state.error else
-                            "the model is still loading; retry shortly", headers={"Retry-After": "5"})
-    return state.engine
-
-
-def get_worker(request: Request) -> ModelWorker:
-    return request.app.state.worker
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[OmniEngine, Depends(get_engine)]
-WorkerDep = Annotated[ModelWorker, Depends(get_worker)]
-
-
-# ---------------------------------------------------------------- the app
-
-
-async def run_generation(request: Request, worker: ModelWorker, engine, generation: GenerationRequest,
-                         timeout: float, started: float):
-    """Run `generation` on the model thread; give up cleanly if the client leaves or time runs out.
-
-    Giving up cancels a job that has not started and stops a running one at its next token
-    (the thread itself cannot be killed); either way the queue moves on at once.
-    """
-    generation.stop = threading.Event()
-    try:
-        job = worker.submit(engine.generate, generation)
-    except QueueFull as error:
-        raise HTTPException(503, f"the server is busy ({error}); retry shortly", headers={"Retry-After": "10"}) from None
-    future = asyncio.wrap_future(job)
-    try:
-        while True:
-            remaining = started + timeout - time.perf_counter()
-            done, _ = await asyncio.wait({future}, timeout=min(0.5, max(remaining, 0)))
-            if done:
-                return future.result()
-            if remaining <= 0:
-                raise HTTPException(504, f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS); "
-                                         "its generation was stopped")
-            if await request.is_disconnected():
-                logger.info("client went away; its generation is cancelled")
-                raise HTTPException(499, "client closed the request")
-    finally:
-        if not job.done():  # cancel the job itself, not just its asyncio wrapper: its place frees at once
-            generation.stop.set()
-            job.cancel()
 
 
 def create_app(settings: Settings | None = None, engine: Any | None = None,
@@ -162,12 +82,28 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
     app.add_middleware(RequestId)  # outermost: every answer, errors included, carries the id
 
 
+    app.include_router(openai_api.router)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'] if p not in ('body', 'query'))}: {e['msg']}" for e in error.errors()
         )
+        if request.url.path.startswith("/v1/"):
+            first = error.errors()[0]["loc"] if error.errors() else ()
+            return openai_api.OpenAIError(400, problems or "invalid request",
+                                          param=".".join(str(p) for p in first if p != "body") or None).response()
         return JSONResponse({"detail": problems or "invalid request"}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):
+            return openai_api.error_response(error.status_code, str(error.detail), error.headers)
+        return JSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)
+
+    @app.exception_handler(openai_api.OpenAIError)
+    async def openai_error(request: Request, error: openai_api.OpenAIError) -> JSONResponse:
+        return error.response()
 
     @app.get("/")
     async def about(request: Request, settings: SettingsDep) -> dict[str, Any]:
@@ -215,6 +151,7 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
         max_pixels: Annotated[int | None, Form(ge=28 * 28, description=(
             "Pixel budget for each image and video frame (one token per 28x28 pixels); defaults to "
             "IMAGE_MAX_PIXELS / VIDEO_MAX_PIXELS, at most MAX_PIXELS_CEILING."))] = None,
+        stream: Annotated[bool, Form(description="Stream the answer as Server-Sent Events (chat.completion.chunk).")] = False,
         response_format: Annotated[Literal["json", "wav"], Form(
             description="json (default), or wav: the spoken answer as audio/wav, its text in X-Text.")] = "json",
         images: Annotated[list[UploadFile], File(description="Images.")] = [],  # noqa: B006 - FastAPI copies it
@@ -234,6 +171,8 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
                                          "(MAX_TEXT_CHARS)")
         if max_pixels is not None and max_pixels > settings.max_pixels_ceiling:
             raise HTTPException(422, f"max_pixels: at most {settings.max_pixels_ceiling:,} (MAX_PIXELS_CEILING)")
+        if stream and response_format == "wav":
+            raise HTTPException(422, "response_format=wav cannot be streamed: send stream=false")
         if response_format == "wav" and not return_audio:
             raise HTTPException(422, "response_format=wav returns the spoken answer: also send return_audio=true")
         if return_audio:
@@ -253,6 +192,10 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
             max_new_tokens=max_new_tokens or settings.default_max_new_tokens,
             return_audio=return_audio, speaker=speaker, max_pixels=max_pixels,
         )
+        if stream:
+            events = await openai_api.stream_events(generation, worker, engine, engine.describe()["model"],
+                                                    include_usage=True, timeout=settings.request_timeout_seconds)
+            return openai_api.sse(events)
         try:
             result = await run_generation(request, worker, engine, generation, settings.request_timeout_seconds,
                                           started)

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(
         [], description='Origins allowed to call the API from a browser, as JSON (["https://example.org"]); none by default.'
     )
+    media_url_hosts: list[str] = Field(
+        [], description='Hosts whose http(s) media URLs /v1 may fetch, as JSON (["media.example.org"]); none by default.'
+    )
+    media_url_timeout_seconds: float = Field(10, gt=0, le=600, description="Time limit for fetching one media URL.")
     max_waiting_requests: int = Field(
         32, ge=0, le=10_000, description="Requests that may wait for the model; more get 503 with Retry-After."
     )

@@ -118,11 +118,46 @@ def tiny_engine(tiny_model_dir) -> OmniEngine:
 
 
 @pytest.fixture(scope="session")
-def speaking_client(tiny_model_dir):
-    """The real server code around the tiny model with speech output on (short answers, short speech)."""
-    settings = tiny_settings(tiny_model_dir, enable_audio_output=True, max_speech_seconds=2)
-    with TestClient(create_app(settings, engine=OmniEngine.load(settings))) as client:
+def speaking_engine(tiny_model_dir) -> OmniEngine:
+    """The tiny model with speech output on (short speech)."""
+    return OmniEngine.load(tiny_settings(tiny_model_dir, enable_audio_output=True, max_speech_seconds=2))
+
+
+@pytest.fixture(scope="session")
+def speaking_client(speaking_engine):
+    """The real server code around the tiny model with speech output on."""
+    with TestClient(create_app(speaking_engine.settings, engine=speaking_engine)) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def live_server(speaking_engine):
+    """A real uvicorn server on a free local port around the speaking tiny model; yields its base URL."""
+    yield from serve(create_app(speaking_engine.settings, engine=speaking_engine))
+
+
+def serve(app):
+    """Run `app` with uvicorn in a background thread until the generator is closed."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 @pytest.fixture(scope="session")

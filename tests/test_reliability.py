@@ -19,7 +19,8 @@ from fastapi.testclient import TestClient
 
 from conftest import ROOT, FakeEngine, upload
 from modeling_low_vram import ModelWorker
-from multimodal_api import create_app, run_generation
+from deps import run_generation
+from multimodal_api import create_app
 from settings import Settings
 
 

@@ -102,14 +102,13 @@ def test_about_lists_voices_and_speech_state(speaking_client, tiny_client):
 
 
 def test_speech_uses_the_official_system_prompt_and_moves_a_persona_to_the_user_turn(tiny_engine):
-    content = [{"type": "text", "text": "Hi"}]
-    plain = tiny_engine._conversation(GenerationRequest("Hi", None, return_audio=True), content)
-    assert plain[0]["content"][0]["text"] == OFFICIAL_SYSTEM_PROMPT and plain[1]["content"] == content
-    persona = tiny_engine._conversation(GenerationRequest("Hi", "You are a pirate.", return_audio=True), content)
-    assert persona[0]["content"][0]["text"] == OFFICIAL_SYSTEM_PROMPT
-    assert persona[1]["content"][0]["text"].startswith("You are a pirate.") and persona[1]["content"][1:] == content
-    text_only = tiny_engine._conversation(GenerationRequest("Hi", "You are a pirate."), content)
-    assert text_only[0]["content"][0]["text"] == "You are a pirate."
+    plain = tiny_engine._turns(GenerationRequest("Hi", None, return_audio=True))
+    assert plain[0].parts == [OFFICIAL_SYSTEM_PROMPT] and plain[1].parts == ["Hi"]
+    persona = tiny_engine._turns(GenerationRequest("Hi", "You are a pirate.", return_audio=True))
+    assert persona[0].parts == [OFFICIAL_SYSTEM_PROMPT]
+    assert persona[1].parts[0].startswith("You are a pirate.") and persona[1].parts[1:] == ["Hi"]
+    text_only = tiny_engine._turns(GenerationRequest("Hi", "You are a pirate."))
+    assert text_only[0].parts == ["You are a pirate."]
 
 
 def test_talker_stop_codes_and_length_come_from_the_checkpoint(tiny_model_dir):

@@ -1,0 +1,366 @@
+"""OpenAI-compatible routes: POST /v1/chat/completions (streaming too) and GET /v1/models.
+
+The request shape is the one vLLM accepts for Qwen2.5-Omni: `messages` whose content is a string
+or a list of `text`, `image_url`, `input_audio`, `audio_url` and `video_url` parts, with media as
+data URLs (remote URLs only for hosts listed in MEDIA_URL_HOSTS). All media goes through
+`media.py` with the same limits as /multimodal. Errors use OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import threading
+import time
+import urllib.parse
+import uuid
+from typing import Any, AsyncIterator, Literal
+
+import httpx
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+import media
+from deps import EngineDep, SettingsDep, WorkerDep
+from modeling_low_vram import (
+    SPEECH_SAMPLE_RATE,
+    ChatTurn,
+    GenerationRequest,
+    GenerationResult,
+    InputRejected,
+    ModelWorker,
+    PromptTooLong,
+    QueueFull,
+    SpeechError,
+    VideoInput,
+)
+from settings import Settings
+from uploads import MEDIA_STATUS, wav_bytes
+
+logger = logging.getLogger("multimodal_api")
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+AUDIO_LIFETIME_SECONDS = 3600
+
+
+class OpenAIError(Exception):
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
+
+    def payload(self) -> dict[str, Any]:
+        return {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.payload()}, self.status, headers=self.headers)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Any HTTP error on a /v1 route, in OpenAI's shape."""
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    return OpenAIError(status, message, kind=kind, headers=headers).response()
+
+
+# ---------------------------------------------------------------- the request
+
+
+class MediaURL(BaseModel):
+    url: str
+
+
+class InputAudio(BaseModel):
+    data: str = Field(description="base64 audio")
+    format: str = Field("wav", description="wav, mp3, flac… (informative: the bytes decide)")
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "image_url", "input_audio", "audio_url", "video_url"]
+    text: str | None = None
+    image_url: MediaURL | str | None = None
+    input_audio: InputAudio | None = None
+    audio_url: MediaURL | str | None = None
+    video_url: MediaURL | str | None = None
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class AudioOptions(BaseModel):
+    voice: str | None = None
+    format: Literal["wav"] = "wav"
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    modalities: list[Literal["text", "audio"]] = ["text"]
+    audio: AudioOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    user: str | None = None
+    frequency_penalty: float = Field(0, ge=0, le=0, description="not supported: 0 only")
+    presence_penalty: float = Field(0, ge=0, le=0, description="not supported: 0 only")
+
+
+# ---------------------------------------------------------------- media parts
+
+
+async def fetch_media(url: str, what: str, settings: Settings) -> bytes:
+    """A data URL's bytes, or a remote URL's for the hosts MEDIA_URL_HOSTS lists (size and time bounded)."""
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if not header.endswith(";base64"):
+            return urllib.parse.unquote_to_bytes(payload)
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise OpenAIError(400, f"{what}: the data URL is not valid base64", param=what) from None
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise OpenAIError(400, f"{what}: only data: URLs (or http(s) URLs of allowed hosts) are accepted", param=what)
+    if parsed.hostname not in settings.media_url_hosts:
+        raise OpenAIError(400, f"{what}: remote URLs are refused (the server does not fetch on a client's behalf); "
+                               "send the media as a data URL, or list the host in MEDIA_URL_HOSTS", param=what)
+    limit = settings.max_file_bytes
+    try:
+        async with httpx.AsyncClient(timeout=settings.media_url_timeout_seconds, follow_redirects=False) as client:
+            async with client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise OpenAIError(400, f"{what}: fetching it answered HTTP {response.status_code}", param=what)
+                data = bytearray()
+                async for chunk in response.aiter_bytes():
+                    data.extend(chunk)
+                    if len(data) > limit:
+                        raise OpenAIError(413, f"{what}: over {limit:,} bytes (MAX_FILE_MB)", param=what)
+                return bytes(data)
+    except httpx.HTTPError as error:
+        raise OpenAIError(400, f"{what}: could not be fetched ({type(error).__name__})", param=what) from None
+
+
+def decode_part(kind: str, data: bytes, what: str, settings: Settings):
+    """Bytes of one media part to the engine's input (runs in a worker thread)."""
+    source = io.BytesIO(data)
+    try:
+        if kind == "image":
+            return media.load_image(source, max_pixels=settings.max_image_pixels).image
+        if kind == "audio":
+            return media.load_audio(source, max_seconds=settings.max_audio_seconds,
+                                    timeout=settings.decode_timeout_seconds).samples
+        video = media.load_video(source, fps=settings.video_fps, max_frames=settings.video_max_frames,
+                                 max_seconds=settings.max_video_seconds, frame_max_pixels=settings.video_max_pixels,
+                                 max_audio_seconds=settings.max_audio_seconds, timeout=settings.decode_timeout_seconds)
+        return VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None)
+    except media.MediaError as error:
+        raise OpenAIError(MEDIA_STATUS[type(error)], f"{what}: {error}", param=what) from None
+
+
+async def to_turns(messages: list[Message], settings: Settings) -> list[ChatTurn]:
+    """OpenAI messages as the engine's turns, media decoded in order."""
+    turns = []
+    for m_index, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        if message.content is None or isinstance(message.content, str):
+            turns.append(ChatTurn(role, [message.content or ""]))
+            continue
+        parts: list = []
+        for p_index, part in enumerate(message.content):
+            what = f"messages[{m_index}].content[{p_index}]"
+            if part.type == "text":
+                parts.append(part.text or "")
+                continue
+            if role != "user":
+                raise OpenAIError(400, f"{what}: media is only accepted in user messages", param=what)
+            if part.type == "input_audio":
+                if part.input_audio is None:
+                    raise OpenAIError(400, f"{what}: input_audio is missing", param=what)
+                data, kind = await fetch_media(f"data:;base64,{part.input_audio.data}", what, settings), "audio"
+            else:
+                reference = getattr(part, part.type)
+                if reference is None:
+                    raise OpenAIError(400, f"{what}: {part.type} is missing", param=what)
+                url = reference if isinstance(reference, str) else reference.url
+                data = await fetch_media(url, what, settings)
+                kind = {"image_url": "image", "audio_url": "audio", "video_url": "video"}[part.type]
+            parts.append(await run_in_threadpool(decode_part, kind, data, what, settings))
+        turns.append(ChatTurn(role, parts))
+    return turns
+
+
+# ---------------------------------------------------------------- responses
+
+
+def chunk(completion_id: str, model: str, delta: dict | None, finish_reason: str | None = None,
+          usage: dict | None = None) -> str:
+    body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                            "model": model,
+                            "choices": [] if delta is None else [{"index": 0, "delta": delta,
+                                                                  "finish_reason": finish_reason}]}
+    if usage is not None:
+        body["usage"] = usage
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def usage_of(result: GenerationResult) -> dict[str, Any]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "prompt_tokens_details": {"by_modality": result.prompt_tokens_by_modality}}
+
+
+def audio_of(result: GenerationResult) -> dict[str, Any] | None:
+    if result.audio is None:
+        return None
+    return {"id": f"audio_{uuid.uuid4().hex[:24]}",
+            "data": base64.b64encode(wav_bytes(result.audio, SPEECH_SAMPLE_RATE)).decode("ascii"),
+            "expires_at": int(time.time()) + AUDIO_LIFETIME_SECONDS, "transcript": result.text}
+
+
+def start_generation(worker: ModelWorker, engine, generation: GenerationRequest):
+    """Queue the generation; a full queue is a 503 with Retry-After."""
+    generation.stop = threading.Event()
+    try:
+        return worker.submit(engine.generate, generation)
+    except QueueFull as error:
+        raise OpenAIError(503, f"the server is busy ({error}); retry shortly", kind="server_error",
+                          code="server_busy", headers={"Retry-After": "10"}) from None
+
+
+async def stream_events(generation: GenerationRequest, worker: ModelWorker, engine, model: str,
+                        include_usage: bool, timeout: float) -> AsyncIterator[str]:
+    """Server-Sent Events of chat.completion.chunk objects, text as it is generated, then [DONE].
+
+    A client that disconnects cancels this generator: the generation then stops at its next token.
+    """
+    loop = asyncio.get_running_loop()
+    deltas: asyncio.Queue[str] = asyncio.Queue()
+    generation.on_text = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)
+    job = start_generation(worker, engine, generation)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    deadline = time.monotonic() + timeout
+
+    async def events() -> AsyncIterator[str]:
+        finished = asyncio.wrap_future(job)
+        try:
+            yield chunk(completion_id, model, {"role": "assistant", "content": ""})
+            while not finished.done() or not deltas.empty():
+                getter = asyncio.ensure_future(deltas.get())
+                done, _ = await asyncio.wait({getter, finished}, timeout=max(0.0, deadline - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield chunk(completion_id, model, {"content": getter.result()})
+                    continue
+                getter.cancel()
+                if not done:
+                    raise OpenAIError(504, f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)",
+                                      kind="server_error", code="timeout")
+            result: GenerationResult = finished.result()
+            if (audio := audio_of(result)) is not None:
+                yield chunk(completion_id, model, {"audio": audio})
+            yield chunk(completion_id, model, {}, finish_reason=result.finish_reason)
+            if include_usage:
+                yield chunk(completion_id, model, None, usage=usage_of(result))
+        except (OpenAIError, InputRejected, SpeechError) as error:
+            if not isinstance(error, OpenAIError):
+                error = OpenAIError(400, str(error), code="context_length_exceeded"
+                                    if isinstance(error, PromptTooLong) else None)
+            yield f"data: {json.dumps({'error': error.payload()})}\n\n"
+        finally:
+            if not job.done():
+                generation.stop.set()
+                job.cancel()
+        yield "data: [DONE]\n\n"
+
+    return events()
+
+
+async def complete(generation: GenerationRequest, worker: ModelWorker, engine, timeout: float):
+    """Run the generation to its end (not streamed), with the same time limit and cooperative stop."""
+    job = start_generation(worker, engine, generation)
+    try:
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), timeout)
+    except asyncio.TimeoutError:
+        raise OpenAIError(504, f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)",
+                          kind="server_error", code="timeout") from None
+    finally:
+        if not job.done():
+            generation.stop.set()
+            job.cancel()
+
+
+def sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ---------------------------------------------------------------- routes
+
+
+@router.get("/models")
+async def list_models(engine: EngineDep) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": engine.describe()["model"], "object": "model", "created": 0,
+                                        "owned_by": "qwen"}]}
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, settings: SettingsDep, engine: EngineDep,
+                           worker: WorkerDep):
+    max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_new_tokens
+    if max_tokens > settings.max_new_tokens_limit:
+        raise OpenAIError(400, f"max_tokens: at most {settings.max_new_tokens_limit} (MAX_NEW_TOKENS_LIMIT)",
+                          param="max_tokens")
+    speak = "audio" in body.modalities
+    voice = None
+    if speak:
+        try:
+            voice = engine.check_speech(body.audio.voice if body.audio else None)
+        except SpeechError as error:
+            raise OpenAIError(400, str(error), param="audio.voice" if body.audio and body.audio.voice else
+                              "modalities") from None
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    generation = GenerationRequest(
+        text=None, system_prompt=None, turns=await to_turns(body.messages, settings), max_new_tokens=max_tokens,
+        return_audio=speak, speaker=voice, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+        stop_strings=stops,
+    )
+    model = engine.describe()["model"]
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse(await stream_events(generation, worker, engine, model, include_usage,
+                                       settings.request_timeout_seconds))
+    try:
+        result = await complete(generation, worker, engine, settings.request_timeout_seconds)
+    except PromptTooLong as error:
+        raise OpenAIError(400, str(error), code="context_length_exceeded") from None
+    except InputRejected as error:
+        raise OpenAIError(400, str(error)) from None
+    message: dict[str, Any] = {"role": "assistant", "content": result.text}
+    if (audio := audio_of(result)) is not None:
+        message["audio"] = audio
+    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
+            "usage": usage_of(result)}

@@ -1,0 +1,200 @@
+"""The OpenAI-compatible API, driven over HTTP by the real `openai` package, on the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import soundfile
+
+import make_media
+from conftest import ROOT, FakeEngine, serve
+from multimodal_api import create_app
+from settings import Settings
+
+
+def data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+@pytest.fixture(scope="module")
+def client(live_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live_server}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+def ask(client, messages, **options):
+    options = {"max_tokens": 8, "temperature": 0, **options}
+    return client.chat.completions.create(model="qwen2.5-omni", messages=messages, **options)
+
+
+def test_models_lists_the_served_model(client, tiny_model_dir):
+    assert [m.id for m in client.models.list().data] == [str(tiny_model_dir)]
+
+
+def test_plain_chat(client):
+    answer = ask(client, [{"role": "user", "content": "Hello there"}])
+    choice = answer.choices[0]
+    assert answer.object == "chat.completion" and choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
+    assert answer.usage.completion_tokens <= 8 and answer.usage.total_tokens > answer.usage.prompt_tokens
+
+
+def test_multi_turn_with_system_and_assistant_turns(client):
+    short = ask(client, [{"role": "user", "content": "Hi"}])
+    long = ask(client, [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello! How can I help?"},
+                        {"role": "user", "content": "Tell me more."}])
+    assert long.usage.prompt_tokens > short.usage.prompt_tokens + 10
+
+
+def test_media_parts_reach_the_model(client):
+    content = [
+        {"type": "text", "text": "Describe these."},
+        {"type": "image_url", "image_url": {"url": data_url("image/png", make_media.image_bytes("PNG"))}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(make_media.audio_bytes("wav", 1.0)).decode(),
+                                                "format": "wav"}},
+        {"type": "audio_url", "audio_url": {"url": data_url("audio/mpeg", make_media.audio_bytes("mp3", 1.0))}},
+        {"type": "video_url", "video_url": {"url": data_url("video/mp4", make_media.video_bytes(2.0))}},
+    ]
+    text_only = ask(client, [{"role": "user", "content": "Describe these."}])
+    answer = ask(client, [{"role": "user", "content": content}])
+    assert answer.usage.prompt_tokens > text_only.usage.prompt_tokens + 100
+    by_modality = answer.usage.prompt_tokens_details.model_extra["by_modality"]
+    assert by_modality["image"] > 0 and by_modality["audio"] > 0 and by_modality["video"] > 0
+
+
+def test_seed_makes_sampling_reproducible(client):
+    messages = [{"role": "user", "content": "Write anything."}]
+    first = ask(client, messages, temperature=1.0, seed=7, max_tokens=12).choices[0].message.content
+    again = ask(client, messages, temperature=1.0, seed=7, max_tokens=12).choices[0].message.content
+    assert first == again
+
+
+def test_stop_strings_end_the_answer_before_them(client):
+    messages = [{"role": "user", "content": "Say something."}]
+    full = ask(client, messages, max_tokens=16).choices[0].message.content
+    stop = full.strip()[len(full.strip()) // 2:][:2]
+    assert stop
+    cut = ask(client, messages, max_tokens=16, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_streaming_sends_text_as_it_is_generated(client):
+    stream = ask(client, [{"role": "user", "content": "Tell me a story."}], max_tokens=24, stream=True,
+                 stream_options={"include_usage": True})
+    chunks = list(stream)
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    finals = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].finish_reason]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len(texts) >= 3 and len(finals) == 1  # several text chunks arrive before the last one
+    assert chunks[-1].usage.completion_tokens == 24 or chunks[-1].usage.completion_tokens > 0
+    whole = ask(client, [{"role": "user", "content": "Tell me a story."}], max_tokens=24)
+    assert "".join(texts) == whole.choices[0].message.content
+
+
+def test_speech_in_openai_shape(client):
+    answer = ask(client, [{"role": "user", "content": "Say hi."}], modalities=["text", "audio"],
+                 audio={"voice": "Ethan", "format": "wav"})
+    audio = answer.choices[0].message.audio
+    samples, rate = soundfile.read(io.BytesIO(base64.b64decode(audio.data)))
+    assert rate == 24000 and len(samples) > 0 and audio.id.startswith("audio_")
+    assert audio.transcript == answer.choices[0].message.content and audio.expires_at > time.time()
+
+
+def test_streamed_speech_arrives_in_the_last_chunks(client):
+    chunks = list(ask(client, [{"role": "user", "content": "Say hi."}], modalities=["text", "audio"],
+                      audio={"voice": "Chelsie", "format": "wav"}, stream=True))
+    with_audio = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.audio]
+    assert with_audio == [len(chunks) - 2]  # just before the finishing chunk
+    audio = chunks[with_audio[0]].choices[0].delta.audio
+    assert soundfile.read(io.BytesIO(base64.b64decode(audio.data)))[1] == 24000
+
+
+@pytest.mark.parametrize(
+    ("options", "messages", "param", "fragment"),
+    [
+        ({}, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.org/a.png"}}]}],
+         "messages[0].content[0]", "remote URLs are refused"),
+        ({}, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}],
+         "messages[0].content[0]", "not valid base64"),
+        ({"modalities": ["text", "audio"], "audio": {"voice": "Nobody", "format": "wav"}}, None, "audio.voice",
+         "available voices: Chelsie, Ethan"),
+        ({"max_tokens": 10**6}, None, "max_tokens", "MAX_NEW_TOKENS_LIMIT"),
+        ({"n": 2}, None, "n", "less than or equal to 1"),
+        ({"extra_body": {"tools": [{"type": "function"}]}}, None, "tools", "Extra inputs are not permitted"),
+    ],
+)
+def test_errors_in_openai_shape(client, options, messages, param, fragment):
+    with pytest.raises(openai.BadRequestError) as error:
+        ask(client, messages or [{"role": "user", "content": "hi"}], **options)
+    body = error.value.body
+    assert error.value.status_code == 400 and fragment in body["message"]
+    assert body["type"] == "invalid_request_error" and body["param"] == param
+
+
+def test_a_picture_that_is_not_one_gets_a_415(client):
+    part = {"type": "image_url", "image_url": {"url": data_url("image/png", b"plain text, not an image")}}
+    with pytest.raises(openai.APIStatusError) as error:
+        ask(client, [{"role": "user", "content": [part]}])
+    assert error.value.status_code == 415 and "not a recognised" in error.value.body["message"]
+
+
+def test_api_key_works_as_the_openai_clients_key(tmp_path):
+    app = create_app(Settings(_env_file=None, model_path=str(tmp_path), api_key="key-for-tests"), engine=FakeEngine())
+    for url in serve(app):
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="key-for-tests", max_retries=0)
+        assert good.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}]).choices
+        bad = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong-key", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as error:
+            bad.models.list()
+        assert error.value.body["code"] == "invalid_api_key"
+
+
+def test_disconnecting_mid_stream_frees_the_model(live_server):
+    payload = {"messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 1500,
+               "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{live_server}/v1/chat/completions", json=payload) as response:
+            first = next(response.iter_lines())
+            assert first.startswith("data: ")
+        # The client is gone: the generation must stop at its next token and free the model.
+        deadline = time.monotonic() + 10
+        while http.get(f"{live_server}/health").json()["generations"]["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert http.get(f"{live_server}/health").json()["generations"]["running"] == 0
+        started = time.monotonic()
+        quick = http.post(f"{live_server}/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert quick.status_code == 200 and time.monotonic() - started < 5
+
+
+def test_multimodal_streams_the_same_way(live_server):
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{live_server}/multimodal",
+                         data={"text": "Tell me a story.", "max_new_tokens": "16", "stream": "true"},
+                         files=[("images", ("a.png", make_media.image_bytes("PNG")))]) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert sum(1 for e in events if e["choices"] and e["choices"][0]["delta"].get("content")) >= 2
+    assert events[-1]["usage"]["prompt_tokens_details"]["by_modality"]["image"] > 0
+
+
+def test_the_readme_openai_examples_run_as_written(live_server, tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- openai-example:begin -->")[1].split("<!-- openai-example:end -->")[0]
+    code = block.split("```python")[1].split("```")[0].replace("http://localhost:8000", live_server)
+    (tmp_path / "photo.jpg").write_bytes(make_media.image_bytes("JPEG", (320, 240)))
+    (tmp_path / "speech.wav").write_bytes(make_media.audio_bytes("wav", 1.5))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README's example
+    printed = capsys.readouterr().out
+    for label in ("plain:", "media:", "stream:", "speech:"):
+        assert label in printed
+    assert soundfile.info(str(tmp_path / "answer.wav")).samplerate == 24000
