@@ -11,7 +11,9 @@ from typing import Annotated, Any, Callable
 
 from fastapi import Depends, HTTPException, Request
 
-from modeling_low_vram import ConfigError, GenerationRequest, ModelLoadError, ModelWorker, OmniEngine, QueueFull
+from generation import GenerationRequest
+from model_worker import ModelWorker, QueueFull
+from modeling_low_vram import ConfigError, ModelLoadError, OmniEngine
 from settings import Settings
 
 logger = logging.getLogger("multimodal_api")

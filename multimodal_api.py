@@ -29,15 +29,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import openai_api
 from deps import EngineDep, ModelState, SettingsDep, WorkerDep, run_generation
 from middleware import ApiKey, BodySizeLimit, RequestId, RequestIdFilter
+from generation import GenerationRequest, InputRejected, PromptTooLong, SpeechError
+from model_worker import ModelWorker
 from modeling_low_vram import (
     SPEECH_SAMPLE_RATE,
     ConfigError,
-    GenerationRequest,
-    InputRejected,
     ModelLoadError,
-    ModelWorker,
-    PromptTooLong,
-    SpeechError,
     check_placement_settings,
     load_config,
 )

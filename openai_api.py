@@ -28,18 +28,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import media
 from deps import EngineDep, SettingsDep, WorkerDep
-from modeling_low_vram import (
-    SPEECH_SAMPLE_RATE,
+from generation import (
     ChatTurn,
     GenerationRequest,
     GenerationResult,
     InputRejected,
-    ModelWorker,
     PromptTooLong,
-    QueueFull,
     SpeechError,
     VideoInput,
 )
+from model_worker import ModelWorker, QueueFull
+from modeling_low_vram import SPEECH_SAMPLE_RATE
 from settings import Settings
 from uploads import MEDIA_STATUS, wav_bytes
 

@@ -15,7 +15,7 @@ import soundfile
 from fastapi import HTTPException, UploadFile
 
 import media
-from modeling_low_vram import VideoInput
+from generation import VideoInput
 from settings import Settings
 
 logger = logging.getLogger("multimodal_api")

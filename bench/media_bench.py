@@ -129,7 +129,8 @@ def bench_audio_features() -> None:
 
     torch.set_num_threads(1)
     import tiny_model
-    from modeling_low_vram import GenerationRequest, OmniEngine
+    from generation import GenerationRequest
+    from modeling_low_vram import OmniEngine
     from settings import Settings
 
     with tempfile.TemporaryDirectory() as folder:

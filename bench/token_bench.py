@@ -13,7 +13,6 @@ model's seconds, which grow the same way with the token count.
 
 from __future__ import annotations
 
-import io
 import sys
 import tempfile
 import time
@@ -28,7 +27,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 import media  # noqa: E402
 import tiny_model  # noqa: E402
 from media_bench import OUT, make_clip  # noqa: E402
-from modeling_low_vram import GenerationRequest, OmniEngine, VideoInput  # noqa: E402
+from generation import GenerationRequest, VideoInput  # noqa: E402
+from modeling_low_vram import OmniEngine  # noqa: E402
 from settings import Settings  # noqa: E402
 
 CORPUS_FAX = ROOT.parent / "shared" / "media-corpus" / "image" / "tiff_g4_fax_multipage_3307x4677__g4-multi.tiff"

@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import make_media  # noqa: E402
 import tiny_model  # noqa: E402
-from modeling_low_vram import GenerationRequest, GenerationResult, OmniEngine, SpeechError  # noqa: E402
+from generation import GenerationRequest, GenerationResult, SpeechError  # noqa: E402
+from modeling_low_vram import OmniEngine  # noqa: E402
 from multimodal_api import create_app  # noqa: E402
 from settings import Settings  # noqa: E402
 

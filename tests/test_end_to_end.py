@@ -123,7 +123,8 @@ def test_audio_features_padded_to_the_clip_give_the_same_answer(tiny_model_dir, 
     """Padding features to the clip instead of Whisper's 300 s changes the cost, not the greedy answer."""
     import media
     from conftest import tiny_settings
-    from modeling_low_vram import GenerationRequest, OmniEngine
+    from generation import GenerationRequest
+    from modeling_low_vram import OmniEngine
 
     engine = OmniEngine.load(tiny_settings(tiny_model_dir))
     clips = [media.load_audio(str(media_dir / name), max_seconds=60).samples for name in ("audio.wav", "audio.mp3")]

@@ -17,8 +17,8 @@ import pytest
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
-from conftest import ROOT, FakeEngine, upload
-from modeling_low_vram import ModelWorker
+from conftest import ROOT, FakeEngine
+from model_worker import ModelWorker
 from deps import run_generation
 from multimodal_api import create_app
 from settings import Settings
@@ -144,7 +144,7 @@ def test_a_client_that_leaves_while_waiting_frees_its_place(fake_engine):
 
 
 def _request(text: str):
-    from modeling_low_vram import GenerationRequest
+    from generation import GenerationRequest
 
     return GenerationRequest(text, None)
 

@@ -10,7 +10,8 @@ import pytest
 import soundfile
 
 from conftest import FakeEngine, upload
-from modeling_low_vram import OFFICIAL_SYSTEM_PROMPT, GenerationRequest
+from generation import GenerationRequest
+from modeling_low_vram import OFFICIAL_SYSTEM_PROMPT
 
 
 def decode_wav(data: bytes):

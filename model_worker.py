@@ -1,0 +1,69 @@
+"""The single thread that owns the model, with a bounded wait queue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting for the model than MAX_WAITING_REQUESTS allows."""
+
+
+class ModelWorker:
+    """The single thread that owns the model: jobs run one at a time, in arrival order.
+
+    At most `max_waiting` jobs wait; more are refused at once (QueueFull). A waiter whose client
+    went away cancels its job if it has not started; a running job always finishes (or is
+    stopped cooperatively, see GenerationRequest.stop) on this thread, so two never overlap.
+    """
+
+    def __init__(self, max_waiting: int = 32) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._lock = threading.Lock()
+        self.max_waiting = max_waiting
+        self.waiting = 0
+        self.running = 0
+        self.peak_running = 0
+
+    def submit(self, job: Callable[..., T], *args: Any) -> Future:
+        """Queue `job(*args)` on the model thread; QueueFull when too many already wait."""
+        with self._lock:
+            if self.waiting + self.running >= self.max_waiting + 1:  # one running, max_waiting waiting
+                raise QueueFull(f"{self.waiting} requests are already waiting for the model")
+            self.waiting += 1
+        context = contextvars.copy_context()  # the request id follows the job into the log
+        future = self._executor.submit(context.run, self._track, job, *args)
+        future.add_done_callback(self._forget_if_cancelled)
+        return future
+
+    async def run(self, job: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(self.submit(job, *args))
+
+    def _track(self, job: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            self.waiting -= 1
+            self.running += 1
+            self.peak_running = max(self.peak_running, self.running)
+        try:
+            return job(*args)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def _forget_if_cancelled(self, future: Future) -> None:
+        if future.cancelled():  # never started: it no longer waits
+            with self._lock:
+                self.waiting -= 1
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"running": self.running, "waiting": self.waiting, "peak_running": self.peak_running}
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
