@@ -1,14 +1,19 @@
 """What routes share: the model's state, the dependencies that hand out settings, engine and worker,
-and `run_generation`, which waits for the model thread on a request's behalf."""
+`run_generation`, which waits for the model thread on a request's behalf, and `wav_bytes` for
+spoken answers."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from typing import Annotated, Any, Callable
 
+import numpy as np
+import soundfile
 from fastapi import Depends, HTTPException, Request
 
 from generation import GenerationRequest
@@ -67,6 +72,15 @@ WorkerDep = Annotated[ModelWorker, Depends(get_worker)]
 # ---------------------------------------------------------------- the app
 
 
+def submit_generation(worker: ModelWorker, engine, generation: GenerationRequest) -> Future:
+    """Queue `generation` on the model thread, with a stop event; a full queue is a 503 with Retry-After."""
+    generation.stop = threading.Event()
+    try:
+        return worker.submit(engine.generate, generation)
+    except QueueFull as error:
+        raise HTTPException(503, f"the server is busy ({error}); retry shortly", headers={"Retry-After": "10"}) from None
+
+
 async def run_generation(request: Request, worker: ModelWorker, engine, generation: GenerationRequest,
                          timeout: float, started: float):
     """Run `generation` on the model thread; give up cleanly if the client leaves or time runs out.
@@ -74,11 +88,7 @@ async def run_generation(request: Request, worker: ModelWorker, engine, generati
     Giving up cancels a job that has not started and stops a running one at its next token
     (the thread itself cannot be killed); either way the queue moves on at once.
     """
-    generation.stop = threading.Event()
-    try:
-        job = worker.submit(engine.generate, generation)
-    except QueueFull as error:
-        raise HTTPException(503, f"the server is busy ({error}); retry shortly", headers={"Retry-After": "10"}) from None
+    job = submit_generation(worker, engine, generation)
     future = asyncio.wrap_future(job)
     try:
         while True:
@@ -96,3 +106,10 @@ async def run_generation(request: Request, worker: ModelWorker, engine, generati
         if not job.done():  # cancel the job itself, not just its asyncio wrapper: its place frees at once
             generation.stop.set()
             job.cancel()
+
+
+def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
+    """A mono float waveform as a 16-bit PCM WAV file."""
+    out = io.BytesIO()
+    soundfile.write(out, np.clip(samples, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()

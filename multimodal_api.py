@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import openai_api
-from deps import EngineDep, ModelState, SettingsDep, WorkerDep, run_generation
+from deps import EngineDep, ModelState, SettingsDep, WorkerDep, run_generation, wav_bytes
 from middleware import ApiKey, BodySizeLimit, RequestId, RequestIdFilter
 from generation import GenerationRequest, InputRejected, PromptTooLong, SpeechError
 from model_worker import ModelWorker
@@ -39,7 +39,7 @@ from modeling_low_vram import (
     load_config,
 )
 from settings import Settings, load_settings
-from uploads import check_uploads, decode_uploads, wav_bytes
+from uploads import check_uploads, decode_uploads
 
 __version__ = "0.1.0"
 logger = logging.getLogger("multimodal_api")
@@ -77,8 +77,6 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
                            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
                            expose_headers=["X-Request-ID", "X-Text"])
     app.add_middleware(RequestId)  # outermost: every answer, errors included, carries the id
-
-
     app.include_router(openai_api.router)
 
     @app.exception_handler(RequestValidationError)
@@ -111,7 +109,9 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
             "model": state.engine.describe() if state.engine else {"model": settings.model_path, "status": "loading"},
             "memory": state.engine.memory() if state.engine else None,
             "endpoints": {"POST /multimodal": "multipart form: " + ", ".join(sorted(FORM_FIELDS)),
-                          "GET /health": "readiness", "GET /": "this page", "GET /docs": "OpenAPI UI"},
+                          "POST /v1/chat/completions": "OpenAI-compatible chat (streaming too)",
+                          "GET /v1/models": "the served model", "GET /health": "readiness", "GET /": "this page",
+                          "GET /docs": "OpenAPI UI"},
             "limits": {
                 "max_file_bytes": settings.max_file_bytes, "max_request_bytes": settings.max_request_bytes,
                 "max_files_per_field": settings.max_files_per_field, "max_image_pixels": settings.max_image_pixels,

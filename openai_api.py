@@ -14,20 +14,19 @@ import binascii
 import io
 import json
 import logging
-import threading
 import time
 import urllib.parse
 import uuid
 from typing import Any, AsyncIterator, Literal
 
 import httpx
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 import media
-from deps import EngineDep, SettingsDep, WorkerDep
+from deps import EngineDep, SettingsDep, WorkerDep, run_generation, submit_generation, wav_bytes
 from generation import (
     ChatTurn,
     GenerationRequest,
@@ -37,10 +36,10 @@ from generation import (
     SpeechError,
     VideoInput,
 )
-from model_worker import ModelWorker, QueueFull
+from model_worker import ModelWorker
 from modeling_low_vram import SPEECH_SAMPLE_RATE
 from settings import Settings
-from uploads import MEDIA_STATUS, wav_bytes
+from uploads import MEDIA_STATUS
 
 logger = logging.getLogger("multimodal_api")
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
@@ -239,16 +238,6 @@ def audio_of(result: GenerationResult) -> dict[str, Any] | None:
             "expires_at": int(time.time()) + AUDIO_LIFETIME_SECONDS, "transcript": result.text}
 
 
-def start_generation(worker: ModelWorker, engine, generation: GenerationRequest):
-    """Queue the generation; a full queue is a 503 with Retry-After."""
-    generation.stop = threading.Event()
-    try:
-        return worker.submit(engine.generate, generation)
-    except QueueFull as error:
-        raise OpenAIError(503, f"the server is busy ({error}); retry shortly", kind="server_error",
-                          code="server_busy", headers={"Retry-After": "10"}) from None
-
-
 async def stream_events(generation: GenerationRequest, worker: ModelWorker, engine, model: str,
                         include_usage: bool, timeout: float) -> AsyncIterator[str]:
     """Server-Sent Events of chat.completion.chunk objects, text as it is generated, then [DONE].
@@ -258,7 +247,7 @@ async def stream_events(generation: GenerationRequest, worker: ModelWorker, engi
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue[str] = asyncio.Queue()
     generation.on_text = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)
-    job = start_generation(worker, engine, generation)
+    job = submit_generation(worker, engine, generation)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     deadline = time.monotonic() + timeout
 
@@ -297,20 +286,6 @@ async def stream_events(generation: GenerationRequest, worker: ModelWorker, engi
     return events()
 
 
-async def complete(generation: GenerationRequest, worker: ModelWorker, engine, timeout: float):
-    """Run the generation to its end (not streamed), with the same time limit and cooperative stop."""
-    job = start_generation(worker, engine, generation)
-    try:
-        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), timeout)
-    except asyncio.TimeoutError:
-        raise OpenAIError(504, f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)",
-                          kind="server_error", code="timeout") from None
-    finally:
-        if not job.done():
-            generation.stop.set()
-            job.cancel()
-
-
 def sse(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -326,8 +301,8 @@ async def list_models(engine: EngineDep) -> dict[str, Any]:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, settings: SettingsDep, engine: EngineDep,
-                           worker: WorkerDep):
+async def chat_completions(request: Request, body: ChatCompletionRequest, settings: SettingsDep,
+                           engine: EngineDep, worker: WorkerDep):
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_new_tokens
     if max_tokens > settings.max_new_tokens_limit:
         raise OpenAIError(400, f"max_tokens: at most {settings.max_new_tokens_limit} (MAX_NEW_TOKENS_LIMIT)",
@@ -352,7 +327,8 @@ async def chat_completions(body: ChatCompletionRequest, settings: SettingsDep, e
         return sse(await stream_events(generation, worker, engine, model, include_usage,
                                        settings.request_timeout_seconds))
     try:
-        result = await complete(generation, worker, engine, settings.request_timeout_seconds)
+        result = await run_generation(request, worker, engine, generation, settings.request_timeout_seconds,
+                                      time.perf_counter())
     except PromptTooLong as error:
         raise OpenAIError(400, str(error), code="context_length_exceeded") from None
     except InputRejected as error:

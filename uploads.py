@@ -6,12 +6,9 @@ HTTPExceptions whose message starts with the field and file (`videos[0] 'clip.mp
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
-import soundfile
 from fastapi import HTTPException, UploadFile
 
 import media
@@ -111,10 +108,3 @@ def check_uploads(settings: Settings, uploads: dict[str, list[UploadFile]]) -> d
                 raise HTTPException(400, f"{_label(field_name, index, upload)}: the file is empty")
         checked[field_name] = files
     return checked
-
-
-def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
-    """A mono float waveform as a 16-bit PCM WAV file."""
-    out = io.BytesIO()
-    soundfile.write(out, np.clip(samples, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
-    return out.getvalue()
