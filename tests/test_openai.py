@@ -198,3 +198,52 @@ def test_the_readme_openai_examples_run_as_written(live_server, tmp_path, monkey
     for label in ("plain:", "media:", "stream:", "speech:"):
         assert label in printed
     assert soundfile.info(str(tmp_path / "answer.wav")).samplerate == 24000
+
+
+def test_remote_media_only_from_listed_hosts_within_limits(tmp_path, tiny_engine):
+    """MEDIA_URL_HOSTS lets /v1 fetch from a listed host (here a loopback file server), size-bounded,
+    never following redirects."""
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "photo.png").write_bytes(make_media.image_bytes("PNG", (64, 48)))
+    (tmp_path / "big.bin").write_bytes(b"x" * 200_000)
+
+    class Files(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            if self.path == "/elsewhere":
+                self.send_response(302)
+                self.send_header("Location", "http://example.org/photo.png")
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Files, directory=str(tmp_path)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    settings = tiny_engine.settings.model_copy(update={"media_url_hosts": ["127.0.0.1"], "max_file_mb": 0.1})
+    try:
+        for url in serve(create_app(settings, engine=tiny_engine)):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+
+            def ask_about(image_url: str):
+                part = {"type": "image_url", "image_url": {"url": image_url}}
+                return client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user",
+                                                                                          "content": [part]}])
+
+            assert ask_about(f"{base}/photo.png").usage.prompt_tokens > 30
+            with pytest.raises(openai.APIStatusError) as too_big:
+                ask_about(f"{base}/big.bin")
+            assert too_big.value.status_code == 413 and "MAX_FILE_MB" in too_big.value.body["message"]
+            with pytest.raises(openai.BadRequestError) as redirected:
+                ask_about(f"{base}/elsewhere")
+            assert "HTTP 302" in redirected.value.body["message"]
+            with pytest.raises(openai.BadRequestError) as unlisted:
+                ask_about(f"http://localhost:{files.server_address[1]}/photo.png")
+            assert "MEDIA_URL_HOSTS" in unlisted.value.body["message"]
+    finally:
+        files.shutdown()
