@@ -10,62 +10,30 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, Literal
 
 import av
 import numpy as np
 import soundfile
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from media_formats import (  # noqa: F401 - the errors are part of media's interface
+    MediaError,
+    MediaTooLarge,
+    Source,
+    UndecodableMedia,
+    UnsupportedMedia,
+    av_open,
+    is_still_image_container,
+    moving_video_stream,
+    refuse_encrypted,
+    rewind,
+    unreadable,
+    wrong_kind,
+)
+
 SAMPLE_RATE = 16_000  # what Qwen2.5-Omni's Whisper feature extractor expects
-
-Source = str | os.PathLike | BinaryIO
-Kind = Literal["image", "audio", "video"]
-
-# Container formats that FFmpeg reads as a single picture rather than a moving video.
-_STILL_IMAGE_FORMATS = ("image2", "_pipe", "heif", "ico", "tga")
-# ISO-BMFF brands of still images (HEIF, HEIC, AVIF), which FFmpeg opens as a "mov" container.
-_STILL_IMAGE_BRANDS = {"mif1", "msf1", "heic", "heix", "heim", "heis", "hevc", "avif", "avis"}
-FIELD_OF_KIND: dict[str, str] = {"image": "images", "audio": "audios", "video": "videos"}
-_NAMED = {"image": "an image", "audio": "an audio file", "video": "a video"}
-# Signatures of formats that no bundled decoder reads, to name them in the 415.
-_KNOWN_UNSUPPORTED = (
-    (b"MThd", "MIDI"),
-    (b"\xff\x0a", "JPEG XL"),
-    (b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
-    (b"<svg", "SVG"),
-    (b"%PDF", "PDF"),
-    (b"PK\x03\x04", "ZIP"),
-)
-# (offset, signature, name) of formats we do read, to tell "broken" from "unknown".
-_KNOWN_SIGNATURES = (
-    (0, b"\x89PNG", "a PNG image"), (0, b"\xff\xd8\xff", "a JPEG image"), (0, b"GIF8", "a GIF image"),
-    (8, b"WEBP", "a WebP image"), (0, b"BM", "a BMP image"), (0, b"II*\x00", "a TIFF image"),
-    (0, b"MM\x00*", "a TIFF image"), (4, b"ftypheic", "a HEIC image"), (4, b"ftypavif", "an AVIF image"),
-    (8, b"WAVE", "a WAV file"), (0, b"fLaC", "a FLAC file"), (0, b"ID3", "an MP3 file"), (0, b"OggS", "an Ogg file"),
-    (8, b"AIFF", "an AIFF file"), (8, b"AIFC", "an AIFF file"), (4, b"ftyp", "an MP4/MOV file"),
-    (0, b"\x1aE\xdf\xa3", "a Matroska/WebM file"), (8, b"AVI ", "an AVI file"), (0, b"FLV", "an FLV file"),
-    (0, b"\x00\x00\x01\xba", "an MPEG-PS file"),
-)
-
-
-class MediaError(Exception):
-    """A problem with an uploaded file; the message is meant for the user."""
-
-
-class UnsupportedMedia(MediaError):
-    """Not a format we decode, or the wrong kind of media for the field."""
-
-
-class UndecodableMedia(MediaError):
-    """A recognised format whose data is broken."""
-
-
-class MediaTooLarge(MediaError):
-    """Over a configured limit (pixels, duration)."""
 
 
 @dataclass
@@ -93,91 +61,6 @@ class DecodedVideo:
     warnings: list[str] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------- sniffing
-
-
-def _rewind(source: Source) -> Source:
-    if hasattr(source, "seek"):
-        source.seek(0)
-    return source
-
-
-def _head(source: Source, size: int = 64) -> bytes:
-    if hasattr(source, "read"):
-        source.seek(0)
-        data = source.read(size)
-        source.seek(0)
-        return data
-    with open(source, "rb") as handle:
-        return handle.read(size)
-
-
-def _av_open(source: Source) -> av.container.InputContainer:
-    # mode="r" explicitly: PyAV would take a "w+b" temporary file for an output otherwise.
-    return av.open(_rewind(source), mode="r", metadata_errors="ignore")
-
-
-def sniff_kind(source: Source) -> Kind | None:
-    """What the bytes are (image, audio or video), or None when no bundled decoder reads them."""
-    try:
-        with Image.open(_rewind(source)):
-            return "image"
-    except Exception:  # noqa: BLE001 - any failure just means "not an image Pillow knows"
-        pass
-    try:
-        with _av_open(source) as container:
-            if _moving_video_stream(container) is not None:
-                return "image" if _is_still_image_container(container) else "video"
-            if container.streams.audio:
-                return "audio"
-    except Exception:  # noqa: BLE001
-        pass
-    finally:
-        _rewind(source)
-    return None
-
-
-def unreadable(source: Source) -> MediaError:
-    """The error for bytes no bundled decoder reads: unsupported (and named), broken, or unknown."""
-    head = _head(source, 1024)
-    stripped = head.lstrip()
-    for signature, name in _KNOWN_UNSUPPORTED:
-        if head.startswith(signature) or stripped.startswith(signature):
-            return UnsupportedMedia(f"is a {name} file, which is not supported")
-    if stripped.startswith(b"<?xml") and b"<svg" in head:
-        return UnsupportedMedia("is an SVG file, which is not supported")
-    if not head:
-        return UndecodableMedia("is empty")
-    for offset, signature, name in _KNOWN_SIGNATURES:
-        if head[offset:offset + len(signature)] == signature:
-            return UndecodableMedia(f"looks like {name} but is broken or truncated")
-    return UnsupportedMedia("is not a recognised image, audio or video format")
-
-
-def _wrong_kind(source: Source, wanted: Kind) -> MediaError:
-    """The error for a file that is not of the `wanted` kind: what it is, and which field takes it."""
-    kind = sniff_kind(source)
-    if kind is None:
-        return unreadable(source)
-    return UnsupportedMedia(f"is {_NAMED[kind]}, not {_NAMED[wanted]}; send it in `{FIELD_OF_KIND[kind]}`")
-
-
-def _moving_video_stream(container: av.container.InputContainer) -> av.VideoStream | None:
-    """The first video stream that is real video, not an attached picture (cover art)."""
-    for stream in container.streams.video:
-        if not stream.disposition & av.stream.Disposition.attached_pic:
-            return stream
-    return None
-
-
-def _is_still_image_container(container: av.container.InputContainer) -> bool:
-    name = container.format.name
-    if any(marker in name for marker in _STILL_IMAGE_FORMATS):
-        return True
-    brand = str(container.metadata.get("major_brand", "")).strip()
-    return brand in _STILL_IMAGE_BRANDS
-
-
 # ---------------------------------------------------------------- images
 
 
@@ -189,7 +72,7 @@ def load_image(source: Source, *, max_pixels: int) -> DecodedImage:
     file, whose readable part FFmpeg's error concealment can often recover.
     """
     try:
-        with Image.open(_rewind(source)) as image:
+        with Image.open(rewind(source)) as image:
             _check_pixels(image.width, image.height, max_pixels)
             image.load()
             warnings: list[str] = []
@@ -223,10 +106,10 @@ def _upright(image: Image.Image, warnings: list[str]) -> Image.Image:
 
 def _load_image_with_ffmpeg(source: Source, *, max_pixels: int) -> DecodedImage:
     try:
-        with _av_open(source) as container:
+        with av_open(source) as container:
             stream = _largest_picture_stream(container)
-            if stream is None or not _is_still_image_container(container):
-                raise _wrong_kind(source, "image")
+            if stream is None or not is_still_image_container(container):
+                raise wrong_kind(source, "image")
             if stream.codec_context is None:  # FFmpeg knows the container but has no decoder for it
                 raise unreadable(source)
             _check_pixels(stream.codec_context.width, stream.codec_context.height, max_pixels)
@@ -236,7 +119,7 @@ def _load_image_with_ffmpeg(source: Source, *, max_pixels: int) -> DecodedImage:
     except MediaError:
         raise
     except av.error.FFmpegError:
-        raise _wrong_kind(source, "image") from None
+        raise wrong_kind(source, "image") from None
 
 
 def _largest_picture_stream(container) -> av.VideoStream | None:
@@ -282,12 +165,12 @@ def load_audio(source: Source, *, max_seconds: float, timeout: float | None = No
     flavours it reads and FFmpeg does not. Both go through the same resampler (libswresample).
     """
     try:
-        with _av_open(source) as container:
+        with av_open(source) as container:
             if not container.streams.audio:
-                if _moving_video_stream(container) is not None and not _is_still_image_container(container):
+                if moving_video_stream(container) is not None and not is_still_image_container(container):
                     raise UnsupportedMedia("is a video without an audio track; send it in `videos`")
-                raise _wrong_kind(source, "audio")
-            _refuse_encrypted(source, container)
+                raise wrong_kind(source, "audio")
+            refuse_encrypted(source, container)
             return _decode_audio_stream(container, container.streams.audio[0], max_seconds, timeout)
     except MediaError:
         raise
@@ -295,7 +178,7 @@ def load_audio(source: Source, *, max_seconds: float, timeout: float | None = No
         try:
             samples, rate = soundfile.read(_in_memory(source), dtype="float32", always_2d=True)
         except Exception:  # noqa: BLE001 - libsndfile's errors carry no useful type
-            raise _wrong_kind(source, "audio") from None
+            raise wrong_kind(source, "audio") from None
         if len(samples) > max_seconds * rate:
             raise _audio_too_long(len(samples) / rate, max_seconds)
         return DecodedAudio(resample_to_mono_16k(samples.T, rate))
@@ -305,8 +188,8 @@ def _in_memory(source: Source, limit: int = 64 * 1024 * 1024) -> Source:
     """A small file as BytesIO for libsndfile, whose callbacks would seek a temporary file before its start."""
     if not hasattr(source, "read"):
         return source
-    data = _rewind(source).read(limit + 1)
-    _rewind(source)
+    data = rewind(source).read(limit + 1)
+    rewind(source)
     return io.BytesIO(data) if len(data) <= limit else source
 
 
@@ -415,61 +298,22 @@ def resample_to_mono_16k(channels: np.ndarray, rate: int) -> np.ndarray:
 def _open_video(source: Source):
     """Open a video container and its real video stream, mapping failures to MediaErrors."""
     try:
-        container = _av_open(source)
+        container = av_open(source)
     except av.error.FFmpegError:
-        raise _wrong_kind(source, "video") from None
-    stream = _moving_video_stream(container)
-    if stream is None or _is_still_image_container(container):
+        raise wrong_kind(source, "video") from None
+    stream = moving_video_stream(container)
+    if stream is None or is_still_image_container(container):
         container.close()
         if stream is None and container.streams.audio:
             raise UnsupportedMedia("has no video stream (audio only, or only cover art); send it in `audios`")
-        raise _wrong_kind(source, "video")
+        raise wrong_kind(source, "video")
     try:
-        _refuse_encrypted(source, container)
+        refuse_encrypted(source, container)
     except MediaError:
         container.close()
         raise
     stream.thread_type = "AUTO"
     return container, stream
-
-
-def _refuse_encrypted(source: Source, container) -> None:
-    """FFmpeg "decodes" DRM-protected MP4 into garbage; refuse it instead."""
-    if "mp4" in container.format.name and _mp4_is_encrypted(source):
-        raise UnsupportedMedia("is encrypted (DRM-protected), so it cannot be decoded")
-
-
-def _mp4_is_encrypted(source: Source) -> bool:
-    """Whether the ISO-BMFF file's moov box holds encrypted sample entries (encv / enca).
-
-    The container may be reading the same file object: its position is restored afterwards.
-    """
-    handle = source if hasattr(source, "read") else open(source, "rb")  # noqa: SIM115 - closed below
-    reading_at = handle.tell()
-    try:
-        handle.seek(0, os.SEEK_END)
-        size = handle.tell()
-        position = 0
-        while position + 8 <= size:
-            handle.seek(position)
-            header = handle.read(8)
-            box_size, box_type = int.from_bytes(header[:4], "big"), header[4:8]
-            if box_size == 1:
-                box_size = int.from_bytes(handle.read(8), "big")
-            elif box_size == 0:
-                box_size = size - position
-            if box_type == b"moov":
-                body = handle.read(min(box_size, 64 * 1024 * 1024))
-                return b"encv" in body or b"enca" in body
-            if box_size < 8:
-                return False
-            position += box_size
-        return False
-    finally:
-        if handle is source:
-            handle.seek(reading_at)
-        else:
-            handle.close()
 
 
 def _frame_to_image(frame: av.VideoFrame, max_pixels: int | None = None) -> Image.Image:
