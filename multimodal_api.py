@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import openai_api
 from deps import EngineDep, ModelState, SettingsDep, WorkerDep, run_generation, wav_bytes
 from middleware import ApiKey, BodySizeLimit, RequestId, RequestIdFilter
-from generation import GenerationRequest, InputRejected, PromptTooLong, SpeechError
+from generation import GenerationRequest, GenerationResult, InputRejected, PromptTooLong, SpeechError
 from model_worker import ModelWorker
 from modeling_low_vram import (
     SPEECH_SAMPLE_RATE,
@@ -39,7 +39,7 @@ from modeling_low_vram import (
     load_config,
 )
 from settings import Settings, load_settings
-from uploads import check_uploads, decode_uploads
+from uploads import MediaInputs, check_uploads, decode_uploads
 
 __version__ = "0.1.0"
 logger = logging.getLogger("multimodal_api")
@@ -156,22 +156,9 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
         videos: Annotated[list[UploadFile], File(description="Videos.")] = [],  # noqa: B006
     ) -> dict[str, Any]:
         started = time.perf_counter()
-        form = await request.form()
-        unknown = sorted(set(form.keys()) - FORM_FIELDS)
-        if unknown:
-            raise HTTPException(422, f"unknown form field(s) {unknown}; accepted: {', '.join(sorted(FORM_FIELDS))}")
-        if max_new_tokens is not None and max_new_tokens > settings.max_new_tokens_limit:
-            raise HTTPException(422, f"max_new_tokens: at most {settings.max_new_tokens_limit} (MAX_NEW_TOKENS_LIMIT)")
-        for name, value in (("text", text), ("system_prompt", system_prompt)):
-            if value is not None and len(value) > settings.max_text_chars:
-                raise HTTPException(413, f"{name}: {len(value):,} characters, at most {settings.max_text_chars:,} "
-                                         "(MAX_TEXT_CHARS)")
-        if max_pixels is not None and max_pixels > settings.max_pixels_ceiling:
-            raise HTTPException(422, f"max_pixels: at most {settings.max_pixels_ceiling:,} (MAX_PIXELS_CEILING)")
-        if stream and response_format == "wav":
-            raise HTTPException(422, "response_format=wav cannot be streamed: send stream=false")
-        if response_format == "wav" and not return_audio:
-            raise HTTPException(422, "response_format=wav returns the spoken answer: also send return_audio=true")
+        check_form(settings, set((await request.form()).keys()), text=text, system_prompt=system_prompt,
+                   max_new_tokens=max_new_tokens, max_pixels=max_pixels, stream=stream,
+                   response_format=response_format, return_audio=return_audio)
         if return_audio:
             try:
                 speaker = engine.check_speech(speaker)
@@ -203,30 +190,56 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
         if result.audio is not None and response_format == "wav":
             return Response(wav_bytes(result.audio, SPEECH_SAMPLE_RATE), media_type="audio/wav",
                             headers={"X-Text": urllib.parse.quote(result.text)})
-        decode_ms = (decoded - started) * 1000
-        body = {
-            "text": result.text,
-            "model": engine.describe()["model"],
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                      "total_tokens": result.prompt_tokens + result.completion_tokens,
-                      "prompt_tokens_by_modality": result.prompt_tokens_by_modality},
-            "inputs": {"images": len(inputs.images), "audios": len(inputs.audios), "videos": len(inputs.videos)},
-            "warnings": inputs.warnings + result.warnings,
-            "timings_ms": {
-                "preprocess": round(decode_ms + result.timings_ms.get("prepare", 0.0), 1),
-                "generate": round(result.timings_ms.get("generate", 0.0), 1),
-                "total": round((time.perf_counter() - started) * 1000, 1),
-            },
-        }
-        if result.audio is not None:
-            body["audio"] = {
-                "format": "wav", "sample_rate": SPEECH_SAMPLE_RATE,
-                "data": base64.b64encode(wav_bytes(result.audio, SPEECH_SAMPLE_RATE)).decode("ascii"),
-                "seconds": round(len(result.audio) / SPEECH_SAMPLE_RATE, 3),
-            }
-        return body
+        return json_answer(result, inputs, engine.describe()["model"], decode_ms=(decoded - started) * 1000,
+                           total_ms=(time.perf_counter() - started) * 1000)
 
     return app
+
+
+def check_form(settings: Settings, fields: set[str], *, text: str | None, system_prompt: str | None,
+               max_new_tokens: int | None, max_pixels: int | None, stream: bool, response_format: str,
+               return_audio: bool) -> None:
+    """The /multimodal checks FastAPI's types cannot express: unknown fields, setting-bound limits, combinations."""
+    unknown = sorted(fields - FORM_FIELDS)
+    if unknown:
+        raise HTTPException(422, f"unknown form field(s) {unknown}; accepted: {', '.join(sorted(FORM_FIELDS))}")
+    if max_new_tokens is not None and max_new_tokens > settings.max_new_tokens_limit:
+        raise HTTPException(422, f"max_new_tokens: at most {settings.max_new_tokens_limit} (MAX_NEW_TOKENS_LIMIT)")
+    for name, value in (("text", text), ("system_prompt", system_prompt)):
+        if value is not None and len(value) > settings.max_text_chars:
+            raise HTTPException(413, f"{name}: {len(value):,} characters, at most {settings.max_text_chars:,} "
+                                     "(MAX_TEXT_CHARS)")
+    if max_pixels is not None and max_pixels > settings.max_pixels_ceiling:
+        raise HTTPException(422, f"max_pixels: at most {settings.max_pixels_ceiling:,} (MAX_PIXELS_CEILING)")
+    if stream and response_format == "wav":
+        raise HTTPException(422, "response_format=wav cannot be streamed: send stream=false")
+    if response_format == "wav" and not return_audio:
+        raise HTTPException(422, "response_format=wav returns the spoken answer: also send return_audio=true")
+
+
+def json_answer(result: GenerationResult, inputs: MediaInputs, model: str, decode_ms: float, total_ms: float) -> dict[str, Any]:
+    """The /multimodal JSON answer: text, usage, what reached the model, warnings, timings, speech."""
+    body: dict[str, Any] = {
+        "text": result.text,
+        "model": model,
+        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                  "total_tokens": result.prompt_tokens + result.completion_tokens,
+                  "prompt_tokens_by_modality": result.prompt_tokens_by_modality},
+        "inputs": {"images": len(inputs.images), "audios": len(inputs.audios), "videos": len(inputs.videos)},
+        "warnings": inputs.warnings + result.warnings,
+        "timings_ms": {
+            "preprocess": round(decode_ms + result.timings_ms.get("prepare", 0.0), 1),
+            "generate": round(result.timings_ms.get("generate", 0.0), 1),
+            "total": round(total_ms, 1),
+        },
+    }
+    if result.audio is not None:
+        body["audio"] = {
+            "format": "wav", "sample_rate": SPEECH_SAMPLE_RATE,
+            "data": base64.b64encode(wav_bytes(result.audio, SPEECH_SAMPLE_RATE)).decode("ascii"),
+            "seconds": round(len(result.audio) / SPEECH_SAMPLE_RATE, 3),
+        }
+    return body
 
 
 def main() -> None:
