@@ -55,8 +55,13 @@ def get_settings(request: Request) -> Settings:
 def get_engine(request: Request) -> OmniEngine:
     state: ModelState = request.app.state.model
     if state.engine is None:
-        raise HTTPException(503, "the model could not be loaded; see the server log" if state.error else
-                            "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+        raise HTTPException(
+            503,
+            "the model could not be loaded; see the server log"
+            if state.error
+            else "the model is still loading; retry shortly",
+            headers={"Retry-After": "5"},
+        )
     return state.engine
 
 
@@ -78,11 +83,14 @@ def submit_generation(worker: ModelWorker, engine, generation: GenerationRequest
     try:
         return worker.submit(engine.generate, generation)
     except QueueFull as error:
-        raise HTTPException(503, f"the server is busy ({error}); retry shortly", headers={"Retry-After": "10"}) from None
+        raise HTTPException(
+            503, f"the server is busy ({error}); retry shortly", headers={"Retry-After": "10"}
+        ) from None
 
 
-async def run_generation(request: Request, worker: ModelWorker, engine, generation: GenerationRequest,
-                         timeout: float, started: float):
+async def run_generation(
+    request: Request, worker: ModelWorker, engine, generation: GenerationRequest, timeout: float, started: float
+):
     """Run `generation` on the model thread; give up cleanly if the client leaves or time runs out.
 
     Giving up cancels a job that has not started and stops a running one at its next token
@@ -97,8 +105,10 @@ async def run_generation(request: Request, worker: ModelWorker, engine, generati
             if done:
                 return future.result()
             if remaining <= 0:
-                raise HTTPException(504, f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS); "
-                                         "its generation was stopped")
+                raise HTTPException(
+                    504,
+                    f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS); its generation was stopped",
+                )
             if await request.is_disconnected():
                 logger.info("client went away; its generation is cancelled")
                 raise HTTPException(499, "client closed the request")

@@ -124,7 +124,7 @@ class TextDeltas(BaseStreamer):
             if ready.endswith("\ufffd"):
                 return
         if len(ready) > self.sent:
-            self.on_text(ready[self.sent:])
+            self.on_text(ready[self.sent :])
             self.sent = len(ready)
 
 

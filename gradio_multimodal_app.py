@@ -36,13 +36,19 @@ def server_info() -> tuple[str, list[str], bool]:
         about = httpx.get(f"{API_URL}/", headers=_headers(), timeout=5).json()
         health = httpx.get(f"{API_URL}/health", headers=_headers(), timeout=5).json()
     except (httpx.HTTPError, ValueError) as error:
-        return f"**Server {API_URL} unreachable** ({type(error).__name__}). Start it with `scripts/serve.sh`.", [], False
+        return (
+            f"**Server {API_URL} unreachable** ({type(error).__name__}). Start it with `scripts/serve.sh`.",
+            [],
+            False,
+        )
     model = about.get("model") or {}
     if "devices" not in model:
         return f"**{API_URL}**: {health.get('status', 'unknown')} ({health.get('detail') or 'loading'})", [], False
     speech = "speech on" if model.get("audio_output") else "speech off"
-    line = (f"**Model** `{model['model']}` · {model['dtype']} on {', '.join(model['devices'])} · {speech} · "
-            f"health: **{health.get('status')}** · API {API_URL}")
+    line = (
+        f"**Model** `{model['model']}` · {model['dtype']} on {', '.join(model['devices'])} · {speech} · "
+        f"health: **{health.get('status')}** · API {API_URL}"
+    )
     return line, list(model.get("voices") or []), bool(model.get("audio_output"))
 
 
@@ -62,13 +68,28 @@ def _paths(files: Any) -> list[str]:
     return [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files]
 
 
-def ask(text: str, system_prompt: str, images: Any, audios: Any, videos: Any, microphone: str | None,
-        webcam: str | None, extract_audio: bool, extract_frame: bool, max_new_tokens: float, speak: bool,
-        voice: str | None) -> Iterator[tuple[str, str | None, str, str]]:
+def ask(
+    text: str,
+    system_prompt: str,
+    images: Any,
+    audios: Any,
+    videos: Any,
+    microphone: str | None,
+    webcam: str | None,
+    extract_audio: bool,
+    extract_frame: bool,
+    max_new_tokens: float,
+    speak: bool,
+    voice: str | None,
+) -> Iterator[tuple[str, str | None, str, str]]:
     """Send the request with stream=true; yield (answer so far, spoken answer file, timings, error)."""
-    data = {"text": text or "", "max_new_tokens": str(int(max_new_tokens)), "stream": "true",
-            "extract_video_audio": str(bool(extract_audio)).lower(),
-            "extract_video_frame": str(bool(extract_frame)).lower()}
+    data = {
+        "text": text or "",
+        "max_new_tokens": str(int(max_new_tokens)),
+        "stream": "true",
+        "extract_video_audio": str(bool(extract_audio)).lower(),
+        "extract_video_frame": str(bool(extract_frame)).lower(),
+    }
     if system_prompt and system_prompt.strip():
         data["system_prompt"] = system_prompt
     if speak:
@@ -103,14 +124,23 @@ def ask(text: str, system_prompt: str, images: Any, audios: Any, videos: Any, mi
                         answer += delta["content"]
                         yield answer, None, "", ""
     except httpx.HTTPError as error:
-        yield answer, None, "", f"⚠️ the server could not be reached ({type(error).__name__}): is it running at {API_URL}?"
+        yield (
+            answer,
+            None,
+            "",
+            f"⚠️ the server could not be reached ({type(error).__name__}): is it running at {API_URL}?",
+        )
         return
     total = time.perf_counter() - started
-    timings = f"first token {((first_token or time.perf_counter()) - started) * 1000:.0f} ms · total {total * 1000:.0f} ms"
+    timings = (
+        f"first token {((first_token or time.perf_counter()) - started) * 1000:.0f} ms · total {total * 1000:.0f} ms"
+    )
     if usage:
-        timings += (f" · prompt {usage['prompt_tokens']} tokens "
-                    f"({', '.join(f'{k} {v}' for k, v in usage['prompt_tokens_details']['by_modality'].items() if v)})"
-                    f" · answer {usage['completion_tokens']} tokens")
+        timings += (
+            f" · prompt {usage['prompt_tokens']} tokens "
+            f"({', '.join(f'{k} {v}' for k, v in usage['prompt_tokens_details']['by_modality'].items() if v)})"
+            f" · answer {usage['completion_tokens']} tokens"
+        )
     yield answer, spoken, timings, ""
 
 
@@ -129,8 +159,9 @@ def build() -> gr.Blocks:
         with gr.Row():
             with gr.Column():
                 text = gr.Textbox(label="Your question", lines=3, elem_id="text")
-                system_prompt = gr.Textbox(label="System prompt", placeholder="You are a helpful AI assistant.",
-                                           elem_id="system-prompt")
+                system_prompt = gr.Textbox(
+                    label="System prompt", placeholder="You are a helpful AI assistant.", elem_id="system-prompt"
+                )
                 with gr.Row():
                     images = gr.File(label="Images", file_count="multiple", elem_id="images")
                     audios = gr.File(label="Audio", file_count="multiple", elem_id="audios")
@@ -151,8 +182,24 @@ def build() -> gr.Blocks:
                 answer = gr.Textbox(label="Answer", lines=12, elem_id="answer")
                 spoken = gr.Audio(label="Spoken answer", type="filepath", elem_id="spoken")
                 timings = gr.Markdown(elem_id="timings")
-        submit.click(ask, [text, system_prompt, images, audios, videos, microphone, webcam, extract_audio,
-                           extract_frame, max_new_tokens, speak, voice], [answer, spoken, timings, error])
+        submit.click(
+            ask,
+            [
+                text,
+                system_prompt,
+                images,
+                audios,
+                videos,
+                microphone,
+                webcam,
+                extract_audio,
+                extract_frame,
+                max_new_tokens,
+                speak,
+                voice,
+            ],
+            [answer, spoken, timings, error],
+        )
         demo.load(lambda: server_info()[0], None, server_line)
     return demo
 

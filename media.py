@@ -135,7 +135,8 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         raise UndecodableMedia(f"image has an invalid size {width}x{height}")
     if width * height > max_pixels:
         raise MediaTooLarge(
-            f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} (MAX_IMAGE_PIXELS)"
+            f"image is {width}x{height} = {width * height:,} pixels, "
+            f"over the limit of {max_pixels:,} (MAX_IMAGE_PIXELS)"
         )
 
 
@@ -261,8 +262,11 @@ class _Resampler:
         if frame is not None:
             self.input_samples += frame.samples
             if self.input_samples <= self._TINY:
-                self._raw.append(frame.to_ndarray().astype(np.float32).reshape(frame.samples, -1).mean(axis=1)
-                                 if frame.format.is_packed else frame.to_ndarray().astype(np.float32).mean(axis=0))
+                self._raw.append(
+                    frame.to_ndarray().astype(np.float32).reshape(frame.samples, -1).mean(axis=1)
+                    if frame.format.is_packed
+                    else frame.to_ndarray().astype(np.float32).mean(axis=0)
+                )
                 self._raw_rate = frame.sample_rate
         for out in self._resampler.resample(frame):
             mono = out.to_ndarray().mean(axis=0, dtype=np.float32)

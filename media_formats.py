@@ -33,12 +33,25 @@ _KNOWN_UNSUPPORTED = (
 )
 # (offset, signature, name) of formats we do read, to tell "broken" from "unknown".
 _KNOWN_SIGNATURES = (
-    (0, b"\x89PNG", "a PNG image"), (0, b"\xff\xd8\xff", "a JPEG image"), (0, b"GIF8", "a GIF image"),
-    (8, b"WEBP", "a WebP image"), (0, b"BM", "a BMP image"), (0, b"II*\x00", "a TIFF image"),
-    (0, b"MM\x00*", "a TIFF image"), (4, b"ftypheic", "a HEIC image"), (4, b"ftypavif", "an AVIF image"),
-    (8, b"WAVE", "a WAV file"), (0, b"fLaC", "a FLAC file"), (0, b"ID3", "an MP3 file"), (0, b"OggS", "an Ogg file"),
-    (8, b"AIFF", "an AIFF file"), (8, b"AIFC", "an AIFF file"), (4, b"ftyp", "an MP4/MOV file"),
-    (0, b"\x1aE\xdf\xa3", "a Matroska/WebM file"), (8, b"AVI ", "an AVI file"), (0, b"FLV", "an FLV file"),
+    (0, b"\x89PNG", "a PNG image"),
+    (0, b"\xff\xd8\xff", "a JPEG image"),
+    (0, b"GIF8", "a GIF image"),
+    (8, b"WEBP", "a WebP image"),
+    (0, b"BM", "a BMP image"),
+    (0, b"II*\x00", "a TIFF image"),
+    (0, b"MM\x00*", "a TIFF image"),
+    (4, b"ftypheic", "a HEIC image"),
+    (4, b"ftypavif", "an AVIF image"),
+    (8, b"WAVE", "a WAV file"),
+    (0, b"fLaC", "a FLAC file"),
+    (0, b"ID3", "an MP3 file"),
+    (0, b"OggS", "an Ogg file"),
+    (8, b"AIFF", "an AIFF file"),
+    (8, b"AIFC", "an AIFF file"),
+    (4, b"ftyp", "an MP4/MOV file"),
+    (0, b"\x1aE\xdf\xa3", "a Matroska/WebM file"),
+    (8, b"AVI ", "an AVI file"),
+    (0, b"FLV", "an FLV file"),
     (0, b"\x00\x00\x01\xba", "an MPEG-PS file"),
 )
 
@@ -112,7 +125,7 @@ def unreadable(source: Source) -> MediaError:
     if not head:
         return UndecodableMedia("is empty")
     for offset, signature, name in _KNOWN_SIGNATURES:
-        if head[offset:offset + len(signature)] == signature:
+        if head[offset : offset + len(signature)] == signature:
             return UndecodableMedia(f"looks like {name} but is broken or truncated")
     return UnsupportedMedia("is not a recognised image, audio or video format")
 

@@ -59,7 +59,8 @@ class RequestId:
             logger.exception("unexpected error")
             if not started:
                 await JSONResponse({"detail": f"internal error; request id {current}"}, 500)(
-                    scope, receive, send_with_id)
+                    scope, receive, send_with_id
+                )
         finally:
             request_id.reset(token)
 
@@ -80,9 +81,11 @@ class ApiKey:
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
             return await self.app(scope, receive, send)
         message = "a valid API key is required: send the header `Authorization: Bearer <API_KEY>`"
-        body = ({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                           "code": "invalid_api_key"}}
-                if scope["path"].startswith("/v1/") else {"detail": message})
+        body = (
+            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+            if scope["path"].startswith("/v1/")
+            else {"detail": message}
+        )
         response = JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
 

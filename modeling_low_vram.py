@@ -116,14 +116,20 @@ def resolve_placement(settings: Settings, config=None, cuda_available: bool | No
         if config is None:
             raise ConfigError("DEVICE_MAP=auto needs the model's config to plan")
         budget = _gpu_budget(settings)
-        plan = plan_placement(copy.deepcopy(config), budget, resolve_dtype(settings, uses_gpu=True),
-                              audio_output=settings.enable_audio_output, context_tokens=settings.max_context_tokens,
-                              max_visual_patches=largest_visual_patches(settings))
+        plan = plan_placement(
+            copy.deepcopy(config),
+            budget,
+            resolve_dtype(settings, uses_gpu=True),
+            audio_output=settings.enable_audio_output,
+            context_tokens=settings.max_context_tokens,
+            max_visual_patches=largest_visual_patches(settings),
+        )
         if plan.fits:
             chosen = dict(plan.placement)
         else:
-            logger.warning("DEVICE_MAP=auto: the model does not fit in %.1f GiB of GPU memory; running on the CPU",
-                           budget / GiB)
+            logger.warning(
+                "DEVICE_MAP=auto: the model does not fit in %.1f GiB of GPU memory; running on the CPU", budget / GiB
+            )
             chosen = dict(PRESETS["cpu"])
             plan = None
     components = {c: settings.gpu_device if d == GPU else d for c, d in chosen.items()}
@@ -191,7 +197,13 @@ class OmniEngine:
         self.placement = placement
         self.dtype = dtype
         tokenizer = processor.tokenizer
-        self._stop_ids = sorted({i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")) if isinstance(i, int) and i >= 0})
+        self._stop_ids = sorted(
+            {
+                i
+                for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+                if isinstance(i, int) and i >= 0
+            }
+        )
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._stop_ids[0]
         # "clip": audio features are padded to the longest clip, so their cost
         # follows the clip's length; "whisper": the feature extractor's default 300 s (benchmarks).
@@ -212,8 +224,9 @@ class OmniEngine:
         uses_gpu = any(on_gpu(d) for d in placement.components.values())
         dtype = resolve_dtype(settings, uses_gpu)
         attention = attention_for(settings.attn_implementation, placement.components)
-        device_map = module_device_map(build_skeleton(config), placement.components, placement.gpu_layers,
-                                       settings.gpu_device)
+        device_map = module_device_map(
+            build_skeleton(config), placement.components, placement.gpu_layers, settings.gpu_device
+        )
         logger.info("loading %s: %s, dtype %s, attention %s", settings.model_path, device_map, dtype, attention)
         try:
             model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
@@ -258,8 +271,10 @@ class OmniEngine:
     def check_speech(self, speaker: str | None) -> str:
         """The voice to speak with; SpeechError when speech is off or the voice unknown."""
         if not self.settings.enable_audio_output or not getattr(self.model, "has_talker", False):
-            raise SpeechError("speech output is not enabled on this server: start it with ENABLE_AUDIO_OUTPUT=true "
-                              "(loads the talker and token2wav, about 2.4 GiB for the 3B model)")
+            raise SpeechError(
+                "speech output is not enabled on this server: start it with ENABLE_AUDIO_OUTPUT=true "
+                "(loads the talker and token2wav, about 2.4 GiB for the 3B model)"
+            )
         voices = self.voices
         if not voices:
             raise SpeechError("this checkpoint has no voices (its spk_dict.pt is empty)")
@@ -302,8 +317,12 @@ class OmniEngine:
                     torch.manual_seed(request.seed)
                 if speaker is None:
                     sequences = self.model.thinker.generate(
-                        **inputs, use_audio_in_video=use_audio_in_video, max_new_tokens=request.max_new_tokens,
-                        eos_token_id=self._stop_ids, pad_token_id=self._pad_id, **self._decoding(request),
+                        **inputs,
+                        use_audio_in_video=use_audio_in_video,
+                        max_new_tokens=request.max_new_tokens,
+                        eos_token_id=self._stop_ids,
+                        pad_token_id=self._pad_id,
+                        **self._decoding(request),
                     )
                 else:
                     sequences, audio = self._generate_speech(inputs, use_audio_in_video, request, speaker)
@@ -311,7 +330,8 @@ class OmniEngine:
             generated = sequences[0, prompt_tokens:].cpu()
             del inputs, sequences  # the big tensors go before the next request comes
             text, stopped_by_string = cut_at_stop(
-                self.processor.tokenizer.decode(generated, skip_special_tokens=True), request.stop_strings)
+                self.processor.tokenizer.decode(generated, skip_special_tokens=True), request.stop_strings
+            )
             ended = stopped_by_string or (generated.numel() > 0 and int(generated[-1]) in self._stop_ids)
             finished = time.perf_counter()
             return GenerationResult(
@@ -366,17 +386,23 @@ class OmniEngine:
         room = context - prompt
         if request.max_new_tokens <= room:
             return request.max_new_tokens, []
-        return room, [f"max_new_tokens lowered from {request.max_new_tokens} to {room} to fit MAX_CONTEXT_TOKENS={context}"]
+        return room, [
+            f"max_new_tokens lowered from {request.max_new_tokens} to {room} to fit MAX_CONTEXT_TOKENS={context}"
+        ]
 
-    def _generate_speech(self, inputs: dict[str, Any], use_audio_in_video: bool, request: GenerationRequest,
-                         speaker: str) -> tuple[torch.Tensor, np.ndarray]:
+    def _generate_speech(
+        self, inputs: dict[str, Any], use_audio_in_video: bool, request: GenerationRequest, speaker: str
+    ) -> tuple[torch.Tensor, np.ndarray]:
         """Thinker, talker and token2wav: the answer's tokens and its waveform."""
         # Pixel inputs belong to the thinker only; the wrapper would hand them to the talker too.
         thinker_only = {"pixel_values": "thinker_pixel_values", "pixel_values_videos": "thinker_pixel_values_videos"}
         inputs = {thinker_only.get(key, key): value for key, value in inputs.items()}
         sequences, waveform = self.model.generate(
-            **inputs, use_audio_in_video=use_audio_in_video, thinker_max_new_tokens=request.max_new_tokens,
-            thinker_eos_token_id=self._stop_ids, thinker_pad_token_id=self._pad_id,
+            **inputs,
+            use_audio_in_video=use_audio_in_video,
+            thinker_max_new_tokens=request.max_new_tokens,
+            thinker_eos_token_id=self._stop_ids,
+            thinker_pad_token_id=self._pad_id,
             **{f"thinker_{key}": value for key, value in self._decoding(request).items()},
             **self._speech_kwargs(speaker),
         )
@@ -385,8 +411,11 @@ class OmniEngine:
     def _turns(self, request: GenerationRequest) -> list[ChatTurn]:
         """The conversation, system turn first. Speech needs the official system prompt: a custom one
         (the model authors' workaround) moves into the first user turn, ahead of its media and text."""
-        turns = list(request.turns) if request.turns else [
-            ChatTurn("user", [*request.images, *request.audios, *request.videos, *filter(None, [request.text])])]
+        turns = (
+            list(request.turns)
+            if request.turns
+            else [ChatTurn("user", [*request.images, *request.audios, *request.videos, *filter(None, [request.text])])]
+        )
         given = [part for turn in turns if turn.role == "system" for part in turn.parts if isinstance(part, str)]
         if not given and request.system_prompt is not None:
             given = [request.system_prompt]
@@ -447,16 +476,25 @@ class OmniEngine:
         prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         try:
             images = [
-                fetch_image({"image": image, "min_pixels": min(s.image_min_pixels, image_max), "max_pixels": image_max},
-                            image_patch_size=IMAGE_PATCH_SIZE)
+                fetch_image(
+                    {"image": image, "min_pixels": min(s.image_min_pixels, image_max), "max_pixels": image_max},
+                    image_patch_size=IMAGE_PATCH_SIZE,
+                )
                 for image in images
             ]
             video_tensors = [
-                fetch_video({"video": v.frames, "sample_fps": v.fps, "min_pixels": min(s.video_min_pixels, frame_max),
-                             "max_pixels": _frame_share(len(v.frames), frame_max, s.video_total_pixels,
-                                                        min(s.video_min_pixels, frame_max)),
-                             "total_pixels": s.video_total_pixels},
-                            image_patch_size=IMAGE_PATCH_SIZE)
+                fetch_video(
+                    {
+                        "video": v.frames,
+                        "sample_fps": v.fps,
+                        "min_pixels": min(s.video_min_pixels, frame_max),
+                        "max_pixels": _frame_share(
+                            len(v.frames), frame_max, s.video_total_pixels, min(s.video_min_pixels, frame_max)
+                        ),
+                        "total_pixels": s.video_total_pixels,
+                    },
+                    image_patch_size=IMAGE_PATCH_SIZE,
+                )
                 for v in videos
             ]
         except ValueError as error:  # qwen-omni-utils refuses e.g. aspect ratios over 200:1
@@ -472,7 +510,10 @@ class OmniEngine:
             kwargs["images_kwargs"] = {"do_resize": False}  # fetch_image already sized them
         if video_tensors:
             kwargs["videos_kwargs"] = {
-                "fps": videos[0].fps, "do_resize": False, "do_sample_frames": False, "cap_pixels_per_frame": False,
+                "fps": videos[0].fps,
+                "do_resize": False,
+                "do_sample_frames": False,
+                "cap_pixels_per_frame": False,
             }
         if use_audio_in_video:
             kwargs.update(load_audio_from_video=True, audio_from_video_indices=audio_slots)
@@ -508,7 +549,7 @@ def _how_to_fit(largest: str) -> str:
     advice = {
         "image": "Send smaller or fewer images, a lower `max_pixels`, or lower IMAGE_MAX_PIXELS.",
         "video": "Send shorter or fewer videos, use extract_video_frame / extract_video_audio, or lower "
-                 "VIDEO_TOTAL_PIXELS, VIDEO_MAX_FRAMES or VIDEO_FPS.",
+        "VIDEO_TOTAL_PIXELS, VIDEO_MAX_FRAMES or VIDEO_FPS.",
         "audio": "Send shorter audio (each second costs 25 tokens), or use extract_video_frame for videos.",
         "text": "Send a shorter text or system_prompt.",
     }[largest]
@@ -520,9 +561,7 @@ def _common_rate(videos: list[VideoInput]) -> list[VideoInput]:
     if not videos:
         return []
     rate = min(v.fps for v in videos)
-    return [
-        VideoInput(frames=v.frames[:: max(1, round(v.fps / rate))], fps=rate, audio=v.audio) for v in videos
-    ]
+    return [VideoInput(frames=v.frames[:: max(1, round(v.fps / rate))], fps=rate, audio=v.audio) for v in videos]
 
 
 def _config_from_json(path: Path):
@@ -577,15 +616,21 @@ def load_config(model_path: str):
 
 
 def _plan_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python modeling_low_vram.py plan",
-                                     description="Plan where Qwen2.5-Omni runs for a GPU memory budget (no GPU needed).")
+    parser = argparse.ArgumentParser(
+        prog="python modeling_low_vram.py plan",
+        description="Plan where Qwen2.5-Omni runs for a GPU memory budget (no GPU needed).",
+    )
     parser.add_argument("--model", required=True, help="checkpoint folder, hub id, or a config.json file")
     parser.add_argument("--gpu-gib", type=float, required=True, help="GPU memory budget in GiB")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--audio-output", action="store_true", help="also place the talker and token2wav")
     settings = Settings()  # the budgets of this server (.env and environment), for the encoders' headroom
-    parser.add_argument("--context", type=int, default=settings.max_context_tokens,
-                        help="planning context in tokens (default MAX_CONTEXT_TOKENS)")
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=settings.max_context_tokens,
+        help="planning context in tokens (default MAX_CONTEXT_TOKENS)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -593,17 +638,24 @@ def _plan_command(argv: list[str]) -> int:
     except ModelLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    plan = plan_placement(config, int(args.gpu_gib * GiB), getattr(torch, args.dtype),
-                          audio_output=args.audio_output, context_tokens=args.context,
-                          max_visual_patches=largest_visual_patches(settings))
+    plan = plan_placement(
+        config,
+        int(args.gpu_gib * GiB),
+        getattr(torch, args.dtype),
+        audio_output=args.audio_output,
+        context_tokens=args.context,
+        max_visual_patches=largest_visual_patches(settings),
+    )
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
     return 0
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] != ["plan"]:
-        sys.exit("usage: python modeling_low_vram.py plan --model PATH_OR_CONFIG_JSON --gpu-gib N "
-                 "[--dtype D] [--audio-output] [--context N] [--json]")
+        sys.exit(
+            "usage: python modeling_low_vram.py plan --model PATH_OR_CONFIG_JSON --gpu-gib N "
+            "[--dtype D] [--audio-output] [--context N] [--json]"
+        )
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()  # the configs' token-id range notes are not for this table

@@ -45,13 +45,25 @@ __version__ = "0.1.0"
 logger = logging.getLogger("multimodal_api")
 
 FORM_FIELDS = {
-    "text", "system_prompt", "max_new_tokens", "extract_video_audio", "extract_video_frame",
-    "return_audio", "speaker", "response_format", "max_pixels", "stream", "images", "audios", "videos",
+    "text",
+    "system_prompt",
+    "max_new_tokens",
+    "extract_video_audio",
+    "extract_video_frame",
+    "return_audio",
+    "speaker",
+    "response_format",
+    "max_pixels",
+    "stream",
+    "images",
+    "audios",
+    "videos",
 }
 
 
-def create_app(settings: Settings | None = None, engine: Any | None = None,
-               on_load_failure: Callable[[], None] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, engine: Any | None = None, on_load_failure: Callable[[], None] | None = None
+) -> FastAPI:
     """The FastAPI app. Pass `engine` to serve it as is (tests); otherwise MODEL_PATH loads at start-up."""
     settings = settings or load_settings()
 
@@ -73,9 +85,13 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
     if settings.api_key:
         app.add_middleware(ApiKey, key=settings.api_key)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-                           expose_headers=["X-Request-ID", "X-Text"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-Text"],
+        )
     app.add_middleware(RequestId)  # outermost: every answer, errors included, carries the id
     app.include_router(openai_api.router)
 
@@ -86,8 +102,9 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
         )
         if request.url.path.startswith("/v1/"):
             first = error.errors()[0]["loc"] if error.errors() else ()
-            return openai_api.OpenAIError(400, problems or "invalid request",
-                                          param=".".join(str(p) for p in first if p != "body") or None).response()
+            return openai_api.OpenAIError(
+                400, problems or "invalid request", param=".".join(str(p) for p in first if p != "body") or None
+            ).response()
         return JSONResponse({"detail": problems or "invalid request"}, 422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -108,14 +125,21 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
             "version": __version__,
             "model": state.engine.describe() if state.engine else {"model": settings.model_path, "status": "loading"},
             "memory": state.engine.memory() if state.engine else None,
-            "endpoints": {"POST /multimodal": "multipart form: " + ", ".join(sorted(FORM_FIELDS)),
-                          "POST /v1/chat/completions": "OpenAI-compatible chat (streaming too)",
-                          "GET /v1/models": "the served model", "GET /health": "readiness", "GET /": "this page",
-                          "GET /docs": "OpenAPI UI"},
+            "endpoints": {
+                "POST /multimodal": "multipart form: " + ", ".join(sorted(FORM_FIELDS)),
+                "POST /v1/chat/completions": "OpenAI-compatible chat (streaming too)",
+                "GET /v1/models": "the served model",
+                "GET /health": "readiness",
+                "GET /": "this page",
+                "GET /docs": "OpenAPI UI",
+            },
             "limits": {
-                "max_file_bytes": settings.max_file_bytes, "max_request_bytes": settings.max_request_bytes,
-                "max_files_per_field": settings.max_files_per_field, "max_image_pixels": settings.max_image_pixels,
-                "max_audio_seconds": settings.max_audio_seconds, "max_video_seconds": settings.max_video_seconds,
+                "max_file_bytes": settings.max_file_bytes,
+                "max_request_bytes": settings.max_request_bytes,
+                "max_files_per_field": settings.max_files_per_field,
+                "max_image_pixels": settings.max_image_pixels,
+                "max_audio_seconds": settings.max_audio_seconds,
+                "max_video_seconds": settings.max_video_seconds,
                 "max_new_tokens_limit": settings.max_new_tokens_limit,
             },
         }
@@ -125,12 +149,21 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
         state: ModelState = request.app.state.model
         if state.engine is None:
             if state.error:  # the reason is in the log; no server paths in answers
-                return JSONResponse({"status": "error", "detail": "the model could not be loaded: check MODEL_PATH "
-                                     "and the server log"}, 503)
+                return JSONResponse(
+                    {"status": "error", "detail": "the model could not be loaded: check MODEL_PATH and the server log"},
+                    503,
+                )
             return JSONResponse({"status": "loading", "detail": None}, 503)
         description = state.engine.describe()
-        return JSONResponse({"status": "ok", "model": description["model"], "placement": description["placement"],
-                             "memory": state.engine.memory(), "generations": request.app.state.worker.stats()})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": description["model"],
+                "placement": description["placement"],
+                "memory": state.engine.memory(),
+                "generations": request.app.state.worker.stats(),
+            }
+        )
 
     @app.post("/multimodal")
     async def multimodal(  # noqa: PLR0913 - one parameter per form field
@@ -145,20 +178,39 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
         extract_video_frame: Annotated[bool, Form(description="Send each video's last frame as an image.")] = False,
         return_audio: Annotated[bool, Form(description="Also speak the answer (needs ENABLE_AUDIO_OUTPUT).")] = False,
         speaker: Annotated[str | None, Form(description="Voice for the spoken answer; default the first.")] = None,
-        max_pixels: Annotated[int | None, Form(ge=28 * 28, description=(
-            "Pixel budget for each image and video frame (one token per 28x28 pixels); defaults to "
-            "IMAGE_MAX_PIXELS / VIDEO_MAX_PIXELS, at most MAX_PIXELS_CEILING."))] = None,
-        stream: Annotated[bool, Form(description="Stream the answer as Server-Sent Events (chat.completion.chunk).")] = False,
-        response_format: Annotated[Literal["json", "wav"], Form(
-            description="json (default), or wav: the spoken answer as audio/wav, its text in X-Text.")] = "json",
+        max_pixels: Annotated[
+            int | None,
+            Form(
+                ge=28 * 28,
+                description=(
+                    "Pixel budget for each image and video frame (one token per 28x28 pixels); defaults to "
+                    "IMAGE_MAX_PIXELS / VIDEO_MAX_PIXELS, at most MAX_PIXELS_CEILING."
+                ),
+            ),
+        ] = None,
+        stream: Annotated[
+            bool, Form(description="Stream the answer as Server-Sent Events (chat.completion.chunk).")
+        ] = False,
+        response_format: Annotated[
+            Literal["json", "wav"],
+            Form(description="json (default), or wav: the spoken answer as audio/wav, its text in X-Text."),
+        ] = "json",
         images: Annotated[list[UploadFile], File(description="Images.")] = [],  # noqa: B006 - FastAPI copies it
         audios: Annotated[list[UploadFile], File(description="Audio files.")] = [],  # noqa: B006
         videos: Annotated[list[UploadFile], File(description="Videos.")] = [],  # noqa: B006
     ) -> dict[str, Any]:
         started = time.perf_counter()
-        check_form(settings, set((await request.form()).keys()), text=text, system_prompt=system_prompt,
-                   max_new_tokens=max_new_tokens, max_pixels=max_pixels, stream=stream,
-                   response_format=response_format, return_audio=return_audio)
+        check_form(
+            settings,
+            set((await request.form()).keys()),
+            text=text,
+            system_prompt=system_prompt,
+            max_new_tokens=max_new_tokens,
+            max_pixels=max_pixels,
+            stream=stream,
+            response_format=response_format,
+            return_audio=return_audio,
+        )
         if return_audio:
             try:
                 speaker = engine.check_speech(speaker)
@@ -172,33 +224,61 @@ def create_app(settings: Settings | None = None, engine: Any | None = None,
         generation = GenerationRequest(
             text=text if text and text.strip() else None,
             system_prompt=system_prompt,
-            images=inputs.images, audios=inputs.audios, videos=inputs.videos,
+            images=inputs.images,
+            audios=inputs.audios,
+            videos=inputs.videos,
             max_new_tokens=max_new_tokens or settings.default_max_new_tokens,
-            return_audio=return_audio, speaker=speaker, max_pixels=max_pixels,
+            return_audio=return_audio,
+            speaker=speaker,
+            max_pixels=max_pixels,
         )
         if stream:
-            events = await openai_api.stream_events(generation, worker, engine, engine.describe()["model"],
-                                                    include_usage=True, timeout=settings.request_timeout_seconds)
+            events = await openai_api.stream_events(
+                generation,
+                worker,
+                engine,
+                engine.describe()["model"],
+                include_usage=True,
+                timeout=settings.request_timeout_seconds,
+            )
             return openai_api.sse(events)
         try:
-            result = await run_generation(request, worker, engine, generation, settings.request_timeout_seconds,
-                                          started)
+            result = await run_generation(
+                request, worker, engine, generation, settings.request_timeout_seconds, started
+            )
         except PromptTooLong as error:
             raise HTTPException(413, str(error)) from None
         except InputRejected as error:
             raise HTTPException(422, str(error)) from None
         if result.audio is not None and response_format == "wav":
-            return Response(wav_bytes(result.audio, SPEECH_SAMPLE_RATE), media_type="audio/wav",
-                            headers={"X-Text": urllib.parse.quote(result.text)})
-        return json_answer(result, inputs, engine.describe()["model"], decode_ms=(decoded - started) * 1000,
-                           total_ms=(time.perf_counter() - started) * 1000)
+            return Response(
+                wav_bytes(result.audio, SPEECH_SAMPLE_RATE),
+                media_type="audio/wav",
+                headers={"X-Text": urllib.parse.quote(result.text)},
+            )
+        return json_answer(
+            result,
+            inputs,
+            engine.describe()["model"],
+            decode_ms=(decoded - started) * 1000,
+            total_ms=(time.perf_counter() - started) * 1000,
+        )
 
     return app
 
 
-def check_form(settings: Settings, fields: set[str], *, text: str | None, system_prompt: str | None,
-               max_new_tokens: int | None, max_pixels: int | None, stream: bool, response_format: str,
-               return_audio: bool) -> None:
+def check_form(
+    settings: Settings,
+    fields: set[str],
+    *,
+    text: str | None,
+    system_prompt: str | None,
+    max_new_tokens: int | None,
+    max_pixels: int | None,
+    stream: bool,
+    response_format: str,
+    return_audio: bool,
+) -> None:
     """The /multimodal checks FastAPI's types cannot express: unknown fields, setting-bound limits, combinations."""
     unknown = sorted(fields - FORM_FIELDS)
     if unknown:
@@ -207,8 +287,9 @@ def check_form(settings: Settings, fields: set[str], *, text: str | None, system
         raise HTTPException(422, f"max_new_tokens: at most {settings.max_new_tokens_limit} (MAX_NEW_TOKENS_LIMIT)")
     for name, value in (("text", text), ("system_prompt", system_prompt)):
         if value is not None and len(value) > settings.max_text_chars:
-            raise HTTPException(413, f"{name}: {len(value):,} characters, at most {settings.max_text_chars:,} "
-                                     "(MAX_TEXT_CHARS)")
+            raise HTTPException(
+                413, f"{name}: {len(value):,} characters, at most {settings.max_text_chars:,} (MAX_TEXT_CHARS)"
+            )
     if max_pixels is not None and max_pixels > settings.max_pixels_ceiling:
         raise HTTPException(422, f"max_pixels: at most {settings.max_pixels_ceiling:,} (MAX_PIXELS_CEILING)")
     if stream and response_format == "wav":
@@ -217,14 +298,19 @@ def check_form(settings: Settings, fields: set[str], *, text: str | None, system
         raise HTTPException(422, "response_format=wav returns the spoken answer: also send return_audio=true")
 
 
-def json_answer(result: GenerationResult, inputs: MediaInputs, model: str, decode_ms: float, total_ms: float) -> dict[str, Any]:
+def json_answer(
+    result: GenerationResult, inputs: MediaInputs, model: str, decode_ms: float, total_ms: float
+) -> dict[str, Any]:
     """The /multimodal JSON answer: text, usage, what reached the model, warnings, timings, speech."""
     body: dict[str, Any] = {
         "text": result.text,
         "model": model,
-        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                  "total_tokens": result.prompt_tokens + result.completion_tokens,
-                  "prompt_tokens_by_modality": result.prompt_tokens_by_modality},
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "prompt_tokens_by_modality": result.prompt_tokens_by_modality,
+        },
         "inputs": {"images": len(inputs.images), "audios": len(inputs.audios), "videos": len(inputs.videos)},
         "warnings": inputs.warnings + result.warnings,
         "timings_ms": {
@@ -235,7 +321,8 @@ def json_answer(result: GenerationResult, inputs: MediaInputs, model: str, decod
     }
     if result.audio is not None:
         body["audio"] = {
-            "format": "wav", "sample_rate": SPEECH_SAMPLE_RATE,
+            "format": "wav",
+            "sample_rate": SPEECH_SAMPLE_RATE,
             "data": base64.b64encode(wav_bytes(result.audio, SPEECH_SAMPLE_RATE)).decode("ascii"),
             "seconds": round(len(result.audio) / SPEECH_SAMPLE_RATE, 3),
         }
@@ -247,8 +334,9 @@ def main() -> None:
     import uvicorn
 
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+    )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())
     try:
@@ -267,8 +355,11 @@ def main() -> None:
             server.should_exit = True
 
     app = create_app(settings, on_load_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level, timeout_graceful_shutdown=30))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30
+        )
+    )
     server.run()
     if failed.is_set():
         raise SystemExit(f"error: {app.state.model.error}")

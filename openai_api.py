@@ -49,8 +49,15 @@ AUDIO_LIFETIME_SECONDS = 3600
 class OpenAIError(Exception):
     """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers
@@ -65,7 +72,8 @@ class OpenAIError(Exception):
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """Any HTTP error on a /v1 route, in OpenAI's shape."""
     kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
-        status, "invalid_request_error" if status < 500 else "server_error")
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
     return OpenAIError(status, message, kind=kind, headers=headers).response()
 
 
@@ -143,8 +151,12 @@ async def fetch_media(url: str, what: str, settings: Settings) -> bytes:
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise OpenAIError(400, f"{what}: only data: URLs (or http(s) URLs of allowed hosts) are accepted", param=what)
     if parsed.hostname not in settings.media_url_hosts:
-        raise OpenAIError(400, f"{what}: remote URLs are refused (the server does not fetch on a client's behalf); "
-                               "send the media as a data URL, or list the host in MEDIA_URL_HOSTS", param=what)
+        raise OpenAIError(
+            400,
+            f"{what}: remote URLs are refused (the server does not fetch on a client's behalf); "
+            "send the media as a data URL, or list the host in MEDIA_URL_HOSTS",
+            param=what,
+        )
     limit = settings.max_file_bytes
     try:
         async with httpx.AsyncClient(timeout=settings.media_url_timeout_seconds, follow_redirects=False) as client:
@@ -168,11 +180,18 @@ def decode_part(kind: str, data: bytes, what: str, settings: Settings):
         if kind == "image":
             return media.load_image(source, max_pixels=settings.max_image_pixels).image
         if kind == "audio":
-            return media.load_audio(source, max_seconds=settings.max_audio_seconds,
-                                    timeout=settings.decode_timeout_seconds).samples
-        video = media.load_video(source, fps=settings.video_fps, max_frames=settings.video_max_frames,
-                                 max_seconds=settings.max_video_seconds, frame_max_pixels=settings.video_max_pixels,
-                                 max_audio_seconds=settings.max_audio_seconds, timeout=settings.decode_timeout_seconds)
+            return media.load_audio(
+                source, max_seconds=settings.max_audio_seconds, timeout=settings.decode_timeout_seconds
+            ).samples
+        video = media.load_video(
+            source,
+            fps=settings.video_fps,
+            max_frames=settings.video_max_frames,
+            max_seconds=settings.max_video_seconds,
+            frame_max_pixels=settings.video_max_pixels,
+            max_audio_seconds=settings.max_audio_seconds,
+            timeout=settings.decode_timeout_seconds,
+        )
         return VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None)
     except media.MediaError as error:
         raise OpenAIError(MEDIA_STATUS[type(error)], f"{what}: {error}", param=what) from None
@@ -213,33 +232,44 @@ async def to_turns(messages: list[Message], settings: Settings) -> list[ChatTurn
 # ---------------------------------------------------------------- responses
 
 
-def chunk(completion_id: str, model: str, delta: dict | None, finish_reason: str | None = None,
-          usage: dict | None = None) -> str:
-    body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                            "model": model,
-                            "choices": [] if delta is None else [{"index": 0, "delta": delta,
-                                                                  "finish_reason": finish_reason}]}
+def chunk(
+    completion_id: str, model: str, delta: dict | None, finish_reason: str | None = None, usage: dict | None = None
+) -> str:
+    body: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
     if usage is not None:
         body["usage"] = usage
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
 def usage_of(result: GenerationResult) -> dict[str, Any]:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-            "prompt_tokens_details": {"by_modality": result.prompt_tokens_by_modality}}
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "prompt_tokens_details": {"by_modality": result.prompt_tokens_by_modality},
+    }
 
 
 def audio_of(result: GenerationResult) -> dict[str, Any] | None:
     if result.audio is None:
         return None
-    return {"id": f"audio_{uuid.uuid4().hex[:24]}",
-            "data": base64.b64encode(wav_bytes(result.audio, SPEECH_SAMPLE_RATE)).decode("ascii"),
-            "expires_at": int(time.time()) + AUDIO_LIFETIME_SECONDS, "transcript": result.text}
+    return {
+        "id": f"audio_{uuid.uuid4().hex[:24]}",
+        "data": base64.b64encode(wav_bytes(result.audio, SPEECH_SAMPLE_RATE)).decode("ascii"),
+        "expires_at": int(time.time()) + AUDIO_LIFETIME_SECONDS,
+        "transcript": result.text,
+    }
 
 
-async def stream_events(generation: GenerationRequest, worker: ModelWorker, engine, model: str,
-                        include_usage: bool, timeout: float) -> AsyncIterator[str]:
+async def stream_events(
+    generation: GenerationRequest, worker: ModelWorker, engine, model: str, include_usage: bool, timeout: float
+) -> AsyncIterator[str]:
     """Server-Sent Events of chat.completion.chunk objects, text as it is generated, then [DONE].
 
     A client that disconnects cancels this generator: the generation then stops at its next token.
@@ -257,15 +287,22 @@ async def stream_events(generation: GenerationRequest, worker: ModelWorker, engi
             yield chunk(completion_id, model, {"role": "assistant", "content": ""})
             while not finished.done() or not deltas.empty():
                 getter = asyncio.ensure_future(deltas.get())
-                done, _ = await asyncio.wait({getter, finished}, timeout=max(0.0, deadline - time.monotonic()),
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, finished},
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 if getter in done:
                     yield chunk(completion_id, model, {"content": getter.result()})
                     continue
                 getter.cancel()
                 if not done:
-                    raise OpenAIError(504, f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)",
-                                      kind="server_error", code="timeout")
+                    raise OpenAIError(
+                        504,
+                        f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)",
+                        kind="server_error",
+                        code="timeout",
+                    )
             result: GenerationResult = finished.result()
             if (audio := audio_of(result)) is not None:
                 yield chunk(completion_id, model, {"audio": audio})
@@ -274,8 +311,9 @@ async def stream_events(generation: GenerationRequest, worker: ModelWorker, engi
                 yield chunk(completion_id, model, None, usage=usage_of(result))
         except (OpenAIError, InputRejected, SpeechError) as error:
             if not isinstance(error, OpenAIError):
-                error = OpenAIError(400, str(error), code="context_length_exceeded"
-                                    if isinstance(error, PromptTooLong) else None)
+                error = OpenAIError(
+                    400, str(error), code="context_length_exceeded" if isinstance(error, PromptTooLong) else None
+                )
             yield f"data: {json.dumps({'error': error.payload()})}\n\n"
         finally:
             if not job.done():
@@ -287,8 +325,9 @@ async def stream_events(generation: GenerationRequest, worker: ModelWorker, engi
 
 
 def sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 # ---------------------------------------------------------------- routes
@@ -296,39 +335,53 @@ def sse(events: AsyncIterator[str]) -> StreamingResponse:
 
 @router.get("/models")
 async def list_models(engine: EngineDep) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": engine.describe()["model"], "object": "model", "created": 0,
-                                        "owned_by": "qwen"}]}
+    return {
+        "object": "list",
+        "data": [{"id": engine.describe()["model"], "object": "model", "created": 0, "owned_by": "qwen"}],
+    }
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request, body: ChatCompletionRequest, settings: SettingsDep,
-                           engine: EngineDep, worker: WorkerDep):
+async def chat_completions(
+    request: Request, body: ChatCompletionRequest, settings: SettingsDep, engine: EngineDep, worker: WorkerDep
+):
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_new_tokens
     if max_tokens > settings.max_new_tokens_limit:
-        raise OpenAIError(400, f"max_tokens: at most {settings.max_new_tokens_limit} (MAX_NEW_TOKENS_LIMIT)",
-                          param="max_tokens")
+        raise OpenAIError(
+            400, f"max_tokens: at most {settings.max_new_tokens_limit} (MAX_NEW_TOKENS_LIMIT)", param="max_tokens"
+        )
     speak = "audio" in body.modalities
     voice = None
     if speak:
         try:
             voice = engine.check_speech(body.audio.voice if body.audio else None)
         except SpeechError as error:
-            raise OpenAIError(400, str(error), param="audio.voice" if body.audio and body.audio.voice else
-                              "modalities") from None
+            raise OpenAIError(
+                400, str(error), param="audio.voice" if body.audio and body.audio.voice else "modalities"
+            ) from None
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     generation = GenerationRequest(
-        text=None, system_prompt=None, turns=await to_turns(body.messages, settings), max_new_tokens=max_tokens,
-        return_audio=speak, speaker=voice, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+        text=None,
+        system_prompt=None,
+        turns=await to_turns(body.messages, settings),
+        max_new_tokens=max_tokens,
+        return_audio=speak,
+        speaker=voice,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
         stop_strings=stops,
     )
     model = engine.describe()["model"]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse(await stream_events(generation, worker, engine, model, include_usage,
-                                       settings.request_timeout_seconds))
+        return sse(
+            await stream_events(generation, worker, engine, model, include_usage, settings.request_timeout_seconds)
+        )
     try:
-        result = await run_generation(request, worker, engine, generation, settings.request_timeout_seconds,
-                                      time.perf_counter())
+        result = await run_generation(
+            request, worker, engine, generation, settings.request_timeout_seconds, time.perf_counter()
+        )
     except PromptTooLong as error:
         raise OpenAIError(400, str(error), code="context_length_exceeded") from None
     except InputRejected as error:
@@ -336,6 +389,11 @@ async def chat_completions(request: Request, body: ChatCompletionRequest, settin
     message: dict[str, Any] = {"role": "assistant", "content": result.text}
     if (audio := audio_of(result)) is not None:
         message["audio"] = audio
-    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
-            "usage": usage_of(result)}
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
+        "usage": usage_of(result),
+    }

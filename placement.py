@@ -124,8 +124,9 @@ def find_component(model: torch.nn.Module, component: str) -> str | None:
     return None
 
 
-def module_device_map(model: torch.nn.Module, placement: dict[str, str], gpu_layers: int | None = None,
-                      gpu_device: str = "cuda") -> dict[str, str]:
+def module_device_map(
+    model: torch.nn.Module, placement: dict[str, str], gpu_layers: int | None = None, gpu_device: str = "cuda"
+) -> dict[str, str]:
     """Component placement as accelerate's module-path device map, on `model`'s real tree.
 
     A `split` language model keeps its first `gpu_layers` decoder layers (and its embeddings,
@@ -189,13 +190,18 @@ class Plan:
         for name, size in self.components.items():
             device = self.placement[name]
             if device == SPLIT and self.language_model_layers:
-                device = f"split: {self.language_model_layers['gpu']} layers on GPU, {self.language_model_layers['cpu']} on CPU"
+                layers = self.language_model_layers
+                device = f"split: {layers['gpu']} layers on GPU, {layers['cpu']} on CPU"
             rows.append(f"{name:<15} {size.params / 1e9:>7.2f}B {size.bytes / GiB:>6.2f} GiB  {device}")
-        rows.append(f"{'headroom':<15} {'':>8} {self.headroom_bytes / GiB:>6.2f} GiB  "
-                    f"(KV cache and activations for {self.context_tokens} tokens, workspace)")
+        rows.append(
+            f"{'headroom':<15} {'':>8} {self.headroom_bytes / GiB:>6.2f} GiB  "
+            f"(KV cache and activations for {self.context_tokens} tokens, workspace)"
+        )
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        rows.append(f"predicted peak GPU memory: {self.predicted_gpu_bytes / GiB:.2f} GiB of "
-                    f"{self.budget_bytes / GiB:.2f} GiB ({self.dtype}): {verdict}")
+        rows.append(
+            f"predicted peak GPU memory: {self.predicted_gpu_bytes / GiB:.2f} GiB of "
+            f"{self.budget_bytes / GiB:.2f} GiB ({self.dtype}): {verdict}"
+        )
         rows += [f"note: {note}" for note in self.notes]
         return "\n".join(rows)
 
@@ -213,8 +219,9 @@ def component_sizes(skeleton: torch.nn.Module, dtype: torch.dtype) -> dict[str, 
     return sizes
 
 
-def headroom_bytes(config, context_tokens: int, dtype: torch.dtype, placement: dict[str, str],
-                   max_visual_patches: int | None = None) -> int:
+def headroom_bytes(
+    config, context_tokens: int, dtype: torch.dtype, placement: dict[str, str], max_visual_patches: int | None = None
+) -> int:
     """GPU memory beyond the weights: the KV cache and one layer's activations for the context,
     plus the encoders' activations for the largest input they may see, where they are on the GPU.
 
@@ -238,9 +245,15 @@ def headroom_bytes(config, context_tokens: int, dtype: torch.dtype, placement: d
     return total
 
 
-def plan_placement(config, budget_bytes: int, dtype: torch.dtype = torch.float16, audio_output: bool = False,
-                   context_tokens: int = 8192, skeleton: torch.nn.Module | None = None,
-                   max_visual_patches: int | None = None) -> Plan:
+def plan_placement(
+    config,
+    budget_bytes: int,
+    dtype: torch.dtype = torch.float16,
+    audio_output: bool = False,
+    context_tokens: int = 8192,
+    skeleton: torch.nn.Module | None = None,
+    max_visual_patches: int | None = None,
+) -> Plan:
     """Fit the model into `budget_bytes` of GPU memory (see the module docstring)."""
     if skeleton is None:
         config.enable_audio_output = audio_output
@@ -259,9 +272,16 @@ def plan_placement(config, budget_bytes: int, dtype: torch.dtype = torch.float16
             break
         if component in placement:
             placement[component] = "cpu"
-    plan = Plan(placement=placement, components=sizes, headroom_bytes=0, predicted_gpu_bytes=0,
-                budget_bytes=budget_bytes, fits=True, dtype=str(dtype).removeprefix("torch."),
-                context_tokens=context_tokens)
+    plan = Plan(
+        placement=placement,
+        components=sizes,
+        headroom_bytes=0,
+        predicted_gpu_bytes=0,
+        budget_bytes=budget_bytes,
+        fits=True,
+        dtype=str(dtype).removeprefix("torch."),
+        context_tokens=context_tokens,
+    )
     if gpu_bytes() > budget_bytes:
         _split_language_model(plan, skeleton, config, dtype, gpu_bytes())
     plan.headroom_bytes = headroom_bytes(config, context_tokens, dtype, placement, max_visual_patches)

@@ -57,10 +57,13 @@ class Settings(BaseSettings):
         None, min_length=8, description="When set, every endpoint but /health needs `Authorization: Bearer <key>`."
     )
     cors_origins: list[str] = Field(
-        [], description='Origins allowed to call the API from a browser, as JSON (["https://example.org"]); none by default.'
+        [],
+        description='Origins allowed to call the API from a browser, as JSON (["https://example.org"]); '
+        "none by default.",
     )
     media_url_hosts: list[str] = Field(
-        [], description='Hosts whose http(s) media URLs /v1 may fetch, as JSON (["media.example.org"]); none by default.'
+        [],
+        description='Hosts whose http(s) media URLs /v1 may fetch, as JSON (["media.example.org"]); none by default.',
     )
     media_url_timeout_seconds: float = Field(10, gt=0, le=600, description="Time limit for fetching one media URL.")
     max_waiting_requests: int = Field(
@@ -75,9 +78,7 @@ class Settings(BaseSettings):
         "You are a helpful AI assistant.", max_length=20_000, description="System prompt when a request sends none."
     )
     default_max_new_tokens: int = Field(512, ge=1, le=32768, description="max_new_tokens when a request sends none.")
-    max_new_tokens_limit: int = Field(
-        2048, ge=1, le=32768, description="Largest max_new_tokens a request may ask for."
-    )
+    max_new_tokens_limit: int = Field(2048, ge=1, le=32768, description="Largest max_new_tokens a request may ask for.")
     max_text_chars: int = Field(100_000, ge=1, description="Longest text or system_prompt a request may send.")
 
     # Upload limits

@@ -55,8 +55,9 @@ def decode_uploads(
     return out
 
 
-def _decode_one(s: Settings, field_name: str, source, out: MediaInputs, label: str,
-                extract_audio: bool, extract_frame: bool) -> None:
+def _decode_one(
+    s: Settings, field_name: str, source, out: MediaInputs, label: str, extract_audio: bool, extract_frame: bool
+) -> None:
     timeout = s.decode_timeout_seconds
     if field_name == "images":
         image = media.load_image(source, max_pixels=s.max_image_pixels)
@@ -85,8 +86,13 @@ def _decode_one(s: Settings, field_name: str, source, out: MediaInputs, label: s
     if extract_audio:
         out.warnings.append(f"{label}: sent whole as a video instead")
     video = media.load_video(
-        source, fps=s.video_fps, max_frames=s.video_max_frames, max_seconds=s.max_video_seconds,
-        frame_max_pixels=s.video_max_pixels, max_audio_seconds=s.max_audio_seconds, timeout=timeout,
+        source,
+        fps=s.video_fps,
+        max_frames=s.video_max_frames,
+        max_seconds=s.max_video_seconds,
+        frame_max_pixels=s.video_max_pixels,
+        max_audio_seconds=s.max_audio_seconds,
+        timeout=timeout,
     )
     out.videos.append(VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None))
     out.warnings += [f"{label}: {w}" for w in video.warnings]
@@ -98,12 +104,18 @@ def check_uploads(settings: Settings, uploads: dict[str, list[UploadFile]]) -> d
     for field_name, files in uploads.items():
         files = [f for f in files if f.filename or (f.size or 0) > 0]
         if len(files) > settings.max_files_per_field:
-            raise HTTPException(413, f"{field_name}: {len(files)} files, at most {settings.max_files_per_field} "
-                                     "are accepted (MAX_FILES_PER_FIELD)")
+            raise HTTPException(
+                413,
+                f"{field_name}: {len(files)} files, at most {settings.max_files_per_field} "
+                "are accepted (MAX_FILES_PER_FIELD)",
+            )
         for index, upload in enumerate(files):
             if (upload.size or 0) > settings.max_file_bytes:
-                raise HTTPException(413, f"{_label(field_name, index, upload)}: {upload.size:,} bytes, over the "
-                                         f"limit of {settings.max_file_bytes:,} (MAX_FILE_MB)")
+                raise HTTPException(
+                    413,
+                    f"{_label(field_name, index, upload)}: {upload.size:,} bytes, over the "
+                    f"limit of {settings.max_file_bytes:,} (MAX_FILE_MB)",
+                )
             if upload.size == 0:
                 raise HTTPException(400, f"{_label(field_name, index, upload)}: the file is empty")
         checked[field_name] = files

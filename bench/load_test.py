@@ -36,8 +36,10 @@ VALID = {
     "image": ({"text": "What is this?"}, [("images", ("a.jpg", make_media.image_bytes("JPEG", (320, 240))))]),
     "audio": ({"text": "What do you hear?"}, [("audios", ("a.mp3", make_media.audio_bytes("mp3", 1.5)))]),
     "video": ({"text": "What happens?"}, [("videos", ("v.mp4", make_media.video_bytes(2.0)))]),
-    "split video": ({"extract_video_audio": "true", "extract_video_frame": "true"},
-                    [("videos", ("v.mp4", make_media.video_bytes(2.0)))]),
+    "split video": (
+        {"extract_video_audio": "true", "extract_video_frame": "true"},
+        [("videos", ("v.mp4", make_media.video_bytes(2.0)))],
+    ),
 }
 BAD = {
     "bad file": ({}, [("videos", ("notes.txt", b"not a video at all\n" * 50))]),
@@ -67,8 +69,17 @@ def start_server(tmpdir: Path) -> tuple[subprocess.Popen, str]:
         port = probe.getsockname()[1]
     uploads = tmpdir / "uploads"
     uploads.mkdir()
-    env = {**os.environ, "MODEL_PATH": str(model_dir), "PORT": str(port), "HOST": "127.0.0.1", "DEVICE_MAP": "cpu",
-           "TMPDIR": str(uploads), "OMP_NUM_THREADS": "1", "LOG_LEVEL": "warning", "DEFAULT_MAX_NEW_TOKENS": "16"}
+    env = {
+        **os.environ,
+        "MODEL_PATH": str(model_dir),
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "DEVICE_MAP": "cpu",
+        "TMPDIR": str(uploads),
+        "OMP_NUM_THREADS": "1",
+        "LOG_LEVEL": "warning",
+        "DEFAULT_MAX_NEW_TOKENS": "16",
+    }
     server = subprocess.Popen([sys.executable, str(ROOT / "multimodal_api.py")], env=env, cwd=tmpdir)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -150,15 +161,21 @@ def main() -> None:
     total = args.clients * args.requests
     answered = sum(statuses.values())
     print(f"{args.clients} clients x {args.requests} requests = {total} in {elapsed:.1f} s")
-    print(f"answered {answered}, lost {lost}; by status: {dict(sorted(statuses.items()))}; "
-          f"valid ones not 200 / bad ones not 4xx: {len(wrong)} {wrong[:5]}")
+    print(
+        f"answered {answered}, lost {lost}; by status: {dict(sorted(statuses.items()))}; "
+        f"valid ones not 200 / bad ones not 4xx: {len(wrong)} {wrong[:5]}"
+    )
     print(f"latency p50 {percentile(latencies, 50) * 1000:.0f} ms, p99 {percentile(latencies, 99) * 1000:.0f} ms")
     print(f"peak generations running at once: {health['generations']['peak_running']} (must be 1)")
-    print(f"/health during the run: {len(health_latencies)} polls, p99 {percentile(health_latencies, 99) * 1000:.1f} ms "
-          f"(target <= 25 ms), median {statistics.median(health_latencies) * 1000:.1f} ms")
+    print(
+        f"/health during the run: {len(health_latencies)} polls, p99 {percentile(health_latencies, 99) * 1000:.1f} ms "
+        f"(target <= 25 ms), median {statistics.median(health_latencies) * 1000:.1f} ms"
+    )
     if server:
-        print(f"server RSS: start {rss_start / 1024:.0f} MiB, end {rss_end / 1024:.0f} MiB "
-              f"(growth {(rss_end - rss_start) / 1024:+.0f} MiB; bound: 200 MiB)")
+        print(
+            f"server RSS: start {rss_start / 1024:.0f} MiB, end {rss_end / 1024:.0f} MiB "
+            f"(growth {(rss_end - rss_start) / 1024:+.0f} MiB; bound: 200 MiB)"
+        )
         print(f"temporary files left: {len(left)} {left[:5]}")
 
 

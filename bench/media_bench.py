@@ -55,7 +55,7 @@ def make_clip(path: Path, seconds: float, fps: int = 10, size=(1280, 720)) -> Pa
         for index in range(int(seconds * fps)):
             picture = base.copy()
             x = (index * 7) % (width - 64)
-            picture[300:364, x:x + 64] = 255  # a moving square
+            picture[300:364, x : x + 64] = 255  # a moving square
             frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
             frame.pts, frame.time_base = index, Fraction(1, fps)
             for packet in video.encode(frame):
@@ -101,27 +101,36 @@ def bench_last_frame(short: Path, long: Path) -> None:
     long_time, frame = timed(media.extract_last_frame, str(long), max_seconds=3600)
     full_time, frames = timed(decode_every_frame, long, repeat=1)
     print("1. last frame (720p H.264+AAC)")
-    print(f"   10 s clip: {short_time * 1000:.0f} ms   10 min clip: {long_time * 1000:.0f} ms   "
-          f"ratio {long_time / short_time:.2f}x (target <= 2x)")
-    print(f"   decoding all {frames} frames of the 10 min clip: {full_time:.1f} s   "
-          f"seeking is {full_time / long_time:.0f}x faster (target >= 20x)   last frame {frame.size}")
+    print(
+        f"   10 s clip: {short_time * 1000:.0f} ms   10 min clip: {long_time * 1000:.0f} ms   "
+        f"ratio {long_time / short_time:.2f}x (target <= 2x)"
+    )
+    print(
+        f"   decoding all {frames} frames of the 10 min clip: {full_time:.1f} s   "
+        f"seeking is {full_time / long_time:.0f}x faster (target >= 20x)   last frame {frame.size}"
+    )
 
 
 def bench_audio_track(long: Path) -> None:
     elapsed, track = timed(media.extract_audio_track, str(long), max_seconds=3600, repeat=1)
     print("2. audio track extraction (16 kHz mono)")
-    print(f"   {track.seconds:.0f} s of audio in {elapsed:.2f} s: {track.seconds / elapsed:.0f}x real time "
-          "(target >= 100x, one core)")
+    print(
+        f"   {track.seconds:.0f} s of audio in {elapsed:.2f} s: {track.seconds / elapsed:.0f}x real time "
+        "(target >= 100x, one core)"
+    )
 
 
 def bench_video_sampling(long: Path) -> None:
     before = rss_kib()
-    elapsed, video = timed(media.load_video, str(long), fps=2.0, max_frames=64, max_seconds=3600,
-                           frame_max_pixels=768 * 28 * 28, repeat=1)
+    elapsed, video = timed(
+        media.load_video, str(long), fps=2.0, max_frames=64, max_seconds=3600, frame_max_pixels=768 * 28 * 28, repeat=1
+    )
     peak = rss_kib(field="VmHWM")
     print("3. video-as-video sampling of the 10 min clip")
-    print(f"   {len(video.frames)} frames kept at {video.fps:g} fps in {elapsed:.1f} s; RSS now "
-          f"{(rss_kib() - before) / 1024:+.0f} MiB, process peak {peak / 1024:.0f} MiB")
+    print(
+        f"   {len(video.frames)} frames kept at {video.fps:g} fps in {elapsed:.1f} s; RSS now "
+        f"{(rss_kib() - before) / 1024:+.0f} MiB, process peak {peak / 1024:.0f} MiB"
+    )
 
 
 def bench_audio_features() -> None:
@@ -134,24 +143,32 @@ def bench_audio_features() -> None:
     from settings import Settings
 
     with tempfile.TemporaryDirectory() as folder:
-        engine = OmniEngine.load(Settings(_env_file=None, model_path=str(tiny_model.build(Path(folder) / "tiny")),
-                                          device_map="cpu"))
+        engine = OmniEngine.load(
+            Settings(_env_file=None, model_path=str(tiny_model.build(Path(folder) / "tiny")), device_map="cpu")
+        )
     clip = (0.2 * np.sin(2 * np.pi * 440 * np.arange(5 * 16000) / 16000)).astype(np.float32)
     extractor = engine.processor.feature_extractor
     whisper_features, _ = timed(extractor, [clip], sampling_rate=16000, padding="max_length", repeat=5)
-    fitted_features, _ = timed(extractor, [clip], sampling_rate=16000, padding="max_length", max_length=len(clip),
-                               repeat=5)
+    fitted_features, _ = timed(
+        extractor, [clip], sampling_rate=16000, padding="max_length", max_length=len(clip), repeat=5
+    )
     request = GenerationRequest("What do you hear?", None, audios=[clip])
     fitted_time, (fitted, _) = timed(engine._prepare, request, repeat=5)
     engine.audio_padding = "whisper"
     whisper_time, (padded, _) = timed(engine._prepare, request, repeat=5)
     print("4. audio preprocessing of a 5 s clip (the real Whisper feature extractor configuration)")
-    print(f"   feature extraction: padded to 300 s {whisper_features * 1000:.1f} ms, to the clip "
-          f"{fitted_features * 1000:.2f} ms: {whisper_features / fitted_features:.0f}x less (target >= 50x)")
-    print(f"   whole processor call (template, tokenizer, features): {whisper_time * 1000:.1f} ms vs "
-          f"{fitted_time * 1000:.1f} ms: {whisper_time / fitted_time:.0f}x less")
-    print(f"   prompt tokens {padded['input_ids'].shape[1]} vs {fitted['input_ids'].shape[1]} (must be equal); "
-          f"feature frames {padded['input_features'].shape[-1]} vs {fitted['input_features'].shape[-1]}")
+    print(
+        f"   feature extraction: padded to 300 s {whisper_features * 1000:.1f} ms, to the clip "
+        f"{fitted_features * 1000:.2f} ms: {whisper_features / fitted_features:.0f}x less (target >= 50x)"
+    )
+    print(
+        f"   whole processor call (template, tokenizer, features): {whisper_time * 1000:.1f} ms vs "
+        f"{fitted_time * 1000:.1f} ms: {whisper_time / fitted_time:.0f}x less"
+    )
+    print(
+        f"   prompt tokens {padded['input_ids'].shape[1]} vs {fitted['input_ids'].shape[1]} (must be equal); "
+        f"feature frames {padded['input_features'].shape[-1]} vs {fitted['input_features'].shape[-1]}"
+    )
 
 
 def bench_upload(megabytes: int = 500) -> None:
@@ -166,8 +183,15 @@ def bench_upload(megabytes: int = 500) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        env = {**os.environ, "MODEL_PATH": str(model_dir), "PORT": str(port), "HOST": "127.0.0.1",
-               "TMPDIR": str(uploads_tmp), "OMP_NUM_THREADS": "1", "LOG_LEVEL": "warning"}
+        env = {
+            **os.environ,
+            "MODEL_PATH": str(model_dir),
+            "PORT": str(port),
+            "HOST": "127.0.0.1",
+            "TMPDIR": str(uploads_tmp),
+            "OMP_NUM_THREADS": "1",
+            "LOG_LEVEL": "warning",
+        }
         server = subprocess.Popen([sys.executable, str(ROOT / "multimodal_api.py")], env=env, cwd=folder)
         try:
             for _ in range(300):
@@ -181,8 +205,10 @@ def bench_upload(megabytes: int = 500) -> None:
                 time.sleep(0.1)
             before = rss_kib(server.pid)
             boundary = "benchboundary"
-            head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"videos\"; filename=\"big.bin\"\r\n"
-                    "Content-Type: application/octet-stream\r\n\r\n").encode()
+            head = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="videos"; filename="big.bin"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
             tail = f"\r\n--{boundary}--\r\n".encode()
             block = np.random.default_rng(0).integers(0, 256, 1024 * 1024, dtype=np.uint8).tobytes()
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -206,8 +232,10 @@ def bench_upload(megabytes: int = 500) -> None:
             server.wait(30)
     print(f"5. a {megabytes} MB upload (random bytes in `videos`) to the running server")
     print(f"   answer {response.status} in {elapsed:.1f} s: {detail}")
-    print(f"   server RSS before {before / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB: growth "
-          f"{(peak - before) / 1024:.0f} MiB (target <= 64 MiB); temporary files left: {len(left)} {left[:3]}")
+    print(
+        f"   server RSS before {before / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB: growth "
+        f"{(peak - before) / 1024:.0f} MiB (target <= 64 MiB); temporary files left: {len(left)} {left[:3]}"
+    )
 
 
 def main() -> None:

@@ -34,9 +34,14 @@ from settings import Settings  # noqa: E402
 CORPUS_FAX = ROOT.parent / "shared" / "media-corpus" / "image" / "tiff_g4_fax_multipage_3307x4677__g4-multi.tiff"
 # qwen-omni-utils 0.0.9 defaults (vision_process.py), as settings of this server.
 QWEN_OMNI_UTILS_DEFAULTS = {
-    "image_min_pixels": 4 * 28 * 28, "image_max_pixels": 16384 * 28 * 28, "max_pixels_ceiling": 16384 * 28 * 28,
-    "video_fps": 2.0, "video_max_frames": 768, "video_min_pixels": 128 * 28 * 28,
-    "video_max_pixels": 768 * 28 * 28, "video_total_pixels": int(128000 * 28 * 28 * 0.9),
+    "image_min_pixels": 4 * 28 * 28,
+    "image_max_pixels": 16384 * 28 * 28,
+    "max_pixels_ceiling": 16384 * 28 * 28,
+    "video_fps": 2.0,
+    "video_max_frames": 768,
+    "video_min_pixels": 128 * 28 * 28,
+    "video_max_pixels": 768 * 28 * 28,
+    "video_total_pixels": int(128000 * 28 * 28 * 0.9),
     "max_context_tokens": 131072,
 }
 
@@ -46,8 +51,9 @@ def phone_photo() -> Path:
     if not path.exists():
         OUT.mkdir(parents=True, exist_ok=True)
         gradient = Image.linear_gradient("L").resize((4032, 3024))
-        Image.merge("RGB", (gradient, gradient.transpose(Image.Transpose.ROTATE_90).resize((4032, 3024)),
-                            gradient)).save(path, quality=90)
+        Image.merge(
+            "RGB", (gradient, gradient.transpose(Image.Transpose.ROTATE_90).resize((4032, 3024)), gradient)
+        ).save(path, quality=90)
     return path
 
 
@@ -58,8 +64,14 @@ def measure(engine: OmniEngine, settings: Settings, kind: str, path: Path) -> di
         image = media.load_image(str(path), max_pixels=10**9).image
         request = GenerationRequest("Describe.", None, images=[image])
     else:
-        video = media.load_video(str(path), fps=settings.video_fps, max_frames=settings.video_max_frames,
-                                 max_seconds=3600, frame_max_pixels=settings.video_max_pixels, with_audio=False)
+        video = media.load_video(
+            str(path),
+            fps=settings.video_fps,
+            max_frames=settings.video_max_frames,
+            max_seconds=3600,
+            frame_max_pixels=settings.video_max_pixels,
+            with_audio=False,
+        )
         request = GenerationRequest("Describe.", None, videos=[VideoInput(video.frames, video.fps)])
     inputs, _ = engine._prepare(request)
     prepared = time.perf_counter()
@@ -76,8 +88,7 @@ def measure(engine: OmniEngine, settings: Settings, kind: str, path: Path) -> di
 def main() -> None:
     torch.set_num_threads(1)
     clip = make_clip(OUT / "clip_60s_720p.mp4", 60)
-    inputs = [("12 MP phone photo (4032x3024)", "image", phone_photo()),
-              ("60 s 720p clip, as video", "video", clip)]
+    inputs = [("12 MP phone photo (4032x3024)", "image", phone_photo()), ("60 s 720p clip, as video", "video", clip)]
     if CORPUS_FAX.exists():
         inputs.insert(1, ("corpus fax TIFF (3307x4677)", "image", CORPUS_FAX))
     with tempfile.TemporaryDirectory() as folder:
@@ -91,11 +102,16 @@ def main() -> None:
             results = {name: measure(engines[name], settings[name], kind, path) for name in ("qwen", "ours")}
             for name, result in results.items():
                 budget = "qwen-omni-utils" if name == "qwen" else "server default"
-                print(f"{label:<32} {budget:<16} {result['tokens']:>7} {result['preprocess'] * 1000:>9.0f} ms "
-                      f"{result['encode'] * 1000:>6.0f} ms")
+                print(
+                    f"{label:<32} {budget:<16} {result['tokens']:>7} {result['preprocess'] * 1000:>9.0f} ms "
+                    f"{result['encode'] * 1000:>6.0f} ms"
+                )
             q, o = results["qwen"], results["ours"]
-            print(f"{'':<32} {'ratio':<16} {q['tokens'] / o['tokens']:>6.1f}x {q['preprocess'] / o['preprocess']:>10.1f}x "
-                  f"{q['encode'] / o['encode']:>8.1f}x")
+            print(
+                f"{'':<32} {'ratio':<16} {q['tokens'] / o['tokens']:>6.1f}x "
+                f"{q['preprocess'] / o['preprocess']:>10.1f}x "
+                f"{q['encode'] / o['encode']:>8.1f}x"
+            )
 
 
 if __name__ == "__main__":

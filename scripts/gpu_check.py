@@ -41,12 +41,15 @@ def run(model_dir: Path, files: list, **overrides) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with TestClient(create_app(settings, engine=engine)) as client:
-        response = client.post("/multimodal", data={"text": "Describe all of it.", "max_new_tokens": "24"},
-                               files=files)
+        response = client.post("/multimodal", data={"text": "Describe all of it.", "max_new_tokens": "24"}, files=files)
         response.raise_for_status()
         health = client.get("/health").json()
-    return {"body": response.json(), "ids": answers[0].completion_ids, "describe": engine.describe(),
-            "memory": health["memory"]}
+    return {
+        "body": response.json(),
+        "ids": answers[0].completion_ids,
+        "describe": engine.describe(),
+        "memory": health["memory"],
+    }
 
 
 def main() -> int:
@@ -56,9 +59,11 @@ def main() -> int:
     print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as folder:
         model_dir = tiny_model.build(Path(folder) / "tiny")
-        files = [("images", ("image.jpg", make_media.image_bytes("JPEG", (320, 240)), "image/jpeg")),
-                 ("audios", ("audio.mp3", make_media.audio_bytes("mp3", 2.0), "audio/mpeg")),
-                 ("videos", ("video.mp4", make_media.video_bytes(2.0), "video/mp4"))]
+        files = [
+            ("images", ("image.jpg", make_media.image_bytes("JPEG", (320, 240)), "image/jpeg")),
+            ("audios", ("audio.mp3", make_media.audio_bytes("mp3", 2.0), "audio/mpeg")),
+            ("videos", ("video.mp4", make_media.video_bytes(2.0), "video/mp4")),
+        ]
         reference = run(model_dir, files, device_map="cpu", dtype="float32")
         low_vram = run(model_dir, files, device_map="low-vram", dtype="float16")
     for name, result in (("cpu float32", reference), ("low-vram float16", low_vram)):
@@ -70,11 +75,17 @@ def main() -> int:
     same_prompt = reference["body"]["usage"]["prompt_tokens"] == low_vram["body"]["usage"]["prompt_tokens"]
     first_difference = next((i for i, (a, b) in enumerate(zip(reference["ids"], low_vram["ids"])) if a != b), None)
     placement = low_vram["describe"]["placement"]
-    layout_ok = placement["visual"] == placement["audio_tower"] == "cpu" and placement["language_model"].startswith("cuda")
+    layout_ok = placement["visual"] == placement["audio_tower"] == "cpu" and placement["language_model"].startswith(
+        "cuda"
+    )
     print(f"\nsame prompt length: {same_prompt}")
     print(f"encoders on CPU, language model on CUDA: {layout_ok}")
-    print("tokens identical" if first_difference is None else
-          f"tokens agree for the first {first_difference} of {len(reference['ids'])} (fp16 rounding on random weights)")
+    print(
+        "tokens identical"
+        if first_difference is None
+        else f"tokens agree for the first {first_difference} of {len(reference['ids'])} "
+        "(fp16 rounding on random weights)"
+    )
     print(f"peak GPU memory: {low_vram['memory'].get('gpu_peak_bytes', 0) / 2**20:.1f} MiB")
     return 0 if same_prompt and layout_ok else 1
 

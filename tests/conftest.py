@@ -65,8 +65,14 @@ class FakeEngine:
         self.speech = speech
 
     def describe(self) -> dict:
-        return {"model": "fake", "dtype": "float32", "devices": ["cpu"], "placement": {}, "audio_output": self.speech,
-                "voices": self.voices}
+        return {
+            "model": "fake",
+            "dtype": "float32",
+            "devices": ["cpu"],
+            "placement": {},
+            "audio_output": self.speech,
+            "voices": self.voices,
+        }
 
     def check_speech(self, speaker):
         if not self.speech:
@@ -82,9 +88,14 @@ class FakeEngine:
         self.requests.append(request)
         summary = f"{len(request.images)} images, {len(request.audios)} audios, {len(request.videos)} videos"
         audio = np.sin(np.arange(12_000) / 10).astype(np.float32) * 0.5 if request.return_audio else None
-        return GenerationResult(text=summary, prompt_tokens=10, completion_tokens=3,
-                                timings_ms={"prepare": 1.0, "generate": 2.0}, audio=audio,
-                                prompt_tokens_by_modality={"text": 10, "image": 0, "audio": 0, "video": 0})
+        return GenerationResult(
+            text=summary,
+            prompt_tokens=10,
+            completion_tokens=3,
+            timings_ms={"prepare": 1.0, "generate": 2.0},
+            audio=audio,
+            prompt_tokens_by_modality={"text": 10, "image": 0, "audio": 0, "video": 0},
+        )
 
 
 @pytest.fixture

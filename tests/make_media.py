@@ -42,7 +42,7 @@ def audio_bytes(container: str = "wav", seconds: float = 1.0, rate: int = 44100,
         frame_size = stream.codec_context.frame_size or 1024
         target = stream.codec_context.format.name
         for start in range(0, samples.shape[1], frame_size):
-            chunk = np.ascontiguousarray(samples[:, start:start + frame_size])
+            chunk = np.ascontiguousarray(samples[:, start : start + frame_size])
             frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=stream.layout.name)
             frame.sample_rate = rate
             frame.pts = start
@@ -54,8 +54,15 @@ def audio_bytes(container: str = "wav", seconds: float = 1.0, rate: int = 44100,
     return out.getvalue()
 
 
-def video_bytes(seconds: float = 2.0, fps: int = 10, size: tuple[int, int] = (128, 96), audio: bool = True,
-                container: str = "mp4", rotation: int = 0, gop: int | None = None) -> bytes:
+def video_bytes(
+    seconds: float = 2.0,
+    fps: int = 10,
+    size: tuple[int, int] = (128, 96),
+    audio: bool = True,
+    container: str = "mp4",
+    rotation: int = 0,
+    gop: int | None = None,
+) -> bytes:
     """H.264 (+ AAC) video whose frames count up (frame i has brightness ~ i), for tests and benchmarks."""
     out = io.BytesIO()
     with av.open(out, "w", format=container) as output:
@@ -83,7 +90,7 @@ def video_bytes(seconds: float = 2.0, fps: int = 10, size: tuple[int, int] = (12
             if sound is not None:
                 until = int((i + 1) / fps * 44100)
                 while audio_pos + 1024 <= until:
-                    chunk = np.ascontiguousarray(samples[:, audio_pos:audio_pos + 1024])
+                    chunk = np.ascontiguousarray(samples[:, audio_pos : audio_pos + 1024])
                     aframe = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="stereo")
                     aframe.sample_rate = 44100
                     aframe.pts = audio_pos

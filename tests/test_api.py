@@ -20,8 +20,12 @@ def test_text_only_answer_has_the_documented_shape(client, fake_engine):
     body = response.json()
     assert body["text"] == "0 images, 0 audios, 0 videos"
     assert body["model"] == "fake"
-    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
-                             "prompt_tokens_by_modality": {"text": 10, "image": 0, "audio": 0, "video": 0}}
+    assert body["usage"] == {
+        "prompt_tokens": 10,
+        "completion_tokens": 3,
+        "total_tokens": 13,
+        "prompt_tokens_by_modality": {"text": 10, "image": 0, "audio": 0, "video": 0},
+    }
     assert body["inputs"] == {"images": 0, "audios": 0, "videos": 0}
     assert set(body["timings_ms"]) == {"preprocess", "generate", "total"}
     request = fake_engine.requests[0]
@@ -35,8 +39,12 @@ def test_system_prompt_is_passed_through(client, fake_engine):
 
 
 def test_every_kind_of_file_reaches_the_engine(client, fake_engine, media_dir):
-    files = [("images", upload(media_dir / "image.png")), ("images", upload(media_dir / "image.jpg")),
-             ("audios", upload(media_dir / "audio.wav")), ("videos", upload(media_dir / "video.mp4"))]
+    files = [
+        ("images", upload(media_dir / "image.png")),
+        ("images", upload(media_dir / "image.jpg")),
+        ("audios", upload(media_dir / "audio.wav")),
+        ("videos", upload(media_dir / "video.mp4")),
+    ]
     body = post(client, {"text": "describe"}, files).json()
     assert body["inputs"] == {"images": 2, "audios": 1, "videos": 1}
     video = fake_engine.requests[0].videos[0]
@@ -57,8 +65,11 @@ def test_video_flags_convert_the_video_into_its_parts(client, media_dir, flags, 
 
 
 def test_silent_video_with_audio_asked_says_so(client, media_dir):
-    body = post(client, {"extract_video_audio": "true", "extract_video_frame": "true"},
-                [("videos", upload(media_dir / "silent.mp4"))]).json()
+    body = post(
+        client,
+        {"extract_video_audio": "true", "extract_video_frame": "true"},
+        [("videos", upload(media_dir / "silent.mp4"))],
+    ).json()
     assert body["inputs"] == {"images": 1, "audios": 0, "videos": 0}
     assert "has no audio track" in body["warnings"][0]
 
@@ -121,8 +132,9 @@ def test_request_body_limit_is_counted_as_it_arrives(make_client, fake_engine, m
         yield b"x" * 40_000
         yield b"x" * 40_000
 
-    response = client.post("/multimodal", content=lying_body(),
-                           headers={"content-type": "multipart/form-data; boundary=zz"})
+    response = client.post(
+        "/multimodal", content=lying_body(), headers={"content-type": "multipart/form-data; boundary=zz"}
+    )
     assert response.status_code == 413
 
 

@@ -52,17 +52,20 @@ def test_image_budget_sets_the_image_token_count(client_with, big_photo):
 def test_video_budget_sets_the_video_token_count(client_with, tmp_path):
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(make_media.video_bytes(2.0, size=(640, 480), audio=False))
-    few = usage(client_with(video_total_pixels=64 * 28 * 28, video_min_pixels=4 * 28 * 28),
-                [("videos", upload(clip))])
-    many = usage(client_with(video_total_pixels=512 * 28 * 28, video_min_pixels=4 * 28 * 28),
-                 [("videos", upload(clip))])
+    few = usage(client_with(video_total_pixels=64 * 28 * 28, video_min_pixels=4 * 28 * 28), [("videos", upload(clip))])
+    many = usage(
+        client_with(video_total_pixels=512 * 28 * 28, video_min_pixels=4 * 28 * 28), [("videos", upload(clip))]
+    )
     assert few["prompt_tokens_by_modality"]["video"] < many["prompt_tokens_by_modality"]["video"]
     assert many["prompt_tokens_by_modality"]["video"] <= 512
 
 
 def test_usage_counts_every_modality_and_a_videos_audio_as_audio(tiny_client, media_dir):
-    counts = usage(tiny_client, [("images", upload(media_dir / "image.png")), ("videos", upload(media_dir / "video.mp4"))],
-                   {"text": "Describe."})
+    counts = usage(
+        tiny_client,
+        [("images", upload(media_dir / "image.png")), ("videos", upload(media_dir / "video.mp4"))],
+        {"text": "Describe."},
+    )
     by_modality = counts["prompt_tokens_by_modality"]
     assert set(by_modality) == {"text", "image", "audio", "video"}
     assert by_modality["image"] > 0 and by_modality["video"] > 0 and by_modality["audio"] > 0
@@ -75,7 +78,9 @@ def test_request_may_ask_for_fewer_or_more_pixels_up_to_the_ceiling(client_with,
     fewer = usage(client, [("images", upload(big_photo))], {"max_pixels": str(32 * 28 * 28)})
     more = usage(client, [("images", upload(big_photo))], {"max_pixels": str(512 * 28 * 28)})
     assert fewer["prompt_tokens_by_modality"]["image"] <= 32 < default < more["prompt_tokens_by_modality"]["image"]
-    response = client.post("/multimodal", data={"max_pixels": str(1024 * 28 * 28)}, files=[("images", upload(big_photo))])
+    response = client.post(
+        "/multimodal", data={"max_pixels": str(1024 * 28 * 28)}, files=[("images", upload(big_photo))]
+    )
     assert response.status_code == 422 and "MAX_PIXELS_CEILING" in response.json()["detail"]
 
 
@@ -99,9 +104,17 @@ def test_answer_bound_is_shortened_to_fit_the_context(client_with):
 def test_planner_headroom_follows_the_pixel_budgets(tiny_model_dir):
     config = load_config(str(tiny_model_dir))
     placement = {"language_model": GPU, "visual": GPU}
-    tight = largest_visual_patches(Settings(_env_file=None, image_max_pixels=64 * 784, max_pixels_ceiling=64 * 784,
-                                            video_total_pixels=64 * 784, max_files_per_field=1))
+    tight = largest_visual_patches(
+        Settings(
+            _env_file=None,
+            image_max_pixels=64 * 784,
+            max_pixels_ceiling=64 * 784,
+            video_total_pixels=64 * 784,
+            max_files_per_field=1,
+        )
+    )
     roomy = largest_visual_patches(Settings(_env_file=None))
     assert tight == 2 * 64 * 4
     assert headroom_bytes(config, 8192, torch.float16, placement, tight) < headroom_bytes(
-        config, 8192, torch.float16, placement, roomy)
+        config, 8192, torch.float16, placement, roomy
+    )

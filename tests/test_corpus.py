@@ -15,11 +15,14 @@ import pytest
 
 from conftest import CORPUS
 
-pytestmark = pytest.mark.skipif(not (CORPUS / "MANIFEST.tsv").exists(),
-                                reason=f"the media corpus is absent ({CORPUS}); nothing to walk")
+pytestmark = pytest.mark.skipif(
+    not (CORPUS / "MANIFEST.tsv").exists(), reason=f"the media corpus is absent ({CORPUS}); nothing to walk"
+)
 
 FIELD_OF_EXTENSION = {
-    **dict.fromkeys(("png", "jpg", "jpeg", "gif", "bmp", "tif", "tiff", "ico", "jp2", "webp", "avif", "heic"), "images"),
+    **dict.fromkeys(
+        ("png", "jpg", "jpeg", "gif", "bmp", "tif", "tiff", "ico", "jp2", "webp", "avif", "heic"), "images"
+    ),
     **dict.fromkeys(("wav", "mp3", "flac", "ogg", "aac", "m4a", "m4b", "aiff", "aifc", "rm"), "audios"),
     **dict.fromkeys(("mp4", "mov", "mkv", "webm", "avi", "flv", "mts", "m4s", "ts", "3gp"), "videos"),
 }
@@ -63,8 +66,11 @@ def test_every_corpus_file_decodes_or_gets_a_clear_4xx(tiny_client, capsys):
     for row in rows:
         path, folder = row["path"], row["path"].split("/")[0]
         field = field_for(path, row["kind"])
-        response = tiny_client.post("/multimodal", data={"max_new_tokens": "2"},
-                                    files=[(field, (path.rsplit("/", 1)[-1], (CORPUS / path).read_bytes()))])
+        response = tiny_client.post(
+            "/multimodal",
+            data={"max_new_tokens": "2"},
+            files=[(field, (path.rsplit("/", 1)[-1], (CORPUS / path).read_bytes()))],
+        )
         body = response.json()
         status = response.status_code
         outcomes[folder][status] += 1

@@ -67,9 +67,12 @@ def test_split_video(tiny_client, media_dir, flags, expected):
 
 def test_several_files_of_each_kind_at_once(tiny_client, media_dir):
     files = [
-        ("images", upload(media_dir / "image.png")), ("images", upload(media_dir / "image.jpg")),
-        ("audios", upload(media_dir / "audio.wav")), ("audios", upload(media_dir / "audio.mp3")),
-        ("videos", upload(media_dir / "video.mp4")), ("videos", upload(media_dir / "silent.mp4")),
+        ("images", upload(media_dir / "image.png")),
+        ("images", upload(media_dir / "image.jpg")),
+        ("audios", upload(media_dir / "audio.wav")),
+        ("audios", upload(media_dir / "audio.mp3")),
+        ("videos", upload(media_dir / "video.mp4")),
+        ("videos", upload(media_dir / "silent.mp4")),
     ]
     body = ask(tiny_client, {"text": "Compare them all."}, files)
     assert body["inputs"] == {"images": 2, "audios": 2, "videos": 2}

@@ -134,7 +134,12 @@ def test_video_over_the_duration_limit_is_refused():
     ("data", "loader", "error", "message"),
     [
         (make_media.video_bytes(1.0), "image", media.UnsupportedMedia, "is a video, not an image; send it in `videos`"),
-        (make_media.image_bytes(), "audio", media.UnsupportedMedia, "is an image, not an audio file; send it in `images`"),
+        (
+            make_media.image_bytes(),
+            "audio",
+            media.UnsupportedMedia,
+            "is an image, not an audio file; send it in `images`",
+        ),
         (make_media.audio_bytes("wav"), "video", media.UnsupportedMedia, "send it in `audios`"),
         (make_media.image_bytes(), "video", media.UnsupportedMedia, "is an image, not a video"),
         (make_media.video_bytes(1.0, audio=False), "audio", media.UnsupportedMedia, "video without an audio track"),

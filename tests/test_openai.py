@@ -46,9 +46,15 @@ def test_plain_chat(client):
 
 def test_multi_turn_with_system_and_assistant_turns(client):
     short = ask(client, [{"role": "user", "content": "Hi"}])
-    long = ask(client, [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"},
-                        {"role": "assistant", "content": "Hello! How can I help?"},
-                        {"role": "user", "content": "Tell me more."}])
+    long = ask(
+        client,
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Tell me more."},
+        ],
+    )
     assert long.usage.prompt_tokens > short.usage.prompt_tokens + 10
 
 
@@ -56,8 +62,10 @@ def test_media_parts_reach_the_model(client):
     content = [
         {"type": "text", "text": "Describe these."},
         {"type": "image_url", "image_url": {"url": data_url("image/png", make_media.image_bytes("PNG"))}},
-        {"type": "input_audio", "input_audio": {"data": base64.b64encode(make_media.audio_bytes("wav", 1.0)).decode(),
-                                                "format": "wav"}},
+        {
+            "type": "input_audio",
+            "input_audio": {"data": base64.b64encode(make_media.audio_bytes("wav", 1.0)).decode(), "format": "wav"},
+        },
         {"type": "audio_url", "audio_url": {"url": data_url("audio/mpeg", make_media.audio_bytes("mp3", 1.0))}},
         {"type": "video_url", "video_url": {"url": data_url("video/mp4", make_media.video_bytes(2.0))}},
     ]
@@ -78,15 +86,20 @@ def test_seed_makes_sampling_reproducible(client):
 def test_stop_strings_end_the_answer_before_them(client):
     messages = [{"role": "user", "content": "Say something."}]
     full = ask(client, messages, max_tokens=16).choices[0].message.content
-    stop = full.strip()[len(full.strip()) // 2:][:2]
+    stop = full.strip()[len(full.strip()) // 2 :][:2]
     assert stop
     cut = ask(client, messages, max_tokens=16, stop=[stop])
     assert cut.choices[0].message.content == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
 
 
 def test_streaming_sends_text_as_it_is_generated(client):
-    stream = ask(client, [{"role": "user", "content": "Tell me a story."}], max_tokens=24, stream=True,
-                 stream_options={"include_usage": True})
+    stream = ask(
+        client,
+        [{"role": "user", "content": "Tell me a story."}],
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     finals = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].finish_reason]
@@ -98,8 +111,12 @@ def test_streaming_sends_text_as_it_is_generated(client):
 
 
 def test_speech_in_openai_shape(client):
-    answer = ask(client, [{"role": "user", "content": "Say hi."}], modalities=["text", "audio"],
-                 audio={"voice": "Ethan", "format": "wav"})
+    answer = ask(
+        client,
+        [{"role": "user", "content": "Say hi."}],
+        modalities=["text", "audio"],
+        audio={"voice": "Ethan", "format": "wav"},
+    )
     audio = answer.choices[0].message.audio
     samples, rate = soundfile.read(io.BytesIO(base64.b64decode(audio.data)))
     assert rate == 24000 and len(samples) > 0 and audio.id.startswith("audio_")
@@ -107,8 +124,15 @@ def test_speech_in_openai_shape(client):
 
 
 def test_streamed_speech_arrives_in_the_last_chunks(client):
-    chunks = list(ask(client, [{"role": "user", "content": "Say hi."}], modalities=["text", "audio"],
-                      audio={"voice": "Chelsie", "format": "wav"}, stream=True))
+    chunks = list(
+        ask(
+            client,
+            [{"role": "user", "content": "Say hi."}],
+            modalities=["text", "audio"],
+            audio={"voice": "Chelsie", "format": "wav"},
+            stream=True,
+        )
+    )
     with_audio = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.audio]
     assert with_audio == [len(chunks) - 2]  # just before the finishing chunk
     audio = chunks[with_audio[0]].choices[0].delta.audio
@@ -118,12 +142,24 @@ def test_streamed_speech_arrives_in_the_last_chunks(client):
 @pytest.mark.parametrize(
     ("options", "messages", "param", "fragment"),
     [
-        ({}, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.org/a.png"}}]}],
-         "messages[0].content[0]", "remote URLs are refused"),
-        ({}, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}],
-         "messages[0].content[0]", "not valid base64"),
-        ({"modalities": ["text", "audio"], "audio": {"voice": "Nobody", "format": "wav"}}, None, "audio.voice",
-         "available voices: Chelsie, Ethan"),
+        (
+            {},
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.org/a.png"}}]}],
+            "messages[0].content[0]",
+            "remote URLs are refused",
+        ),
+        (
+            {},
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}],
+            "messages[0].content[0]",
+            "not valid base64",
+        ),
+        (
+            {"modalities": ["text", "audio"], "audio": {"voice": "Nobody", "format": "wav"}},
+            None,
+            "audio.voice",
+            "available voices: Chelsie, Ethan",
+        ),
         ({"max_tokens": 10**6}, None, "max_tokens", "MAX_NEW_TOKENS_LIMIT"),
         ({"n": 2}, None, "n", "less than or equal to 1"),
         ({"extra_body": {"tools": [{"type": "function"}]}}, None, "tools", "Extra inputs are not permitted"),
@@ -156,8 +192,12 @@ def test_api_key_works_as_the_openai_clients_key(tmp_path):
 
 
 def test_disconnecting_mid_stream_frees_the_model(live_server):
-    payload = {"messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 1500,
-               "temperature": 0, "stream": True}
+    payload = {
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 1500,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", f"{live_server}/v1/chat/completions", json=payload) as response:
             first = next(response.iter_lines())
@@ -168,16 +208,21 @@ def test_disconnecting_mid_stream_frees_the_model(live_server):
             time.sleep(0.05)
         assert http.get(f"{live_server}/health").json()["generations"]["running"] == 0
         started = time.monotonic()
-        quick = http.post(f"{live_server}/v1/chat/completions",
-                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        quick = http.post(
+            f"{live_server}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
         assert quick.status_code == 200 and time.monotonic() - started < 5
 
 
 def test_multimodal_streams_the_same_way(live_server):
     with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{live_server}/multimodal",
-                         data={"text": "Tell me a story.", "max_new_tokens": "16", "stream": "true"},
-                         files=[("images", ("a.png", make_media.image_bytes("PNG")))]) as response:
+        with http.stream(
+            "POST",
+            f"{live_server}/multimodal",
+            data={"text": "Tell me a story.", "max_new_tokens": "16", "stream": "true"},
+            files=[("images", ("a.png", make_media.image_bytes("PNG")))],
+        ) as response:
             lines = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     events = [json.loads(line[6:]) for line in lines[:-1]]
@@ -232,8 +277,9 @@ def test_remote_media_only_from_listed_hosts_within_limits(tmp_path, tiny_engine
 
             def ask_about(image_url: str):
                 part = {"type": "image_url", "image_url": {"url": image_url}}
-                return client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user",
-                                                                                          "content": [part]}])
+                return client.chat.completions.create(
+                    model="m", max_tokens=2, messages=[{"role": "user", "content": [part]}]
+                )
 
             assert ask_about(f"{base}/photo.png").usage.prompt_tokens > 30
             with pytest.raises(openai.APIStatusError) as too_big:

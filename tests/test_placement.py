@@ -39,8 +39,14 @@ def config_3b():
 def test_3b_component_sizes_match_the_released_model(config_3b):
     sizes = component_sizes(build_skeleton(config_3b), torch.float16)
     params = {name: round(size.params / 1e9, 2) for name, size in sizes.items()}
-    assert params == {"language_model": 3.09, "lm_head": 0.31, "visual": 0.67, "audio_tower": 0.64,
-                      "talker": 0.38, "token2wav": 0.45}
+    assert params == {
+        "language_model": 3.09,
+        "lm_head": 0.31,
+        "visual": 0.67,
+        "audio_tower": 0.64,
+        "talker": 0.38,
+        "token2wav": 0.45,
+    }
     assert sizes["token2wav"].bytes == sizes["token2wav"].params * 4  # always float32
 
 
@@ -70,8 +76,12 @@ def test_3b_plans_are_sane(config_3b, gib, audio_output):
 @needs_3b_config
 def test_3b_fits_8_gib_with_the_encoders_on_cpu(config_3b):
     plan = plan_placement(config_3b, 8 * GiB, torch.float16)
-    assert plan.fits and plan.placement == {"language_model": GPU, "lm_head": GPU, "visual": "cpu",
-                                            "audio_tower": "cpu"}
+    assert plan.fits and plan.placement == {
+        "language_model": GPU,
+        "lm_head": GPU,
+        "visual": "cpu",
+        "audio_tower": "cpu",
+    }
 
 
 @needs_3b_config
@@ -87,8 +97,21 @@ def test_3b_below_the_language_models_size_splits_it_by_layers(config_3b, gib):
 
 @needs_3b_config
 def test_plan_command_prints_json(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "modeling_low_vram.py"), "plan", "--model", str(CONFIG_3B),
-                             "--gpu-gib", "8", "--json"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "modeling_low_vram.py"),
+            "plan",
+            "--model",
+            str(CONFIG_3B),
+            "--gpu-gib",
+            "8",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     plan = json.loads(result.stdout)
     assert plan["fits"] is True and plan["placement"]["visual"] == "cpu"
     assert plan["components"]["language_model"]["params"] == 3085938688
@@ -98,8 +121,9 @@ def test_plan_command_prints_json(tmp_path):
 def test_headroom_grows_with_the_context(tiny_model_dir):
     config = load_config(str(tiny_model_dir))
     placement = {"language_model": GPU, "visual": "cpu"}
-    assert headroom_bytes(config, 16384, torch.float16, placement) > headroom_bytes(config, 8192, torch.float16,
-                                                                                    placement)
+    assert headroom_bytes(config, 16384, torch.float16, placement) > headroom_bytes(
+        config, 8192, torch.float16, placement
+    )
 
 
 # ---------------------------------------------------------------- presets on the tiny model, cpu standing in
@@ -112,8 +136,11 @@ def wait_until_ready(client, seconds: float = 60) -> None:
 
 
 def ask_everything(client, media_dir):
-    files = [("images", upload(media_dir / "image.png")), ("audios", upload(media_dir / "audio.wav")),
-             ("videos", upload(media_dir / "video.mp4"))]
+    files = [
+        ("images", upload(media_dir / "image.png")),
+        ("audios", upload(media_dir / "audio.wav")),
+        ("videos", upload(media_dir / "video.mp4")),
+    ]
     response = client.post("/multimodal", data={"text": "Describe.", "max_new_tokens": "4"}, files=files)
     assert response.status_code == 200, response.text
     return response.json()
@@ -136,9 +163,14 @@ def test_auto_splits_the_language_model_when_only_part_fits(tiny_model_dir, medi
     skeleton = build_skeleton(config)
     sizes = component_sizes(skeleton, torch.float16)
     layer = sum(p.numel() for p in skeleton.thinker.model.language_model.layers[0].parameters()) * 2
-    needed = sizes["language_model"].bytes + sizes["lm_head"].bytes + headroom_bytes(
-        config, 8192, torch.float16, {"language_model": GPU})
-    settings = tiny_settings(tiny_model_dir, device_map="auto", gpu_device="cpu", gpu_memory_gib=(needed - layer // 2) / GiB)
+    needed = (
+        sizes["language_model"].bytes
+        + sizes["lm_head"].bytes
+        + headroom_bytes(config, 8192, torch.float16, {"language_model": GPU})
+    )
+    settings = tiny_settings(
+        tiny_model_dir, device_map="auto", gpu_device="cpu", gpu_memory_gib=(needed - layer // 2) / GiB
+    )
     placement = resolve_placement(settings, config, cuda_available=False)
     assert placement.components["language_model"] == SPLIT and placement.gpu_layers == 1
     device_map = module_device_map(skeleton, placement.components, placement.gpu_layers, "cuda")
@@ -154,9 +186,14 @@ def test_auto_splits_the_language_model_when_only_part_fits(tiny_model_dir, medi
 def test_device_map_resolves_against_the_real_module_tree(tiny_model_dir):
     skeleton = build_skeleton(load_config(str(tiny_model_dir)))
     device_map = module_device_map(skeleton, dict.fromkeys(COMPONENTS, "cpu"))
-    assert device_map == {"thinker.model.language_model": "cpu", "thinker.lm_head": "cpu",
-                          "thinker.model.visual": "cpu", "thinker.model.audio_tower": "cpu",
-                          "talker": "cpu", "token2wav": "cpu"}
+    assert device_map == {
+        "thinker.model.language_model": "cpu",
+        "thinker.lm_head": "cpu",
+        "thinker.model.visual": "cpu",
+        "thinker.model.audio_tower": "cpu",
+        "talker": "cpu",
+        "token2wav": "cpu",
+    }
 
 
 @pytest.mark.parametrize("enabled", [False, True])

@@ -91,8 +91,10 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(make_client):
     engine = BlockingEngine()
     client = make_client(engine, max_waiting_requests=1)
     results: list[httpx.Response] = []
-    threads = [threading.Thread(target=lambda: results.append(client.post("/multimodal", data={"text": "q"})))
-               for _ in range(2)]
+    threads = [
+        threading.Thread(target=lambda: results.append(client.post("/multimodal", data={"text": "q"})))
+        for _ in range(2)
+    ]
     for thread in threads:
         thread.start()
         time.sleep(0.2)  # the first runs, the second waits
@@ -177,10 +179,22 @@ def test_sigterm_lets_the_running_generation_finish(tiny_model_dir, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "MODEL_PATH": str(tiny_model_dir), "PORT": str(port), "HOST": "127.0.0.1",
-           "OMP_NUM_THREADS": "1", "DEVICE_MAP": "cpu"}
-    server = subprocess.Popen([sys.executable, str(ROOT / "multimodal_api.py")], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "MODEL_PATH": str(tiny_model_dir),
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "OMP_NUM_THREADS": "1",
+        "DEVICE_MAP": "cpu",
+    }
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "multimodal_api.py")],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -191,9 +205,13 @@ def test_sigterm_lets_the_running_generation_finish(tiny_model_dir, tmp_path):
                 pass
             time.sleep(0.1)
         answers: list[httpx.Response] = []
-        long_request = threading.Thread(target=lambda: answers.append(
-            httpx.post(f"{base}/multimodal", data={"text": "Tell a long story.", "max_new_tokens": "1500"},
-                       timeout=120)))
+        long_request = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(
+                    f"{base}/multimodal", data={"text": "Tell a long story.", "max_new_tokens": "1500"}, timeout=120
+                )
+            )
+        )
         long_request.start()
         time.sleep(1.0)  # it is generating now
         server.send_signal(signal.SIGTERM)

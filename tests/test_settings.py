@@ -21,8 +21,9 @@ def test_every_setting_is_documented_in_env_example():
 
 
 def test_env_example_and_readme_table_are_up_to_date():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "document_settings.py"), "--check"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "document_settings.py"), "--check"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout
 
 

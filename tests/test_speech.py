@@ -21,8 +21,9 @@ def decode_wav(data: bytes):
 
 
 def spoken(client, data=None, files=None):
-    response = client.post("/multimodal", data={"max_new_tokens": "5", "return_audio": "true", **(data or {})},
-                           files=files or [])
+    response = client.post(
+        "/multimodal", data={"max_new_tokens": "5", "return_audio": "true", **(data or {})}, files=files or []
+    )
     assert response.status_code == 200, response.text
     return response
 
@@ -79,8 +80,11 @@ def test_each_voice_speaks(speaking_client, voice):
 
 
 def test_speech_with_image_audio_and_video_inputs(speaking_client, media_dir):
-    files = [("images", upload(media_dir / "image.png")), ("audios", upload(media_dir / "audio.wav")),
-             ("videos", upload(media_dir / "video.mp4"))]
+    files = [
+        ("images", upload(media_dir / "image.png")),
+        ("audios", upload(media_dir / "audio.wav")),
+        ("videos", upload(media_dir / "video.mp4")),
+    ]
     response = spoken(speaking_client, {"text": "Describe.", "response_format": "wav"}, files)
     samples, rate, _ = decode_wav(response.content)
     assert rate == 24000 and len(samples) > 0 and response.headers["x-text"] is not None

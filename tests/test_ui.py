@@ -19,10 +19,23 @@ from conftest import ROOT
 
 UI_PYTHON = ROOT / ".venv-ui" / "bin" / "python"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                  "--disable-background-networking", "--disable-component-update"]
-missing = [what for what, ok in (("the UI environment .venv-ui (scripts/test.sh makes it)", UI_PYTHON.exists()),
-                                 ("Debian's chromium", Path(CHROMIUM).exists())) if not ok]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+missing = [
+    what
+    for what, ok in (
+        ("the UI environment .venv-ui (scripts/test.sh makes it)", UI_PYTHON.exists()),
+        ("Debian's chromium", Path(CHROMIUM).exists()),
+    )
+    if not ok
+]
 if missing and os.environ.get("REQUIRE_BROWSER_TEST"):
     raise RuntimeError(f"the browser test must run here, but {' and '.join(missing)} is missing")
 pytestmark = pytest.mark.skipif(bool(missing), reason=f"needs {' and '.join(missing)}")
@@ -34,12 +47,18 @@ def ui(live_server, tmp_path_factory):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {**os.environ, "MULTIMODAL_API_URL": live_server, "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {
+        **os.environ,
+        "MULTIMODAL_API_URL": live_server,
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
     log = tmp_path_factory.mktemp("ui") / "gradio.log"
     with log.open("w") as output:
-        process = subprocess.Popen([str(UI_PYTHON), str(ROOT / "gradio_multimodal_app.py")], env=env,
-                                   stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [str(UI_PYTHON), str(ROOT / "gradio_multimodal_app.py")], env=env, stdout=output, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         for _ in range(900):

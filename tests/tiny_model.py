@@ -28,10 +28,28 @@ from transformers import (
 
 # Qwen2.5-Omni's added tokens, in the real checkpoint's order (ids 151643..151664 there).
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>",
-    "<|vision_pad|>", "<|IMAGE|>", "<|VIDEO|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
-    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|AUDIO|>",
+    "<|audio_bos|>",
+    "<|audio_eos|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_bos|>",
+    "<|vision_eos|>",
+    "<|vision_pad|>",
+    "<|IMAGE|>",
+    "<|VIDEO|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
 ]
 # Tokens the talker reads from the thinker's embedding table (text start/end/pad, one per voice).
 TALKER_TOKENS = ["<|tts_pad|>", "<|tts_bos|>", "<|tts_eos|>", "<|spk_chelsie|>", "<|spk_ethan|>"]
@@ -126,17 +144,36 @@ def build_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5OmniConfig:
         "position_id_per_seconds": 25,
         "seconds_per_chunk": 2,
         "audio_config": {
-            "num_mel_bins": 128, "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
-            "d_model": 32, "output_dim": text_hidden, "n_window": 100, "max_source_positions": 1500,
+            "num_mel_bins": 128,
+            "encoder_layers": 2,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 64,
+            "d_model": 32,
+            "output_dim": text_hidden,
+            "n_window": 100,
+            "max_source_positions": 1500,
         },
         "vision_config": {
-            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": text_hidden,
-            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-            "fullatt_block_indexes": [1], "hidden_act": "silu",
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": text_hidden,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [1],
+            "hidden_act": "silu",
         },
         "text_config": {
-            "vocab_size": vocab_size, "hidden_size": text_hidden, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+            "vocab_size": vocab_size,
+            "hidden_size": text_hidden,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32768,
             "tie_word_embeddings": False,
             "rope_parameters": {"mrope_section": [2, 3, 3], "rope_theta": 1000000.0, "rope_type": "default"},
         },
@@ -145,8 +182,14 @@ def build_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5OmniConfig:
         **media_ids,
         "vision_start_token_id": ids["<|vision_bos|>"],
         "vision_end_token_id": ids["<|vision_eos|>"],
-        "vocab_size": TALKER_VOCAB, "embedding_size": text_hidden, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+        "vocab_size": TALKER_VOCAB,
+        "embedding_size": text_hidden,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
         "max_position_embeddings": 32768,
         "rope_parameters": {"mrope_section": [2, 3, 3], "rope_theta": 1000000.0, "rope_type": "default"},
         "tts_text_pad_token_id": ids["<|tts_pad|>"],
@@ -159,10 +202,23 @@ def build_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5OmniConfig:
     }
     token2wav = {
         "dit_config": {
-            "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 16, "ff_mult": 2,
-            "emb_dim": 16, "num_embeds": TALKER_VOCAB, "mel_dim": 80, "enc_emb_dim": 16, "enc_dim": 16,
-            "enc_channels": [32, 32, 32, 32, 96], "enc_attention_channels": 8, "enc_se_channels": 8,
-            "look_ahead_layers": [1], "look_backward_layers": [0], "block_size": 24, "repeats": 2,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "head_dim": 16,
+            "ff_mult": 2,
+            "emb_dim": 16,
+            "num_embeds": TALKER_VOCAB,
+            "mel_dim": 80,
+            "enc_emb_dim": 16,
+            "enc_dim": 16,
+            "enc_channels": [32, 32, 32, 32, 96],
+            "enc_attention_channels": 8,
+            "enc_se_channels": 8,
+            "look_ahead_layers": [1],
+            "look_backward_layers": [0],
+            "block_size": 24,
+            "repeats": 2,
         },
         "bigvgan_config": {"mel_dim": 80, "upsample_initial_channel": 64},
     }
@@ -172,12 +228,15 @@ def build_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5OmniConfig:
 def build_processor(tokenizer: Qwen2Tokenizer) -> Qwen2_5OmniProcessor:
     """Whisper features (128 mel bins, 16 kHz) + Qwen2-VL image and video processors + the chat template."""
     return Qwen2_5OmniProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056, patch_size=14,
-                                              temporal_patch_size=2, merge_size=2),
-        video_processor=Qwen2VLVideoProcessor(min_pixels=3136, max_pixels=12845056, patch_size=14,
-                                              temporal_patch_size=2, merge_size=2),
-        feature_extractor=WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160,
-                                                  chunk_length=300, n_fft=400),
+        image_processor=Qwen2VLImageProcessor(
+            min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2
+        ),
+        video_processor=Qwen2VLVideoProcessor(
+            min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2
+        ),
+        feature_extractor=WhisperFeatureExtractor(
+            feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300, n_fft=400
+        ),
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
