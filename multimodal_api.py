@@ -240,6 +240,7 @@ def create_app(
                 engine.describe()["model"],
                 include_usage=True,
                 timeout=settings.request_timeout_seconds,
+                warnings=inputs.warnings,
             )
             return openai_api.sse(events)
         try:

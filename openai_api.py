@@ -34,12 +34,11 @@ from generation import (
     InputRejected,
     PromptTooLong,
     SpeechError,
-    VideoInput,
 )
 from model_worker import ModelWorker
 from modeling_low_vram import SPEECH_SAMPLE_RATE
 from settings import Settings
-from uploads import MEDIA_STATUS
+from uploads import MEDIA_STATUS, decode_media
 
 logger = logging.getLogger("multimodal_api")
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
@@ -173,33 +172,18 @@ async def fetch_media(url: str, what: str, settings: Settings) -> bytes:
         raise OpenAIError(400, f"{what}: could not be fetched ({type(error).__name__})", param=what) from None
 
 
-def decode_part(kind: str, data: bytes, what: str, settings: Settings):
-    """Bytes of one media part to the engine's input (runs in a worker thread)."""
-    source = io.BytesIO(data)
+def decode_part(kind: str, data: bytes, what: str, settings: Settings) -> tuple[Any, list[str]]:
+    """Bytes of one media part to the engine's input and its decoding warnings (runs in a worker thread)."""
     try:
-        if kind == "image":
-            return media.load_image(source, max_pixels=settings.max_image_pixels).image
-        if kind == "audio":
-            return media.load_audio(
-                source, max_seconds=settings.max_audio_seconds, timeout=settings.decode_timeout_seconds
-            ).samples
-        video = media.load_video(
-            source,
-            fps=settings.video_fps,
-            max_frames=settings.video_max_frames,
-            max_seconds=settings.max_video_seconds,
-            frame_max_pixels=settings.video_max_pixels,
-            max_audio_seconds=settings.max_audio_seconds,
-            timeout=settings.decode_timeout_seconds,
-        )
-        return VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None)
+        return decode_media(kind, io.BytesIO(data), settings)
     except media.MediaError as error:
         raise OpenAIError(MEDIA_STATUS[type(error)], f"{what}: {error}", param=what) from None
 
 
-async def to_turns(messages: list[Message], settings: Settings) -> list[ChatTurn]:
-    """OpenAI messages as the engine's turns, media decoded in order."""
+async def to_turns(messages: list[Message], settings: Settings) -> tuple[list[ChatTurn], list[str]]:
+    """OpenAI messages as the engine's turns, media decoded in order, and what decoding warned of."""
     turns = []
+    warnings: list[str] = []
     for m_index, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
         if message.content is None or isinstance(message.content, str):
@@ -224,16 +208,23 @@ async def to_turns(messages: list[Message], settings: Settings) -> list[ChatTurn
                 url = reference if isinstance(reference, str) else reference.url
                 data = await fetch_media(url, what, settings)
                 kind = {"image_url": "image", "audio_url": "audio", "video_url": "video"}[part.type]
-            parts.append(await run_in_threadpool(decode_part, kind, data, what, settings))
+            value, notes = await run_in_threadpool(decode_part, kind, data, what, settings)
+            parts.append(value)
+            warnings += [f"{what}: {note}" for note in notes]
         turns.append(ChatTurn(role, parts))
-    return turns
+    return turns, warnings
 
 
 # ---------------------------------------------------------------- responses
 
 
 def chunk(
-    completion_id: str, model: str, delta: dict | None, finish_reason: str | None = None, usage: dict | None = None
+    completion_id: str,
+    model: str,
+    delta: dict | None,
+    finish_reason: str | None = None,
+    usage: dict | None = None,
+    warnings: list[str] | None = None,
 ) -> str:
     body: dict[str, Any] = {
         "id": completion_id,
@@ -244,6 +235,8 @@ def chunk(
     }
     if usage is not None:
         body["usage"] = usage
+    if warnings:  # not OpenAI's: what decoding recovered, or a shortened bound
+        body["warnings"] = warnings
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
@@ -268,7 +261,13 @@ def audio_of(result: GenerationResult) -> dict[str, Any] | None:
 
 
 async def stream_events(
-    generation: GenerationRequest, worker: ModelWorker, engine, model: str, include_usage: bool, timeout: float
+    generation: GenerationRequest,
+    worker: ModelWorker,
+    engine,
+    model: str,
+    include_usage: bool,
+    timeout: float,
+    warnings: list[str] | None = None,
 ) -> AsyncIterator[str]:
     """Server-Sent Events of chat.completion.chunk objects, text as it is generated, then [DONE].
 
@@ -284,7 +283,7 @@ async def stream_events(
     async def events() -> AsyncIterator[str]:
         finished = asyncio.wrap_future(job)
         try:
-            yield chunk(completion_id, model, {"role": "assistant", "content": ""})
+            yield chunk(completion_id, model, {"role": "assistant", "content": ""}, warnings=warnings)
             while not finished.done() or not deltas.empty():
                 getter = asyncio.ensure_future(deltas.get())
                 done, _ = await asyncio.wait(
@@ -306,7 +305,7 @@ async def stream_events(
             result: GenerationResult = finished.result()
             if (audio := audio_of(result)) is not None:
                 yield chunk(completion_id, model, {"audio": audio})
-            yield chunk(completion_id, model, {}, finish_reason=result.finish_reason)
+            yield chunk(completion_id, model, {}, finish_reason=result.finish_reason, warnings=result.warnings)
             if include_usage:
                 yield chunk(completion_id, model, None, usage=usage_of(result))
         except (OpenAIError, InputRejected, SpeechError) as error:
@@ -360,10 +359,11 @@ async def chat_completions(
                 400, str(error), param="audio.voice" if body.audio and body.audio.voice else "modalities"
             ) from None
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    turns, warnings = await to_turns(body.messages, settings)
     generation = GenerationRequest(
         text=None,
         system_prompt=None,
-        turns=await to_turns(body.messages, settings),
+        turns=turns,
         max_new_tokens=max_tokens,
         return_audio=speak,
         speaker=voice,
@@ -376,7 +376,9 @@ async def chat_completions(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse(
-            await stream_events(generation, worker, engine, model, include_usage, settings.request_timeout_seconds)
+            await stream_events(
+                generation, worker, engine, model, include_usage, settings.request_timeout_seconds, warnings
+            )
         )
     try:
         result = await run_generation(
@@ -396,4 +398,5 @@ async def chat_completions(
         "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
         "usage": usage_of(result),
+        "warnings": warnings + result.warnings,  # not OpenAI's: what decoding recovered, or a shortened bound
     }

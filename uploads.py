@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import HTTPException, UploadFile
 
@@ -59,15 +60,10 @@ def _decode_one(
     s: Settings, field_name: str, source, out: MediaInputs, label: str, extract_audio: bool, extract_frame: bool
 ) -> None:
     timeout = s.decode_timeout_seconds
-    if field_name == "images":
-        image = media.load_image(source, max_pixels=s.max_image_pixels)
-        out.images.append(image.image)
-        out.warnings += [f"{label}: {w}" for w in image.warnings]
-        return
-    if field_name == "audios":
-        audio = media.load_audio(source, max_seconds=s.max_audio_seconds, timeout=timeout)
-        out.audios.append(audio.samples)
-        out.warnings += [f"{label}: {w}" for w in audio.warnings]
+    if field_name in ("images", "audios"):
+        value, warnings = decode_media(field_name[:-1], source, s)
+        (out.images if field_name == "images" else out.audios).append(value)
+        out.warnings += [f"{label}: {w}" for w in warnings]
         return
     converted = False
     if extract_frame:
@@ -85,6 +81,20 @@ def _decode_one(
         return
     if extract_audio:
         out.warnings.append(f"{label}: sent whole as a video instead")
+    video, warnings = decode_media("video", source, s)
+    out.videos.append(video)
+    out.warnings += [f"{label}: {w}" for w in warnings]
+
+
+def decode_media(kind: str, source, s: Settings) -> tuple[Any, list[str]]:
+    """One image, audio or video (as video, with its own audio track) decoded within the settings' limits,
+    and the decoder's warnings (what a damaged file still yielded). Raises media.MediaError."""
+    if kind == "image":
+        image = media.load_image(source, max_pixels=s.max_image_pixels)
+        return image.image, image.warnings
+    if kind == "audio":
+        audio = media.load_audio(source, max_seconds=s.max_audio_seconds, timeout=s.decode_timeout_seconds)
+        return audio.samples, audio.warnings
     video = media.load_video(
         source,
         fps=s.video_fps,
@@ -92,10 +102,9 @@ def _decode_one(
         max_seconds=s.max_video_seconds,
         frame_max_pixels=s.video_max_pixels,
         max_audio_seconds=s.max_audio_seconds,
-        timeout=timeout,
+        timeout=s.decode_timeout_seconds,
     )
-    out.videos.append(VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None))
-    out.warnings += [f"{label}: {w}" for w in video.warnings]
+    return VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None), video.warnings
 
 
 def check_uploads(settings: Settings, uploads: dict[str, list[UploadFile]]) -> dict[str, list[UploadFile]]:

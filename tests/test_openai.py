@@ -293,3 +293,23 @@ def test_remote_media_only_from_listed_hosts_within_limits(tmp_path, tiny_engine
             assert "MEDIA_URL_HOSTS" in unlisted.value.body["message"]
     finally:
         files.shutdown()
+
+
+def test_what_a_damaged_file_yielded_is_reported_not_dropped(client, live_server):
+    """A truncated upload is used for what it still holds, and both APIs say so (plain and streamed)."""
+    flac = make_media.audio_bytes("flac", 3.0)
+    cut = flac[: len(flac) // 3]
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(cut).decode(), "format": "flac"}}
+    answer = ask(client, [{"role": "user", "content": [part]}])
+    assert any(w.startswith("messages[0].content[0]: audio is damaged") for w in answer.model_extra["warnings"])
+    stream = list(ask(client, [{"role": "user", "content": [part]}], stream=True))
+    assert "audio is damaged" in stream[0].model_extra["warnings"][0]
+    with httpx.Client(timeout=60) as http:
+        with http.stream(
+            "POST",
+            f"{live_server}/multimodal",
+            data={"max_new_tokens": "4", "stream": "true"},
+            files=[("audios", ("cut.flac", cut))],
+        ) as response:
+            first = json.loads(next(line for line in response.iter_lines() if line.startswith("data: "))[6:])
+    assert first["warnings"][0].startswith("audios[0] 'cut.flac': audio is damaged")
