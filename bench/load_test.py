@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import make_media  # noqa: E402
+from servers import start_server  # noqa: E402
 
 VALID = {
     "text": ({"text": "Tell me about the sea."}, []),
@@ -60,37 +58,19 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def start_server(tmpdir: Path) -> tuple[subprocess.Popen, str]:
+def start_tiny_server(tmpdir: Path):
     import tiny_model
 
-    model_dir = tiny_model.build(tmpdir / "tiny")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     uploads = tmpdir / "uploads"
     uploads.mkdir()
     env = {
-        **os.environ,
-        "MODEL_PATH": str(model_dir),
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
+        "MODEL_PATH": str(tiny_model.build(tmpdir / "tiny")),
         "DEVICE_MAP": "cpu",
         "TMPDIR": str(uploads),
-        "OMP_NUM_THREADS": "1",
         "LOG_LEVEL": "warning",
         "DEFAULT_MAX_NEW_TOKENS": "16",
     }
-    server = subprocess.Popen([sys.executable, str(ROOT / "multimodal_api.py")], env=env, cwd=tmpdir)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    server.kill()
-    raise SystemExit("the server did not become ready")
+    return start_server(tmpdir, env)
 
 
 def main() -> None:
@@ -103,7 +83,7 @@ def main() -> None:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
     with tempfile.TemporaryDirectory() as folder:
-        server, url = (None, args.url) if args.url else start_server(Path(folder))
+        server, url = (None, args.url) if args.url else start_tiny_server(Path(folder))
         rss_start = rss_kib(server.pid) if server else 0
         statuses: collections.Counter = collections.Counter()
         latencies: list[float] = []

@@ -14,9 +14,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +28,7 @@ OUT = ROOT / "bench" / "out"
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import media  # noqa: E402
+from servers import start_server  # noqa: E402
 
 
 def make_clip(path: Path, seconds: float, fps: int = 10, size=(1280, 720)) -> Path:
@@ -180,29 +178,10 @@ def bench_upload(megabytes: int = 500) -> None:
         model_dir = tiny_model.build(Path(folder) / "tiny")
         uploads_tmp = Path(folder) / "tmp"
         uploads_tmp.mkdir()
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        env = {
-            **os.environ,
-            "MODEL_PATH": str(model_dir),
-            "PORT": str(port),
-            "HOST": "127.0.0.1",
-            "TMPDIR": str(uploads_tmp),
-            "OMP_NUM_THREADS": "1",
-            "LOG_LEVEL": "warning",
-        }
-        server = subprocess.Popen([sys.executable, str(ROOT / "multimodal_api.py")], env=env, cwd=folder)
+        env = {"MODEL_PATH": str(model_dir), "TMPDIR": str(uploads_tmp), "LOG_LEVEL": "warning"}
+        server, url = start_server(Path(folder), env)
+        port = int(url.rsplit(":", 1)[1])
         try:
-            for _ in range(300):
-                try:
-                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                    connection.request("GET", "/health")
-                    if connection.getresponse().status == 200:
-                        break
-                except OSError:
-                    pass
-                time.sleep(0.1)
             before = rss_kib(server.pid)
             boundary = "benchboundary"
             head = (

@@ -20,6 +20,7 @@ import tiny_model  # noqa: E402
 from generation import GenerationRequest, GenerationResult, SpeechError  # noqa: E402
 from modeling_low_vram import OmniEngine  # noqa: E402
 from multimodal_api import create_app  # noqa: E402
+from servers import free_port  # noqa: E402
 from settings import Settings  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "media-corpus"
@@ -150,15 +151,12 @@ def live_server(speaking_engine):
 
 def serve(app):
     """Run `app` with uvicorn in a background thread until the generator is closed."""
-    import socket
     import threading
     import time
 
     import uvicorn
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

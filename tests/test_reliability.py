@@ -4,11 +4,8 @@ clients that leave, hostile input, and a clean shutdown."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,10 +14,11 @@ import pytest
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
-from conftest import ROOT, FakeEngine
+from conftest import FakeEngine
 from model_worker import ModelWorker
 from deps import run_generation
 from multimodal_api import create_app
+from servers import start_server
 from settings import Settings
 
 
@@ -176,34 +174,14 @@ def test_thousands_of_tiny_files_are_refused(client):
 
 
 def test_sigterm_lets_the_running_generation_finish(tiny_model_dir, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {
-        **os.environ,
-        "MODEL_PATH": str(tiny_model_dir),
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        "OMP_NUM_THREADS": "1",
-        "DEVICE_MAP": "cpu",
-    }
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "multimodal_api.py")],
-        env=env,
-        cwd=tmp_path,
+    server, base = start_server(
+        tmp_path,
+        {"MODEL_PATH": str(tiny_model_dir), "DEVICE_MAP": "cpu"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         answers: list[httpx.Response] = []
         long_request = threading.Thread(
             target=lambda: answers.append(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 import make_media
 from conftest import ROOT
+from servers import free_port
 
 UI_PYTHON = ROOT / ".venv-ui" / "bin" / "python"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -44,9 +44,7 @@ pytestmark = pytest.mark.skipif(bool(missing), reason=f"needs {' and '.join(miss
 @pytest.fixture(scope="module")
 def ui(live_server, tmp_path_factory):
     """The Gradio app, as a separate process in its own environment, pointed at the live server."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "MULTIMODAL_API_URL": live_server,

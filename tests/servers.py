@@ -1,0 +1,42 @@
+"""Local servers for tests and benchmarks: a free loopback port, and the API started as its own process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(cwd: Path, env: dict[str, str], timeout: float = 60, **popen) -> tuple[subprocess.Popen, str]:
+    """`python multimodal_api.py` on a free loopback port with `env` on top of ours; returns the process
+    and its base URL once /health answers 200 (raises if it exits or does not get ready in time)."""
+    port = free_port()
+    environment = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "OMP_NUM_THREADS": "1", **env}
+    server = subprocess.Popen([sys.executable, str(ROOT / "multimodal_api.py")], env=environment, cwd=cwd, **popen)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with status {server.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    server.kill()
+    raise RuntimeError(f"the server was not ready within {timeout:g} s")
