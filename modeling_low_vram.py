@@ -208,6 +208,7 @@ class OmniEngine:
         # "clip": audio features are padded to the longest clip, so their cost
         # follows the clip's length; "whisper": the feature extractor's default 300 s (benchmarks).
         self.audio_padding = "clip"
+        self._description = self._describe()
 
     @classmethod
     def load(cls, settings: Settings) -> OmniEngine:
@@ -247,6 +248,10 @@ class OmniEngine:
 
     def describe(self) -> dict[str, Any]:
         """What runs where: the model, dtype, devices, and the placement actually used."""
+        return dict(self._description)
+
+    def _describe(self) -> dict[str, Any]:
+        """The description, worked out once: placement does not change after loading."""
         devices = sorted({str(p.device) for p in self.model.parameters()})
         description = {
             "model": self.settings.model_path,
