@@ -88,6 +88,14 @@ def submit_generation(worker: ModelWorker, engine, generation: GenerationRequest
         ) from None
 
 
+def abandon(job: Future, generation: GenerationRequest) -> None:
+    """Give up on an unfinished generation: cancel it if it has not started (its place frees at once;
+    cancelling only an asyncio wrapper would not), or stop it at its next token if it runs."""
+    if not job.done():
+        generation.stop.set()
+        job.cancel()
+
+
 async def run_generation(
     request: Request, worker: ModelWorker, engine, generation: GenerationRequest, timeout: float, started: float
 ):
@@ -113,9 +121,7 @@ async def run_generation(
                 logger.info("client went away; its generation is cancelled")
                 raise HTTPException(499, "client closed the request")
     finally:
-        if not job.done():  # cancel the job itself, not just its asyncio wrapper: its place frees at once
-            generation.stop.set()
-            job.cancel()
+        abandon(job, generation)
 
 
 def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:

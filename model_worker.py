@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,9 +40,6 @@ class ModelWorker:
         future = self._executor.submit(context.run, self._track, job, *args)
         future.add_done_callback(self._forget_if_cancelled)
         return future
-
-    async def run(self, job: Callable[..., T], *args: Any) -> T:
-        return await asyncio.wrap_future(self.submit(job, *args))
 
     def _track(self, job: Callable[..., T], *args: Any) -> T:
         with self._lock:

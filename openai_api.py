@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 import media
-from deps import EngineDep, SettingsDep, WorkerDep, run_generation, submit_generation, wav_bytes
+from deps import EngineDep, SettingsDep, WorkerDep, abandon, run_generation, submit_generation, wav_bytes
 from generation import (
     ChatTurn,
     GenerationRequest,
@@ -315,9 +315,7 @@ async def stream_events(
                 )
             yield f"data: {json.dumps({'error': error.payload()})}\n\n"
         finally:
-            if not job.done():
-                generation.stop.set()
-                job.cancel()
+            abandon(job, generation)
         yield "data: [DONE]\n\n"
 
     return events()
