@@ -90,7 +90,8 @@ def ask_with_image(page, ui, picture: Path, question: str) -> None:
     page.goto(ui, wait_until="networkidle")
     page.locator("#text textarea").fill(question)
     page.locator("#images input[type=file]").set_input_files(str(picture))
-    page.locator("#images").get_by_text(picture.name[:4]).first.wait_for()  # the upload is listed
+    # The upload is done once the file is listed (Gradio may hide a long name's text, so not "visible").
+    page.wait_for_function("stem => document.querySelector('#images').textContent.includes(stem)", arg=picture.stem)
     page.locator("#submit").click()
 
 
