@@ -16,22 +16,29 @@ import numpy as np
 import soundfile
 from fastapi import Depends, HTTPException, Request
 
+from engine import Engine, EngineUnavailable, Worker
 from generation import GenerationRequest
 from model_worker import ModelWorker, QueueFull
 from modeling_low_vram import ConfigError, ModelLoadError, OmniEngine
+from remote_engine import RemoteEngine, UpstreamWorker
 from settings import Settings
 
 logger = logging.getLogger("multimodal_api")
 
 
 class ModelState:
-    """The engine once loaded, or why it is not (yet)."""
+    """The engine once loaded, or why it is not (yet): the model here (ENGINE=local) or the upstreams (openai)."""
 
-    def __init__(self, engine: Any | None = None) -> None:
+    def __init__(self, engine: Engine | None = None) -> None:
         self.engine = engine
         self.error: str | None = None
+        self.owned = False  # an engine made here is closed here; one handed in belongs to its maker
 
     def load_in_background(self, settings: Settings, on_failure: Callable[[], None]) -> None:
+        if settings.engine == "openai":  # nothing to load: the upstreams are probed in the background
+            self.engine, self.owned = RemoteEngine(settings), True
+            return
+
         def load() -> None:
             try:
                 self.engine = OmniEngine.load(settings)
@@ -47,12 +54,26 @@ class ModelState:
 
         threading.Thread(target=load, name="model-loader", daemon=True).start()
 
+    def new_worker(self, settings: Settings) -> Worker:
+        """What runs the engine's jobs: the model's one thread, or threads for as many as the upstreams take."""
+        if isinstance(self.engine, RemoteEngine):
+            return UpstreamWorker(self.engine)
+        return ModelWorker(settings.max_waiting_requests)
+
+    def upstream_report(self) -> list[dict[str, Any]] | None:
+        """Each upstream's state, with ENGINE=openai; None for the model in this process."""
+        return self.engine.upstream_report() if isinstance(self.engine, RemoteEngine) else None
+
+    def close(self) -> None:
+        if self.owned and isinstance(self.engine, RemoteEngine):
+            self.engine.close()
+
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> OmniEngine:
+def get_engine(request: Request) -> Engine:
     state: ModelState = request.app.state.model
     if state.engine is None:
         raise HTTPException(
@@ -65,13 +86,13 @@ def get_engine(request: Request) -> OmniEngine:
     return state.engine
 
 
-def get_worker(request: Request) -> ModelWorker:
+def get_worker(request: Request) -> Worker:
     return request.app.state.worker
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[OmniEngine, Depends(get_engine)]
-WorkerDep = Annotated[ModelWorker, Depends(get_worker)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+WorkerDep = Annotated[Worker, Depends(get_worker)]
 
 
 # ---------------------------------------------------------------- the app
@@ -111,7 +132,10 @@ async def run_generation(
             remaining = started + timeout - time.perf_counter()
             done, _ = await asyncio.wait({future}, timeout=min(0.5, max(remaining, 0)))
             if done:
-                return future.result()
+                try:
+                    return future.result()
+                except EngineUnavailable as error:
+                    raise HTTPException(error.status, str(error), headers={"Retry-After": "5"}) from None
             if remaining <= 0:
                 raise HTTPException(
                     504,

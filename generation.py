@@ -35,6 +35,7 @@ class VideoInput:
     frames: list[Image.Image]
     fps: float
     audio: np.ndarray | None = None  # its own audio track, 16 kHz mono, given with the video
+    source: bytes | None = None  # the file itself, kept only where it is sent on (ENGINE=openai)
 
 
 Part = "str | Image.Image | np.ndarray | VideoInput"  # text, picture, 16 kHz mono audio, video

@@ -30,7 +30,6 @@ import openai_api
 from deps import EngineDep, ModelState, SettingsDep, WorkerDep, run_generation, wav_bytes
 from middleware import ApiKey, BodySizeLimit, RequestId, RequestIdFilter
 from generation import GenerationRequest, GenerationResult, InputRejected, PromptTooLong, SpeechError
-from model_worker import ModelWorker
 from modeling_low_vram import (
     SPEECH_SAMPLE_RATE,
     ConfigError,
@@ -69,18 +68,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.worker = ModelWorker(settings.max_waiting_requests)  # a fresh one for each start
         if engine is None:
             app.state.model.load_in_background(settings, on_load_failure or (lambda: None))
+        app.state.worker = app.state.model.new_worker(settings)  # a fresh one for each start
         try:
             yield
         finally:  # the running generation finishes; waiting ones are cancelled
             await asyncio.to_thread(app.state.worker.shutdown)
+            await asyncio.to_thread(app.state.model.close)
 
     app = FastAPI(title="Qwen2.5-Omni multimodal API", version=__version__, lifespan=lifespan)
     app.state.settings = settings
-    app.state.worker = ModelWorker(settings.max_waiting_requests)  # for callers that skip the lifespan
     app.state.model = ModelState(engine)
+    app.state.worker = app.state.model.new_worker(settings)  # for callers that skip the lifespan
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)  # innermost
     if settings.api_key:
         app.add_middleware(ApiKey, key=settings.api_key)
@@ -155,15 +155,19 @@ def create_app(
                 )
             return JSONResponse({"status": "loading", "detail": None}, 503)
         description = state.engine.describe()
-        return JSONResponse(
-            {
-                "status": "ok",
-                "model": description["model"],
-                "placement": description["placement"],
-                "memory": state.engine.memory(),
-                "generations": request.app.state.worker.stats(),
-            }
-        )
+        body = {
+            "status": "ok",
+            "model": description["model"],
+            "placement": description["placement"],
+            "memory": state.engine.memory(),
+            "generations": request.app.state.worker.stats(),
+        }
+        upstreams = state.upstream_report()
+        if upstreams is None:
+            return JSONResponse(body)
+        reachable = any(upstream["state"] == "up" for upstream in upstreams)
+        body.update(status="ok" if reachable else "unavailable", upstreams=upstreams)
+        return JSONResponse(body, 200 if reachable else 503)
 
     @app.post("/multimodal")
     async def multimodal(  # noqa: PLR0913 - one parameter per form field
@@ -341,8 +345,9 @@ def main() -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())
     try:
-        check_placement_settings(settings)
-        load_config(settings.model_path)  # fail fast on a wrong MODEL_PATH, before the server starts
+        if settings.engine == "local":
+            check_placement_settings(settings)
+            load_config(settings.model_path)  # fail fast on a wrong MODEL_PATH, before the server starts
     except ConfigError as error:
         raise SystemExit(f"invalid configuration: {error}") from None
     except ModelLoadError as error:

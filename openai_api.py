@@ -17,6 +17,7 @@ import logging
 import time
 import urllib.parse
 import uuid
+from dataclasses import replace
 from typing import Any, AsyncIterator, Literal
 
 import httpx
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 import media
+from engine import EngineUnavailable
 from deps import EngineDep, SettingsDep, WorkerDep, abandon, run_generation, submit_generation, wav_bytes
 from generation import (
     ChatTurn,
@@ -34,6 +36,7 @@ from generation import (
     InputRejected,
     PromptTooLong,
     SpeechError,
+    VideoInput,
 )
 from model_worker import ModelWorker
 from modeling_low_vram import SPEECH_SAMPLE_RATE
@@ -113,6 +116,14 @@ class AudioOptions(BaseModel):
     format: Literal["wav"] = "wav"
 
 
+class ProcessorOptions(BaseModel):
+    """vLLM's `mm_processor_kwargs` for Qwen2.5-Omni, the ones this server acts on."""
+
+    model_config = ConfigDict(extra="forbid")
+    use_audio_in_video: bool | None = Field(None, description="false: leave out each video's own audio track")
+    max_pixels: int | None = Field(None, ge=28 * 28, description="pixel budget for each image and video frame")
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
@@ -128,6 +139,7 @@ class ChatCompletionRequest(BaseModel):
     modalities: list[Literal["text", "audio"]] = ["text"]
     audio: AudioOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    mm_processor_kwargs: ProcessorOptions | None = None
     user: str | None = None
     frequency_penalty: float = Field(0, ge=0, le=0, description="not supported: 0 only")
     presence_penalty: float = Field(0, ge=0, le=0, description="not supported: 0 only")
@@ -213,6 +225,14 @@ async def to_turns(messages: list[Message], settings: Settings) -> tuple[list[Ch
             warnings += [f"{what}: {note}" for note in notes]
         turns.append(ChatTurn(role, parts))
     return turns, warnings
+
+
+def without_video_audio(turns: list[ChatTurn]) -> list[ChatTurn]:
+    """The turns with each video's own audio track left out (`use_audio_in_video: false`)."""
+    return [
+        ChatTurn(turn.role, [replace(p, audio=None) if isinstance(p, VideoInput) else p for p in turn.parts])
+        for turn in turns
+    ]
 
 
 # ---------------------------------------------------------------- responses
@@ -308,7 +328,9 @@ async def stream_events(
             yield chunk(completion_id, model, {}, finish_reason=result.finish_reason, warnings=result.warnings)
             if include_usage:
                 yield chunk(completion_id, model, None, usage=usage_of(result))
-        except (OpenAIError, InputRejected, SpeechError) as error:
+        except (OpenAIError, InputRejected, SpeechError, EngineUnavailable) as error:
+            if isinstance(error, EngineUnavailable):
+                error = OpenAIError(error.status, str(error), kind="server_error")
             if not isinstance(error, OpenAIError):
                 error = OpenAIError(
                     400, str(error), code="context_length_exceeded" if isinstance(error, PromptTooLong) else None
@@ -357,7 +379,16 @@ async def chat_completions(
                 400, str(error), param="audio.voice" if body.audio and body.audio.voice else "modalities"
             ) from None
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    options = body.mm_processor_kwargs or ProcessorOptions()
+    if options.max_pixels is not None and options.max_pixels > settings.max_pixels_ceiling:
+        raise OpenAIError(
+            400,
+            f"mm_processor_kwargs.max_pixels: at most {settings.max_pixels_ceiling:,} (MAX_PIXELS_CEILING)",
+            param="mm_processor_kwargs.max_pixels",
+        )
     turns, warnings = await to_turns(body.messages, settings)
+    if options.use_audio_in_video is False:
+        turns = without_video_audio(turns)
     generation = GenerationRequest(
         text=None,
         system_prompt=None,
@@ -369,6 +400,7 @@ async def chat_completions(
         top_p=body.top_p,
         seed=body.seed,
         stop_strings=stops,
+        max_pixels=options.max_pixels,
     )
     model = engine.describe()["model"]
     if body.stream:

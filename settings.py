@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -48,6 +49,24 @@ class Settings(BaseSettings):
         180, gt=0, le=3600, description="Longest spoken answer, in seconds (bounds the talker's codec tokens)."
     )
     cpu_threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 keeps torch's default.")
+
+    # Engine: the model in this process, or OpenAI-compatible upstreams (vLLM) behind this server
+    engine: Literal["local", "openai"] = Field(
+        "local",
+        description="'local' runs MODEL_PATH in this process; 'openai' decodes and checks media here and sends "
+        "each request to the upstreams in ENGINE_URLS (vLLM, vLLM-Omni, or another of these servers).",
+    )
+    engine_urls: list[str] = Field(
+        [],
+        description="With ENGINE=openai: the upstreams' OpenAI-compatible base URLs, as JSON "
+        '(["http://gpu-1:8000/v1", "http://gpu-2:8000/v1"]); each request goes to the least busy one.',
+    )
+    engine_api_key: str | None = Field(
+        None, description="With ENGINE=openai: sent to the upstreams as `Authorization: Bearer <key>`."
+    )
+    engine_model: str | None = Field(
+        None, description="With ENGINE=openai: the model name sent upstream; unset, each upstream's own /v1/models."
+    )
 
     # HTTP
     host: str = Field("0.0.0.0", description="Address to listen on.")
@@ -113,6 +132,20 @@ class Settings(BaseSettings):
     )
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("engine_urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise ValueError(f"{url!r} is not an http(s) URL such as http://gpu-1:8000/v1")
+        return [url.rstrip("/") for url in urls]
+
+    @model_validator(mode="after")
+    def _engine_has_upstreams(self) -> Settings:
+        if self.engine == "openai" and not self.engine_urls:
+            raise ValueError('ENGINE=openai needs ENGINE_URLS, e.g. ["http://gpu-1:8000/v1"]')
+        return self
 
     @cached_property
     def max_file_bytes(self) -> int:

@@ -104,7 +104,8 @@ def decode_media(kind: str, source, s: Settings) -> tuple[Any, list[str]]:
         max_audio_seconds=s.max_audio_seconds,
         timeout=s.decode_timeout_seconds,
     )
-    return VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None), video.warnings
+    source = media.rewind(source).read() if s.engine == "openai" else None  # upstreams decode the file again
+    return VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None, source), video.warnings
 
 
 def check_uploads(settings: Settings, uploads: dict[str, list[UploadFile]]) -> dict[str, list[UploadFile]]:

@@ -17,6 +17,7 @@ from settings import Settings  # noqa: E402
 
 SECTIONS = {
     "model_path": "Model and placement",
+    "engine": "Engine (this process, or upstream servers: see Scaling out)",
     "host": "HTTP",
     "default_system_prompt": "Generation",
     "max_file_mb": "Upload limits (each enforced with a clear 4xx)",

@@ -1,0 +1,288 @@
+"""ENGINE=openai: this server in front of OpenAI-compatible upstreams. The upstreams are real: instances of this
+very server on the tiny model, started as their own processes on loopback ports; nothing is mocked."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+import make_media
+from conftest import serve
+from multimodal_api import create_app
+from servers import free_port, start_server
+from settings import Settings
+
+
+def upstream_env(model_dir) -> dict[str, str]:
+    return {"MODEL_PATH": str(model_dir), "DEVICE_MAP": "cpu", "DEFAULT_MAX_NEW_TOKENS": "8", "LOG_LEVEL": "warning"}
+
+
+def start_upstream(model_dir, cwd):
+    return start_server(cwd, upstream_env(model_dir), timeout=120)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def upstreams(tiny_model_dir, tmp_path_factory):
+    """Two upstream servers on the tiny model: their base URLs."""
+    processes = []
+    try:
+        for _ in range(2):
+            processes.append(start_upstream(tiny_model_dir, tmp_path_factory.mktemp("upstream")))
+        yield [url for _, url in processes]
+    finally:
+        for process, _ in processes:
+            stop(process)
+
+
+def front_settings(urls: list[str], **overrides) -> Settings:
+    return Settings(
+        _env_file=None,
+        engine="openai",
+        engine_urls=[f"{url}/v1" for url in urls],
+        default_max_new_tokens=8,
+        **overrides,
+    )
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("the condition did not hold in time")
+        time.sleep(0.1)
+
+
+def start_front(settings: Settings):
+    """The front as a real uvicorn server (in this process); yields its URL once an upstream is up."""
+    server = serve(create_app(settings))
+    url = next(server)
+    wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200)
+    return server, url
+
+
+@pytest.fixture(scope="module")
+def front(upstreams):
+    """The front over the first upstream only."""
+    server, url = start_front(front_settings(upstreams[:1]))
+    yield url
+    server.close()
+
+
+def media_files() -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [
+        ("images", ("a.png", make_media.image_bytes("PNG"), "image/png")),
+        ("images", ("b.jpg", make_media.image_bytes("JPEG", (320, 240)), "image/jpeg")),
+        ("audios", ("c.mp3", make_media.audio_bytes("mp3", 1.0), "audio/mpeg")),
+        ("videos", ("d.mp4", make_media.video_bytes(2.0, audio=True), "video/mp4")),
+    ]
+
+
+def same_answer(direct: dict, via_front: dict) -> None:
+    assert via_front["text"] == direct["text"]
+    assert via_front["usage"] == direct["usage"]  # prompt tokens by modality: the same media reached the model
+    assert via_front["inputs"] == direct["inputs"]
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"text": "Describe everything."},
+        {"text": "Describe.", "system_prompt": "Be brief.", "max_new_tokens": "12", "max_pixels": "40000"},
+        {"text": "What is in the clip?", "extract_video_frame": "true", "extract_video_audio": "true"},
+    ],
+)
+def test_multimodal_gives_the_upstreams_own_answer(upstreams, front, form):
+    direct = httpx.post(f"{upstreams[0]}/multimodal", data=form, files=media_files(), timeout=120)
+    via_front = httpx.post(f"{front}/multimodal", data=form, files=media_files(), timeout=120)
+    assert direct.status_code == via_front.status_code == 200, via_front.text
+    same_answer(direct.json(), via_front.json())
+    assert via_front.json()["usage"]["prompt_tokens_by_modality"]["image"] > 0
+    assert via_front.json()["model"] == direct.json()["model"]  # the upstream's name, from its /v1/models
+
+
+def test_a_video_with_sound_is_sent_with_use_audio_in_video(upstreams, front):
+    files = [("videos", ("d.mp4", make_media.video_bytes(2.0, audio=True), "video/mp4"))]
+    direct = httpx.post(f"{upstreams[0]}/multimodal", data={"text": "Hi"}, files=files, timeout=120).json()
+    via_front = httpx.post(f"{front}/multimodal", data={"text": "Hi"}, files=files, timeout=120).json()
+    same_answer(direct, via_front)
+    assert via_front["usage"]["prompt_tokens_by_modality"]["audio"] > 0  # the video's own track was heard
+
+
+def data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def conversation() -> list[dict]:
+    wav = base64.b64encode(make_media.audio_bytes("wav", 1.0)).decode()
+    return [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi! What can I do?"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare these."},
+                {"type": "image_url", "image_url": {"url": data_url("image/png", make_media.image_bytes("PNG"))}},
+                {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}},
+                {"type": "video_url", "video_url": {"url": data_url("video/mp4", make_media.video_bytes(2.0))}},
+            ],
+        },
+    ]
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_v1_gives_the_upstreams_own_answer(upstreams, front):
+    options = {"model": "any", "messages": conversation(), "max_tokens": 10, "temperature": 0, "stop": ["zz"]}
+    direct = client(upstreams[0]).chat.completions.create(**options)
+    via_front = client(front).chat.completions.create(**options)
+    assert via_front.choices[0].message.content == direct.choices[0].message.content
+    assert via_front.choices[0].finish_reason == direct.choices[0].finish_reason
+    assert via_front.usage.prompt_tokens == direct.usage.prompt_tokens
+    assert via_front.usage.completion_tokens == direct.usage.completion_tokens
+    assert via_front.model == direct.model == client(front).models.list().data[0].id
+
+
+def test_v1_streams_token_by_token_as_the_upstream_does(upstreams, front):
+    options = {
+        "model": "any",
+        "messages": conversation(),
+        "max_tokens": 12,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    direct = list(client(upstreams[0]).chat.completions.create(**options))
+    via_front = list(client(front).chat.completions.create(**options))
+
+    def text(chunks) -> list[str]:
+        return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+
+    assert "".join(text(via_front)) == "".join(text(direct))
+    assert len(text(via_front)) > 1  # passed on as it came, not in one piece at the end
+    assert via_front[-1].usage.completion_tokens == direct[-1].usage.completion_tokens
+    assert via_front[-1].usage.prompt_tokens == direct[-1].usage.prompt_tokens
+
+
+def test_multimodal_streams_through_the_front(front):
+    with httpx.stream(
+        "POST",
+        f"{front}/multimodal",
+        data={"text": "Tell me a story.", "max_new_tokens": "12", "stream": "true"},
+        files=media_files()[:1],
+        timeout=120,
+    ) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    deltas = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
+    assert response.status_code == 200 and len([d for d in deltas if d]) > 1
+    assert events[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_upstream_refusals_keep_their_message(front):
+    answer = httpx.post(
+        f"{front}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Hi"}], "modalities": ["text", "audio"]},
+        timeout=60,
+    )
+    assert answer.status_code == 400
+    assert "speech output is not enabled" in answer.json()["error"]["message"]
+
+
+def test_health_reports_each_upstream(upstreams, front):
+    health = httpx.get(f"{front}/health").json()
+    assert health["status"] == "ok"
+    assert [u["url"] for u in health["upstreams"]] == [f"{upstreams[0]}/v1"]
+    assert health["upstreams"][0]["state"] == "up" and health["upstreams"][0]["served"] > 0
+
+
+def test_no_reachable_upstream_is_a_clear_503():
+    server = serve(create_app(front_settings([f"http://127.0.0.1:{free_port()}"])))
+    url = next(server)
+    try:
+        wait_until(lambda: httpx.get(f"{url}/health").json()["upstreams"][0]["state"] == "down")
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        answer = httpx.post(f"{url}/multimodal", data={"text": "Hi"})
+        assert answer.status_code == 503 and "no upstream engine is reachable" in answer.json()["detail"]
+        answer = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+        assert answer.status_code == 503 and answer.json()["error"]["type"] == "server_error"
+    finally:
+        server.close()
+
+
+def test_engine_openai_needs_upstream_urls():
+    with pytest.raises(ValueError, match="ENGINE_URLS"):
+        Settings(_env_file=None, engine="openai")
+
+
+def ask_many(url: str, count: int, max_new_tokens: int, stream: bool = False) -> list[httpx.Response | Exception]:
+    answers: list[httpx.Response | Exception] = [None] * count  # type: ignore[list-item]
+
+    def one(index: int) -> None:
+        try:
+            answers[index] = httpx.post(
+                f"{url}/multimodal",
+                data={"text": f"Request {index}", "max_new_tokens": str(max_new_tokens)},
+                timeout=300,
+            )
+        except httpx.HTTPError as error:
+            answers[index] = error
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def test_two_upstreams_share_the_load(upstreams):
+    server, url = start_front(front_settings(upstreams))
+    try:
+        answers = ask_many(url, 6, 8)
+        assert all(isinstance(a, httpx.Response) and a.status_code == 200 for a in answers), answers
+        served = [u["served"] for u in httpx.get(f"{url}/health").json()["upstreams"]]
+        assert sum(served) == 6 and min(served) >= 2, served
+    finally:
+        server.close()
+
+
+def test_killing_an_upstream_mid_run_loses_no_request(upstreams, tiny_model_dir, tmp_path):
+    doomed, doomed_url = start_upstream(tiny_model_dir, tmp_path)
+    server, url = start_front(front_settings([upstreams[0], doomed_url]))
+    try:
+        wait_until(lambda: all(u["state"] == "up" for u in httpx.get(f"{url}/health").json()["upstreams"]))
+        results: list = []
+        runner = threading.Thread(target=lambda: results.extend(ask_many(url, 6, 48)))
+        runner.start()
+        wait_until(lambda: httpx.get(f"{url}/health").json()["upstreams"][1]["in_flight"] >= 2)
+        doomed.kill()  # mid-run: one request generating on it, others waiting in its queue
+        runner.join()
+        assert all(isinstance(a, httpx.Response) and a.status_code == 200 for a in results), [
+            a if isinstance(a, Exception) else (a.status_code, a.text) for a in results
+        ]
+        report = httpx.get(f"{url}/health").json()["upstreams"]
+        assert report[1]["state"] == "down" and report[1]["failed"] >= 2
+        assert report[0]["served"] == 6  # every request answered by the survivor
+    finally:
+        server.close()
+        stop(doomed)
