@@ -91,6 +91,8 @@ def decode_media(kind: str, source, s: Settings) -> tuple[Any, list[str]]:
     and the decoder's warnings (what a damaged file still yielded). Raises media.MediaError."""
     if kind == "image":
         image = media.load_image(source, max_pixels=s.max_image_pixels)
+        if s.engine == "openai" and not image.warnings:  # upstreams may take the file itself (remote_engine)
+            image.image.info["source"] = media.rewind(source).read()
         return image.image, image.warnings
     if kind == "audio":
         audio = media.load_audio(source, max_seconds=s.max_audio_seconds, timeout=s.decode_timeout_seconds)

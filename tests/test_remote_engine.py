@@ -14,8 +14,9 @@ import openai
 import pytest
 
 import make_media
-from conftest import serve
+from conftest import CORPUS, serve
 from multimodal_api import create_app
+from remote_engine import plain_picture
 from servers import free_port, start_server
 from settings import Settings
 
@@ -115,6 +116,27 @@ def test_multimodal_gives_the_upstreams_own_answer(upstreams, front, form):
     same_answer(direct.json(), via_front.json())
     assert via_front.json()["usage"]["prompt_tokens_by_modality"]["image"] > 0
     assert via_front.json()["model"] == direct.json()["model"]  # the upstream's name, from its /v1/models
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "heic_iphone_style__fixture-mif1.heic",  # a format upstreams may not read
+        "jpeg_exif_orient6__hopper_orientation_6.jpg",  # must be turned upright first
+        "png_16bit_rgba__basn6a16.png",  # transparency and 16 bits
+        "jpeg_cmyk_adobe__pil_sample_cmyk.jpg",
+    ],
+)
+def test_pictures_that_need_converting_reach_the_upstream_as_decoded_here(upstreams, front, name):
+    path = CORPUS / "image" / name
+    if not path.exists():
+        pytest.skip("the media corpus is not beside the repository")
+    assert plain_picture(path.read_bytes()) is None  # so it goes as the pixels decoded here, not as it came
+    files = [("images", (name, path.read_bytes(), "application/octet-stream"))]
+    direct = httpx.post(f"{upstreams[0]}/multimodal", data={"text": "Hi"}, files=files, timeout=120)
+    via_front = httpx.post(f"{front}/multimodal", data={"text": "Hi"}, files=files, timeout=120)
+    assert direct.status_code == via_front.status_code == 200, via_front.text
+    same_answer(direct.json(), via_front.json())
 
 
 def test_a_video_with_sound_is_sent_with_use_audio_in_video(upstreams, front):
