@@ -183,15 +183,16 @@ class RemoteEngine:
             upstream.model = model or upstream.model
 
     async def _until_stopped(self, body: dict[str, Any], request: GenerationRequest) -> GenerationResult:
-        """The completion, given up (Cancelled) as soon as the request's stop event is set."""
+        """The completion; as soon as the request's stop event is set, the upstream call is closed (which stops it)."""
         work = asyncio.ensure_future(self._complete(body, request))
         try:
             while True:
                 done, _ = await asyncio.wait({work}, timeout=0.05)
                 if done:
                     return work.result()
-                if request.stop is not None and request.stop.is_set():
-                    raise Cancelled("the request was given up")
+                if request.stop is not None and request.stop.is_set():  # as the local model: it ends, it does not fail
+                    work.cancel()
+                    return GenerationResult("", 0, 0, {}, warnings=["given up: the upstream's generation was stopped"])
         finally:
             work.cancel()
 

@@ -21,10 +21,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(cwd: Path, env: dict[str, str], timeout: float = 60, **popen) -> tuple[subprocess.Popen, str]:
-    """`python multimodal_api.py` on a free loopback port with `env` on top of ours; returns the process
-    and its base URL once /health answers 200 (raises if it exits or does not get ready in time)."""
-    port = free_port()
+def start_server(
+    cwd: Path, env: dict[str, str], timeout: float = 60, port: int | None = None, **popen
+) -> tuple[subprocess.Popen, str]:
+    """`python multimodal_api.py` on a loopback port (a free one unless given) with `env` on top of ours; returns
+    the process and its base URL once /health answers 200 (raises if it exits or does not get ready in time)."""
+    port = port or free_port()
     environment = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "OMP_NUM_THREADS": "1", **env}
     server = subprocess.Popen([sys.executable, str(ROOT / "multimodal_api.py")], env=environment, cwd=cwd, **popen)
     url = f"http://127.0.0.1:{port}"

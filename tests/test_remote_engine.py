@@ -256,18 +256,35 @@ def test_engine_openai_needs_upstream_urls():
         Settings(_env_file=None, engine="openai")
 
 
-def ask_many(url: str, count: int, max_new_tokens: int, stream: bool = False) -> list[httpx.Response | Exception]:
-    answers: list[httpx.Response | Exception] = [None] * count  # type: ignore[list-item]
+def ask_one(url: str, index: int, max_new_tokens: int, stream: bool) -> dict:
+    """One /multimodal request; for a stream, whether text had arrived before an error, if one came."""
+    form = {"text": f"Request {index}", "max_new_tokens": str(max_new_tokens), "stream": str(stream).lower()}
+    try:
+        if not stream:
+            answer = httpx.post(f"{url}/multimodal", data=form, timeout=300)
+            return {"ok": answer.status_code == 200, "detail": answer.text[:300]}
+        text, error = "", None
+        with httpx.stream("POST", f"{url}/multimodal", data=form, timeout=300) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    error = event.get("error") or error
+                    text += "".join(c["delta"].get("content") or "" for c in event.get("choices", []))
+        return {
+            "ok": response.status_code == 200 and error is None,
+            "streamed_before_error": bool(text),
+            "detail": error,
+        }
+    except httpx.HTTPError as error:
+        return {"ok": False, "detail": repr(error)}
+
+
+def ask_many(url: str, count: int, max_new_tokens: int, streams: bool = False) -> list[dict]:
+    """`count` requests at once; with `streams`, every other one streams."""
+    answers: list[dict] = [{}] * count
 
     def one(index: int) -> None:
-        try:
-            answers[index] = httpx.post(
-                f"{url}/multimodal",
-                data={"text": f"Request {index}", "max_new_tokens": str(max_new_tokens)},
-                timeout=300,
-            )
-        except httpx.HTTPError as error:
-            answers[index] = error
+        answers[index] = ask_one(url, index, max_new_tokens, streams and index % 2 == 1)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
     for thread in threads:
@@ -281,7 +298,7 @@ def test_two_upstreams_share_the_load(upstreams):
     server, url = start_front(front_settings(upstreams))
     try:
         answers = ask_many(url, 6, 8)
-        assert all(isinstance(a, httpx.Response) and a.status_code == 200 for a in answers), answers
+        assert all(a["ok"] for a in answers), answers
         served = [u["served"] for u in httpx.get(f"{url}/health").json()["upstreams"]]
         assert sum(served) == 6 and min(served) >= 2, served
     finally:
@@ -293,18 +310,92 @@ def test_killing_an_upstream_mid_run_loses_no_request(upstreams, tiny_model_dir,
     server, url = start_front(front_settings([upstreams[0], doomed_url]))
     try:
         wait_until(lambda: all(u["state"] == "up" for u in httpx.get(f"{url}/health").json()["upstreams"]))
-        results: list = []
-        runner = threading.Thread(target=lambda: results.extend(ask_many(url, 6, 48)))
+        results: list[dict] = []
+        runner = threading.Thread(target=lambda: results.extend(ask_many(url, 8, 48, streams=True)))
         runner.start()
-        wait_until(lambda: httpx.get(f"{url}/health").json()["upstreams"][1]["in_flight"] >= 2)
+        wait_until(lambda: httpx.get(f"{url}/health").json()["upstreams"][1]["in_flight"] >= 3)
         doomed.kill()  # mid-run: one request generating on it, others waiting in its queue
         runner.join()
-        assert all(isinstance(a, httpx.Response) and a.status_code == 200 for a in results), [
-            a if isinstance(a, Exception) else (a.status_code, a.text) for a in results
-        ]
+        lost = [a for a in results if not a["ok"] and not a.get("streamed_before_error")]
+        assert not lost, results  # only a stream that had already sent text may end in an error
+        assert sum(a["ok"] for a in results) >= 6, results
         report = httpx.get(f"{url}/health").json()["upstreams"]
-        assert report[1]["state"] == "down" and report[1]["failed"] >= 2
-        assert report[0]["served"] == 6  # every request answered by the survivor
+        assert report[1]["state"] == "down" and report[1]["failed"] >= 2  # requests it held were retried
+        assert report[0]["served"] == sum(a["ok"] for a in results)  # every answer came from the survivor
     finally:
         server.close()
         stop(doomed)
+
+
+def test_a_down_upstream_is_skipped_until_its_models_answer_again(tiny_model_dir, tmp_path):
+    port = free_port()
+    server = serve(create_app(front_settings([f"http://127.0.0.1:{port}"])))
+    url = next(server)
+    upstream = None
+    try:
+        wait_until(lambda: httpx.get(f"{url}/health").json()["upstreams"][0]["state"] == "down")
+        assert httpx.post(f"{url}/multimodal", data={"text": "Hi"}).status_code == 503
+        upstream, _ = start_server(tmp_path, upstream_env(tiny_model_dir), timeout=120, port=port)
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 200)
+        answer = httpx.post(f"{url}/multimodal", data={"text": "Hi"}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model"] == str(tiny_model_dir)
+    finally:
+        server.close()
+        if upstream is not None:
+            stop(upstream)
+
+
+def test_admission_limits_apply_per_upstream(upstreams):
+    """MAX_WAITING_REQUESTS=0: each upstream takes one request at a time, so one upstream admits one, two admit two."""
+    for count in (1, 2):
+        server, url = start_front(front_settings(upstreams[:count], max_waiting_requests=0))
+        try:
+            with httpx.Client(timeout=120) as http:
+                held = []
+                for _ in range(count):  # streams that stay open: each holds its upstream
+                    form = {"text": "Tell a long story.", "stream": "true", "max_new_tokens": "1500"}
+                    stream = http.stream("POST", f"{url}/multimodal", data=form)
+                    response = stream.__enter__()
+                    assert response.status_code == 200
+                    lines = response.iter_lines()  # kept: dropping the iterator would close the connection
+                    next(lines)  # the stream began: the request is in flight
+                    held.append((stream, lines))
+                assert httpx.get(f"{url}/health").json()["generations"]["running"] == count
+                refused = httpx.post(f"{url}/multimodal", data={"text": "One more"}, timeout=60)
+                assert refused.status_code == 503 and "Retry-After" in refused.headers, refused.text
+                for stream, _ in held:
+                    stream.__exit__(None, None, None)
+        finally:
+            server.close()
+
+
+def test_speech_comes_from_an_upstream_that_speaks(tiny_model_dir, tmp_path):
+    env = {**upstream_env(tiny_model_dir), "ENABLE_AUDIO_OUTPUT": "true", "MAX_SPEECH_SECONDS": "2"}
+    upstream, upstream_url = start_server(tmp_path, env, timeout=120)
+    server, url = start_front(front_settings([upstream_url]))
+    try:
+        options = {
+            "model": "any",
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "modalities": ["text", "audio"],
+            "audio": {"voice": "Ethan", "format": "wav"},
+            "max_tokens": 4,
+            "temperature": 0,
+        }
+        answer = client(url).chat.completions.create(**options)
+        direct = client(upstream_url).chat.completions.create(**options)
+        assert answer.choices[0].message.content == direct.choices[0].message.content
+        assert answer.choices[0].message.audio.data  # the upstream's speech, passed on
+        spoken = httpx.post(
+            f"{url}/multimodal",
+            data={"text": "Say hello.", "return_audio": "true", "response_format": "wav", "speaker": "Chelsie"},
+            timeout=120,
+        )
+        assert spoken.status_code == 200 and spoken.headers["content-type"] == "audio/wav"
+        unknown = httpx.post(
+            f"{url}/multimodal", data={"text": "Hi", "return_audio": "true", "speaker": "Nobody"}, timeout=60
+        )
+        assert unknown.status_code == 422 and "unknown speaker 'Nobody'" in unknown.json()["detail"]
+    finally:
+        server.close()
+        stop(upstream)
