@@ -1,7 +1,7 @@
 """Scaling out (ENGINE=openai): throughput with two upstreams vs one, and what the front adds per request.
 
     .venv/bin/python bench/scale_bench.py                 # tiny model, all servers on loopback
-    .venv/bin/python bench/scale_bench.py --clients 4 --requests 6 --tokens 32 --samples 15
+    .venv/bin/python bench/scale_bench.py --clients 4 --requests 4 --tokens 128 --samples 15
 
 Every server is its own process (single-threaded: OMP_NUM_THREADS=1): two upstreams (this server on the
 tiny model, ENGINE=local) and two fronts (ENGINE=openai), one over the first upstream, one over both.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import media  # noqa: E402
 import tiny_model  # noqa: E402
 from servers import start_server  # noqa: E402
 
@@ -87,8 +89,8 @@ def timed_post(http: httpx.Client, url: str, image: bytes) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=6, help="per client")
-    parser.add_argument("--tokens", type=int, default=32, help="new tokens per answer")
+    parser.add_argument("--requests", type=int, default=4, help="per client")
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens per answer")
     parser.add_argument("--samples", type=int, default=15, help="1 MB image requests per path")
     args = parser.parse_args()
 
@@ -131,11 +133,20 @@ def main() -> None:
                 for _ in range(args.samples):
                     direct.append(timed_post(http, upstreams[0], image))
                     through.append(timed_post(http, fronts[0], image))
+            decoding = []
+            for _ in range(args.samples):
+                started = time.perf_counter()
+                media.load_image(io.BytesIO(image), max_pixels=50_000_000)
+                decoding.append(time.perf_counter() - started)
             added = (statistics.median(through) - statistics.median(direct)) * 1000
             print(f"overhead, a {len(image) / 1e6:.2f} MB JPEG (1600x1200), {args.samples} requests each way:")
             print(f"  upstream directly: median {statistics.median(direct) * 1000:7.1f} ms")
             print(f"  through the front: median {statistics.median(through) * 1000:7.1f} ms")
             print(f"  added by the front: {added:.1f} ms (goal <= 15 ms)")
+            print(
+                f"  of which decoding and checking the picture, as every request is: {statistics.median(decoding) * 1000:.1f} ms"
+            )
+            print(f"load average after the run (2 cores here; other work skews every figure): {os.getloadavg()}")
         finally:
             for process in processes:
                 process.terminate()
