@@ -399,3 +399,27 @@ def test_speech_comes_from_an_upstream_that_speaks(tiny_model_dir, tmp_path):
     finally:
         server.close()
         stop(upstream)
+
+
+def test_v1_takes_the_processor_options_the_front_sends(upstreams):
+    """This server's own /v1 honours `mm_processor_kwargs` (vLLM's field), so it can be an upstream."""
+    video = {"type": "video_url", "video_url": {"url": data_url("video/mp4", make_media.video_bytes(2.0, audio=True))}}
+    image = {
+        "type": "image_url",
+        "image_url": {"url": data_url("image/jpeg", make_media.image_bytes("JPEG", (640, 480)))},
+    }
+
+    def usage(content: list, **options) -> dict:
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": 1, **options}
+        answer = httpx.post(f"{upstreams[0]}/v1/chat/completions", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["usage"]["prompt_tokens_details"]["by_modality"]
+
+    assert usage([video])["audio"] > 0
+    assert usage([video], mm_processor_kwargs={"use_audio_in_video": True})["audio"] > 0
+    assert usage([video], mm_processor_kwargs={"use_audio_in_video": False})["audio"] == 0
+    assert usage([image], mm_processor_kwargs={"max_pixels": 28 * 28 * 16})["image"] < usage([image])["image"]
+    for options, problem in (({"max_pixels": 10**9}, "MAX_PIXELS_CEILING"), ({"fps": 3}, "fps")):
+        body = {"messages": [{"role": "user", "content": "Hi"}], "mm_processor_kwargs": options}
+        answer = httpx.post(f"{upstreams[0]}/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 400 and problem in answer.json()["error"]["message"], answer.text
