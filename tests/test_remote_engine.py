@@ -423,3 +423,24 @@ def test_v1_takes_the_processor_options_the_front_sends(upstreams):
         body = {"messages": [{"role": "user", "content": "Hi"}], "mm_processor_kwargs": options}
         answer = httpx.post(f"{upstreams[0]}/v1/chat/completions", json=body, timeout=60)
         assert answer.status_code == 400 and problem in answer.json()["error"]["message"], answer.text
+
+
+def test_an_upstream_answering_5xx_is_retried_once_on_another(upstreams, tiny_model_dir, tmp_path):
+    """A busy upstream (MAX_WAITING_REQUESTS=0, one request already running) answers 503 at once."""
+    busy, busy_url = start_server(tmp_path, {**upstream_env(tiny_model_dir), "MAX_WAITING_REQUESTS": "0"}, timeout=120)
+    server, url = start_front(front_settings([busy_url, upstreams[1]]))
+    try:
+        wait_until(lambda: all(u["state"] == "up" for u in httpx.get(f"{url}/health").json()["upstreams"]))
+        form = {"text": "Tell a long story.", "stream": "true", "max_new_tokens": "1500"}
+        with httpx.stream("POST", f"{busy_url}/multimodal", data=form, timeout=120) as holding:
+            lines = holding.iter_lines()
+            next(lines)  # the busy upstream is generating for someone else
+            answer = httpx.post(f"{url}/multimodal", data={"text": "Hi"}, timeout=120)
+        assert answer.status_code == 200, answer.text
+        busy_report, other = httpx.get(f"{url}/health").json()["upstreams"]
+        assert busy_report["failed"] == 1 and "HTTP 503" in busy_report["last_error"]
+        assert busy_report["state"] == "up"  # busy is not down
+        assert other["served"] >= 1
+    finally:
+        server.close()
+        stop(busy)
