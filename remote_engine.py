@@ -126,8 +126,11 @@ class RemoteEngine:
         return {
             "model": self.settings.engine_model or known or "unknown",
             "engine": "openai",
+            "dtype": "the upstreams'",
+            "devices": [u.url for u in self.upstreams],  # where it runs: the upstreams
             "placement": {},
-            "upstreams": [u.url for u in self.upstreams],
+            "audio_output": None,  # unknown here: the upstream answers with speech or says why not
+            "voices": [],
         }
 
     def memory(self) -> None:
