@@ -201,11 +201,13 @@ class PromptBuilder:
     def _processor_kwargs(self, media: _Media, use_audio_in_video: bool) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
         if media.audios and self.audio_padding == "clip":
-            # Whisper pads every clip to 300 s by default; pad only to the longest clip (whole 10 ms frames).
+            # Whisper pads every clip to 300 s by default; pad only to the longest clip and one STFT window of
+            # silence (whole 10 ms frames), so that the clip's last frames see silence after it, as in the
+            # reference, and not the clip's own end mirrored: every frame the model reads is the same.
             extractor = self.processor.feature_extractor
             longest = max(len(a) for a in media.audios)
-            fitted = -(-max(longest, extractor.n_fft) // extractor.hop_length) * extractor.hop_length
-            kwargs["audio_kwargs"] = {"max_length": fitted}  # at least one STFT window
+            fitted = -(-(longest + extractor.n_fft) // extractor.hop_length) * extractor.hop_length
+            kwargs["audio_kwargs"] = {"max_length": fitted}
         if media.images:
             kwargs["images_kwargs"] = {"do_resize": False}  # fetch_image already sized them
         if media.videos:

@@ -138,5 +138,5 @@ def test_audio_features_padded_to_the_clip_give_the_same_answer(tiny_model_dir, 
     padded = engine.generate(request)
     full_features = engine.prompts.build(request).inputs
     assert fitted.completion_ids == padded.completion_ids and fitted.prompt_tokens == padded.prompt_tokens
-    assert features["input_features"].shape[-1] == 150  # the 1.5 s clip in 10 ms frames, not 30000
+    assert features["input_features"].shape[-1] == 150 + 3  # the 1.5 s clip in 10 ms frames and a window, not 30000
     assert full_features["input_features"].shape[-1] == 30000
