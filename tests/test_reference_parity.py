@@ -13,6 +13,7 @@ video_second_per_grid; equal audio feature lengths; pixel values and audio featu
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 from qwen_omni_utils import process_mm_info
 
 import make_media
@@ -384,6 +386,37 @@ def test_json_answer_says_what_each_file_became(server, files):
     by_modality = body["usage"]["prompt_tokens_by_modality"]
     assert by_modality["image"] == image["tokens"] and by_modality["video"] == video["tokens"]
     assert by_modality["audio"] == audio["tokens"] + video["audio_tokens"]
+
+
+# ---------------------------------------------------------------- deviations on purpose (README table)
+
+
+def test_long_video_is_sampled_at_a_halved_rate_within_its_frame_budget(tiny_engine, tmp_path):
+    """Over VIDEO_MAX_FRAMES at VIDEO_FPS, the rate halves (frames keep their size); the model is told the
+    halved rate, the frames stay within the budget, and the prompt equals the reference at that rate."""
+    path = tmp_path / "long.mp4"
+    path.write_bytes(make_media.video_bytes(10.0, fps=10, audio=True))
+    decoded = media.load_video(str(path), fps=2.0, max_frames=8, max_seconds=60, frame_max_pixels=768 * 28 * 28)
+    assert len(decoded.frames) <= 8 and decoded.fps == pytest.approx(0.5)  # 20 frames at 2 fps, halved twice
+    video = VideoInput(decoded.frames, decoded.fps, decoded.audio.samples)
+    request = GenerationRequest("What happens?", None, videos=[video])
+    result = tiny_engine.generate(dataclasses.replace(request, max_new_tokens=NEW_TOKENS))
+    conversation = [user(video_part(video, tiny_engine.settings, 0.5), text("What happens?"))]
+    inputs = assert_parity(tiny_engine, Case(request, result, conversation, use_audio_in_video=True, fps=0.5))
+    assert result.prompt_tokens_by_modality["video"] <= tiny_engine.settings.video_total_pixels // 28**2
+    assert inputs["video_second_per_grid"].tolist() == [4.0]
+
+
+def test_image_budget_is_about_one_megapixel_not_the_official_twelve(tiny_engine):
+    """IMAGE_MAX_PIXELS (1280 tokens of 28x28, ~1 MP) instead of qwen-omni-utils' default 16384 tokens."""
+    from qwen_omni_utils.v2_5.vision_process import fetch_image
+
+    photo = Image.new("RGB", (2000, 1500), (200, 100, 50))
+    prompt = tiny_engine.prompts.build(GenerationRequest("Describe.", None, images=[photo]))
+    budget = tiny_engine.settings.image_max_pixels // 28**2
+    assert budget == 1280 and budget - 60 <= prompt.by_modality["image"] <= budget
+    official = fetch_image({"image": photo})  # the official default budget
+    assert official.width * official.height // 28**2 > 2.9 * budget  # the 3 MP photo kept whole: 3834 tokens
 
 
 # ---------------------------------------------------------------- the fixes (each test fails on the code before)
