@@ -419,6 +419,18 @@ def test_image_budget_is_about_one_megapixel_not_the_official_twelve(tiny_engine
     assert official.width * official.height // 28**2 > 2.9 * budget  # the 3 MP photo kept whole: 3834 tokens
 
 
+def test_videos_in_one_request_share_the_slowest_real_rate():
+    """The processor takes one rate: a 2 fps video next to a 1 fps one keeps every other frame; rates that
+    cannot be matched by keeping every k-th frame are said in a warning, not silently mistimed."""
+    from prompts import common_rate
+
+    frames = [Image.new("RGB", (56, 56))] * 8
+    matched, warnings = common_rate([VideoInput(frames, 2.0), VideoInput(frames, 1.0)])
+    assert [(len(v.frames), v.fps) for v in matched] == [(4, 1.0), (8, 1.0)] and warnings == []
+    matched, warnings = common_rate([VideoInput(frames, 1.5), VideoInput(frames, 1.0)])
+    assert [len(v.frames) for v in matched] == [4, 8] and "video 1 at 0.75 fps" in warnings[0]  # 1.5 fps / 2
+
+
 # ---------------------------------------------------------------- the fixes (each test fails on the code before)
 
 

@@ -70,3 +70,15 @@ def test_streamed_text_is_a_prefix_of_the_answer_and_complete_at_the_end(tokeniz
         sent += piece
         assert final.startswith(sent) and "\ufffd" not in piece
     assert sent == final
+
+
+def test_the_http_data_types_import_without_torch():
+    """generation.py (requests, turns, results, errors), media.py and uploads.py need no torch."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = "import sys; sys.modules['torch'] = None; import generation, media, uploads; print('ok')"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
