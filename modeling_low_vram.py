@@ -45,7 +45,8 @@ from placement import (
     parse_device_map,
     plan_placement,
 )
-from prompts import IMAGE_PATCH_SIZE, OFFICIAL_SYSTEM_PROMPT, MediaTokenIds, Prompt, PromptBuilder  # noqa: F401
+from prompts import OFFICIAL_SYSTEM_PROMPT  # noqa: F401 - where the speech side has always found it
+from prompts import IMAGE_PATCH_SIZE, MediaTokenIds, PromptBuilder
 from settings import Settings
 from streaming import StopWhenSet, TextDeltas
 
@@ -203,8 +204,8 @@ class OmniEngine:
         self.settings = settings
         self.placement = placement
         self.dtype = dtype
-        self._stop_ids = stop_token_ids(processor.tokenizer)
         tokenizer = processor.tokenizer
+        self._stop_ids = stop_token_ids(tokenizer)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._stop_ids[0]
         self.prompts = PromptBuilder(processor, MediaTokenIds.of(model.config.thinker_config), settings)
         self.sampling_defaults = sampling_defaults(getattr(model, "generation_config", None))
@@ -312,11 +313,8 @@ class OmniEngine:
         try:
             started = time.perf_counter()
             prompt = self.prompts.build(request)
-            inputs, use_audio_in_video, by_modality = (
-                self._on_device(prompt.inputs),
-                prompt.use_audio_in_video,
-                prompt.by_modality,
-            )
+            inputs = self._on_device(prompt.inputs)
+            use_audio_in_video, by_modality = prompt.use_audio_in_video, prompt.by_modality
             described, warnings = prompt.described, list(prompt.warnings)
             del prompt  # its tensors are in `inputs` now
             max_new_tokens, fitted = self.prompts.fit_context(by_modality, request.max_new_tokens)
