@@ -364,8 +364,9 @@ def load_video(
 
     Only the sampled frames are kept, each scaled to at most `frame_max_pixels`. When a video is
     longer than `max_frames / fps`, the sampling rate halves as often as needed, so memory stays
-    bounded whatever the length and the frames stay as evenly spaced as the source allows. Times come from each frame's
-    own timestamp, so variable frame rates and lying container durations are handled.
+    bounded whatever the length and the frames stay as evenly spaced as the source allows. Times
+    come from each frame's own timestamp, so variable frame rates and lying container durations
+    are handled.
     """
     container, stream = _open_video(source)
     with container:
