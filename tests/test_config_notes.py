@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -40,7 +41,7 @@ def test_loading_the_checkpoint_prints_no_talker_token_id_notes(tiny_model_dir):
         capture_output=True,
         text=True,
         timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": ""},
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr
     assert "must be `None` or an integer within the vocabulary" not in result.stderr
