@@ -2,8 +2,10 @@
 or other instances of this server), in the Chat Completions shape vLLM documents for Qwen2.5-Omni.
 
 Media goes upstream as data URLs: pictures as they came when they are plain RGB JPEG, PNG or WebP, else as
-lossless BMP `image_url`s of the pixels decoded here (so any format the server reads works upstream), audio as 16 kHz float WAV `input_audio`, each video as its own
-file in a `video_url`, with `mm_processor_kwargs: {"use_audio_in_video": true}` when the videos carry sound.
+lossless BMP `image_url`s of the pixels decoded here (so any format the server reads works upstream); audio
+as 16 kHz float WAV `input_audio`; each video as its own file in a `video_url`, with
+`mm_processor_kwargs: {"use_audio_in_video": true}` when they all carry sound (false otherwise, each sounding
+video's track then following it as audio: as the local model reads them).
 Speech asks for `modalities: ["text", "audio"]` (vLLM-Omni and this server give it; plain vLLM does not).
 
 Each request goes to the reachable upstream with the fewest requests in flight. One that refuses the
@@ -314,7 +316,12 @@ class UpstreamWorker:
 
 def chat_body(request: GenerationRequest, settings: Settings) -> dict[str, Any]:
     """`request` as a Chat Completions body (without `model`): messages, decoding, media options, speech."""
-    messages = [{"role": turn.role, "content": [content_part(part) for part in turn.parts]} for turn in _turns(request)]
+    turns = _turns(request)
+    videos = [part for turn in turns for part in turn.parts if isinstance(part, VideoInput)]
+    # As the local model: every video's sound interleaved with its frames, or (some silent) each track after
+    # its video as plain audio; the upstream is told not to take the tracks from the files itself.
+    interleave = bool(videos) and all(video.audio is not None for video in videos)
+    messages = [{"role": turn.role, "content": _content(turn.parts, interleave)} for turn in turns]
     has_system = any(m["role"] == "system" for m in messages)
     if not has_system and not request.return_audio:  # for speech, the upstream's official prompt
         messages.insert(0, {"role": "system", "content": [text_part(settings.default_system_prompt)]})
@@ -333,10 +340,7 @@ def chat_body(request: GenerationRequest, settings: Settings) -> dict[str, Any]:
         body["seed"] = request.seed
     if request.stop_strings:
         body["stop"] = request.stop_strings
-    processor: dict[str, Any] = {}
-    videos = [part for turn in _turns(request) for part in turn.parts if isinstance(part, VideoInput)]
-    if videos and all(video.audio is not None for video in videos):
-        processor["use_audio_in_video"] = True
+    processor: dict[str, Any] = {"use_audio_in_video": interleave} if videos else {}
     if request.max_pixels is not None:
         processor["max_pixels"] = request.max_pixels
     if processor:
@@ -345,6 +349,15 @@ def chat_body(request: GenerationRequest, settings: Settings) -> dict[str, Any]:
         body["modalities"] = ["text", "audio"]
         body["audio"] = {"format": "wav", **({"voice": request.speaker} if request.speaker else {})}
     return body
+
+
+def _content(parts: list, interleave: bool) -> list[dict[str, Any]]:
+    content = []
+    for part in parts:
+        content.append(content_part(part))
+        if isinstance(part, VideoInput) and part.audio is not None and not interleave:
+            content.append(content_part(part.audio))
+    return content
 
 
 def _turns(request: GenerationRequest) -> list[ChatTurn]:

@@ -140,8 +140,12 @@ def test_pictures_that_need_converting_reach_the_upstream_as_decoded_here(upstre
     same_answer(direct.json(), via_front.json())
 
 
-def test_a_video_with_sound_is_sent_with_use_audio_in_video(upstreams, front):
+@pytest.mark.parametrize("silent_too", [False, True])
+def test_videos_with_sound_are_sent_as_the_local_model_reads_them(upstreams, front, silent_too):
+    """All sounding: interleaved (use_audio_in_video). Mixed with a silent one: each track after its video."""
     files = [("videos", ("d.mp4", make_media.video_bytes(2.0, audio=True), "video/mp4"))]
+    if silent_too:
+        files.append(("videos", ("s.mp4", make_media.video_bytes(2.0, audio=False), "video/mp4")))
     direct = httpx.post(f"{upstreams[0]}/multimodal", data={"text": "Hi"}, files=files, timeout=120).json()
     via_front = httpx.post(f"{front}/multimodal", data={"text": "Hi"}, files=files, timeout=120).json()
     same_answer(direct, via_front)
