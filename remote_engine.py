@@ -328,7 +328,8 @@ def chat_body(request: GenerationRequest, settings: Settings) -> dict[str, Any]:
     body: dict[str, Any] = {
         "messages": messages,
         "max_tokens": request.max_new_tokens,
-        "stream": not request.return_audio,  # vLLM-Omni gives speech in one answer
+        # Streamed only for a client that streams (no per-token work otherwise); vLLM-Omni gives speech in one piece.
+        "stream": request.on_text is not None and not request.return_audio,
     }
     sampling = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
     if sampling["top_k"] == 0:
