@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import urllib.parse
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import soundfile
+import torch
 
+import make_media
 from conftest import FakeEngine, upload
 from generation import GenerationRequest
 from modeling_low_vram import OFFICIAL_SYSTEM_PROMPT
+from speech import NO_SPEECH_WARNING, Codec, CodeStream, Token2Wav
 
 
 def decode_wav(data: bytes):
@@ -121,7 +127,124 @@ def test_talker_stop_codes_and_length_come_from_the_checkpoint(tiny_model_dir):
     from modeling_low_vram import OmniEngine
 
     engine = OmniEngine.load(tiny_settings(tiny_model_dir, enable_audio_output=True, max_speech_seconds=3))
-    kwargs = engine._speech_kwargs("Ethan")
     talker = engine.model.config.talker_config
-    assert kwargs["talker_eos_token_id"] == [talker.tts_codec_pad_token_id, talker.tts_codec_end_token_id] == [32, 34]
-    assert kwargs["talker_max_new_tokens"] == 150  # 3 s at 24000 / (2 repeats x 240 samples) = 50 codes/s
+    assert Codec.of(engine.model.config).ends == (talker.tts_codec_pad_token_id, talker.tts_codec_end_token_id)
+    assert Codec.of(engine.model.config).ends == (32, 34)
+    assert engine.max_speech_codes() == 150  # 3 s at 24000 / (2 repeats x 240 samples) = 50 codes/s
+
+
+# ---------------------------------------------------------------- speech that has no sound, and what is spoken
+
+
+def picture():
+    from PIL import Image
+
+    return Image.open(io.BytesIO(make_media.image_bytes("PNG"))).convert("RGB")
+
+
+@pytest.mark.parametrize("voice", ["Chelsie", "Ethan"])
+def test_a_talker_that_ends_at_once_gives_the_text_and_a_warning(speaking_engine, speaking_client, voice):
+    # Seed 3: the random talker's first code ends speech (token2wav used to fail on 0 codes: a 500).
+    request = GenerationRequest("hi", None, images=[picture()], max_new_tokens=8, return_audio=True, speaker=voice)
+    result = speaking_engine.generate(dataclasses.replace(request, seed=3))
+    assert result.audio is None and result.text and NO_SPEECH_WARNING in result.warnings
+    png = base64.b64encode(make_media.image_bytes("PNG")).decode()
+    content = [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+        {"type": "text", "text": "hi"},
+    ]
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "modalities": ["text", "audio"],
+        "audio": {"voice": voice},
+        "max_tokens": 8,
+        "temperature": 0,
+        "seed": 3,
+    }
+    response = speaking_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["choices"][0]["message"]["content"] == result.text
+    assert "audio" not in answer["choices"][0]["message"] and NO_SPEECH_WARNING in answer["warnings"]
+
+
+def test_codes_that_are_not_speech_never_reach_token2wav():
+    # The released checkpoints' codec (see shared/model-configs): 8448 talker codes, 8193 in token2wav's codebook.
+    talker = SimpleNamespace(
+        vocab_size=8448,
+        tts_codec_pad_token_id=8292,
+        tts_codec_start_token_id=8293,
+        tts_codec_end_token_id=8294,
+        tts_codec_mask_token_id=8296,
+    )
+    dit = SimpleNamespace(num_embeds=8193)
+    real = Codec.of(SimpleNamespace(talker_config=talker, token2wav_config=SimpleNamespace(dit_config=dit)))
+    assert real.codebook == 8193 and real.vocabulary == 8448 and real.ends == (8292, 8294)
+    suppressed = set(real.suppressed())
+    assert {8193, 8293, 8295, 8296, 8447, real.start} <= suppressed and not {8292, 8294, 0, 8192} & suppressed
+    received = []
+    stream = CodeStream(real, received.extend)
+    stream.put(torch.tensor([[1, 2, 3]]))  # the prompt
+    for code in [5, 8293, 8296, 8192, 8300, 7, 8294, 9]:
+        stream.put(torch.tensor([code]))
+    assert received == stream.codes == [5, 8192, 7] and stream.dropped == 3  # nothing after the end code
+
+
+def test_a_stop_string_cuts_the_speech_with_the_text(speaking_engine):
+    """The talker speaks the returned text: cut by a stop string spanning two tokens, or by the length
+    bound, the same text gives the same speech (the old wrapper spoke the stop string's first token in
+    one case and dropped the answer's last token in the other)."""
+    tokenizer = speaking_engine.processor.tokenizer
+    base = GenerationRequest("Say hello.", None, max_new_tokens=8, return_audio=True, seed=1)
+    ids = speaking_engine.generate(base).completion_ids
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    for kept in range(2, len(ids) - 2):
+        head = tokenizer.decode(ids[:kept], skip_special_tokens=True)
+        stop = tokenizer.decode(ids[: kept + 2], skip_special_tokens=True)[len(head) :]
+        if stop and full.startswith(head + stop) and full.find(stop) == len(head):
+            break
+    else:
+        pytest.fail(f"no stop string to test with in {full!r}")
+    by_stop = speaking_engine.generate(dataclasses.replace(base, stop_strings=[stop]))
+    by_length = speaking_engine.generate(dataclasses.replace(base, max_new_tokens=kept))
+    assert by_stop.text == by_length.text == head
+    assert by_stop.audio is not None and np.array_equal(by_stop.audio, by_length.audio)
+
+
+# ---------------------------------------------------------------- chunked synthesis
+
+
+def some_codes(count: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, 32, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_vocoder_reach_bounds_what_bigvgan_reads(speaking_engine):
+    synthesis = Token2Wav(speaking_engine.model, "Chelsie", 200, seed=1)
+    mel = synthesis.mel(some_codes(100), 0, 200)
+    moved = mel.clone()
+    moved[:, :, 100] += 1.0
+    changed = np.flatnonzero(synthesis.vocode(moved) != synthesis.vocode(mel))
+    reach, hop = synthesis.reach, synthesis.hop
+    assert changed.size and (100 - reach) * hop <= changed.min() and changed.max() < (101 + reach) * hop
+
+
+@pytest.mark.parametrize("chunk_blocks", [1, 3])
+def test_chunks_decode_to_the_whole_answers_audio(speaking_engine, chunk_blocks):
+    """Tolerance: 1e-4 of the loudest sample. Each chunk's DiT window has the context its block attention
+    reads in one pass and BigVGAN gets its full reach on both sides, with the same noise per frame; what
+    is left is float rounding (windows of other lengths sum in another order), about 1e-6 here."""
+    codes = some_codes(150)
+    synthesis = Token2Wav(speaking_engine.model, "Ethan", 200, seed=11)
+    whole = synthesis.whole(codes)
+    pieces: list[np.ndarray] = []
+    chunked = synthesis.chunked(chunk_blocks, pieces.append)
+    for start in range(0, len(codes), 7):  # codes arrive a few at a time, as the talker makes them
+        chunked.add(codes[start : start + 7])
+        assert sum(map(len, pieces)) <= len(whole)
+    assert pieces, "audio must start before the last code"
+    chunked.finish()
+    streamed = np.concatenate(pieces)
+    assert len(pieces) > 2 and len(streamed) == len(whole) == 150 * 2 * 240
+    assert np.abs(streamed - whole).max() <= 1e-4 * np.abs(whole).max()
+    other_noise = Token2Wav(speaking_engine.model, "Ethan", 200, seed=12).whole(codes)
+    assert np.abs(other_noise - whole).max() > 1e-2 * np.abs(whole).max()  # the tolerance can tell noises apart
