@@ -123,22 +123,6 @@ def test_speech_in_openai_shape(client):
     assert audio.transcript == answer.choices[0].message.content and audio.expires_at > time.time()
 
 
-def test_streamed_speech_arrives_in_the_last_chunks(client):
-    chunks = list(
-        ask(
-            client,
-            [{"role": "user", "content": "Say hi."}],
-            modalities=["text", "audio"],
-            audio={"voice": "Chelsie", "format": "wav"},
-            stream=True,
-        )
-    )
-    with_audio = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.audio]
-    assert with_audio == [len(chunks) - 2]  # just before the finishing chunk
-    audio = chunks[with_audio[0]].choices[0].delta.audio
-    assert soundfile.read(io.BytesIO(base64.b64decode(audio.data)))[1] == 24000
-
-
 @pytest.mark.parametrize(
     ("options", "messages", "param", "fragment"),
     [

@@ -5,18 +5,23 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
+import time
 import urllib.parse
 from types import SimpleNamespace
 
+import httpx
 import numpy as np
+import openai
 import pytest
 import soundfile
 import torch
 
 import make_media
-from conftest import FakeEngine, upload
+from conftest import FakeEngine, serve, tiny_settings, upload
 from generation import GenerationRequest
-from modeling_low_vram import OFFICIAL_SYSTEM_PROMPT
+from modeling_low_vram import OFFICIAL_SYSTEM_PROMPT, OmniEngine
+from multimodal_api import create_app
 from speech import NO_SPEECH_WARNING, Codec, CodeStream, Token2Wav
 
 
@@ -123,9 +128,6 @@ def test_speech_uses_the_official_system_prompt_and_moves_a_persona_to_the_user_
 
 
 def test_talker_stop_codes_and_length_come_from_the_checkpoint(tiny_model_dir):
-    from conftest import tiny_settings
-    from modeling_low_vram import OmniEngine
-
     engine = OmniEngine.load(tiny_settings(tiny_model_dir, enable_audio_output=True, max_speech_seconds=3))
     talker = engine.model.config.talker_config
     assert Codec.of(engine.model.config).ends == (talker.tts_codec_pad_token_id, talker.tts_codec_end_token_id)
@@ -248,3 +250,101 @@ def test_chunks_decode_to_the_whole_answers_audio(speaking_engine, chunk_blocks)
     assert np.abs(streamed - whole).max() <= 1e-4 * np.abs(whole).max()
     other_noise = Token2Wav(speaking_engine.model, "Ethan", 200, seed=12).whole(codes)
     assert np.abs(other_noise - whole).max() > 1e-2 * np.abs(whole).max()  # the tolerance can tell noises apart
+
+
+# ---------------------------------------------------------------- streamed speech over HTTP
+
+
+def speaker_without_end(tiny_model_dir, seconds: float):
+    """The tiny model with a talker that speaks until MAX_SPEECH_SECONDS: its end codes' output weights are
+    zeroed and the others scaled up, so an end code's probability is nil (a random talker ends within a
+    few dozen codes)."""
+    engine = OmniEngine.load(
+        tiny_settings(tiny_model_dir, enable_audio_output=True, max_speech_seconds=seconds, speech_chunk_blocks=1)
+    )
+    with torch.no_grad():
+        head = engine.model.talker.codec_head.weight
+        head.mul_(1000)
+        head[list(Codec.of(engine.model.config).ends)] = 0
+    return engine
+
+
+@pytest.fixture(scope="module")
+def three_seconds(tiny_model_dir):
+    engine = speaker_without_end(tiny_model_dir, 3)
+    for url in serve(create_app(engine.settings, engine=engine)):
+        yield url
+
+
+def spoken_request(**extra) -> dict:
+    return {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Say something."}],
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "Ethan", "format": "pcm16"},
+        "max_tokens": 8,
+        "temperature": 0,
+        "seed": 2,
+        **extra,
+    }
+
+
+def events(response) -> list[dict]:
+    lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_speech_streams_in_openai_shape(three_seconds):
+    client = openai.OpenAI(base_url=f"{three_seconds}/v1", api_key="none", max_retries=0, timeout=120)
+    chunks = list(
+        client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **spoken_request())
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    audios = [d.audio.model_dump(exclude_none=True) for d in deltas if getattr(d, "audio", None)]
+    pieces = [base64.b64decode(a["data"]) for a in audios if "data" in a]
+    assert len({a["id"] for a in audios}) == 1 and audios[-1]["expires_at"] > time.time()
+    assert len(pieces) >= 3  # the voice comes in pieces as it is made
+    first_audio = next(i for i, a in enumerate(audios) if "data" in a)
+    assert all("transcript" in a for a in audios[:first_audio])  # the text comes first, as the transcript
+    assert chunks[-1].usage.completion_tokens > 0
+    whole = client.chat.completions.create(**{**spoken_request(), "audio": {"voice": "Ethan", "format": "wav"}})
+    assert "".join(a.get("transcript", "") for a in audios) == whole.choices[0].message.content
+    streamed = np.frombuffer(b"".join(pieces), "<i2")
+    samples, rate = soundfile.read(io.BytesIO(base64.b64decode(whole.choices[0].message.audio.data)), dtype="int16")
+    assert rate == 24000 and len(streamed) == len(samples) == 3 * 24000  # 150 codes of 480 samples
+    assert np.abs(streamed.astype(int) - samples).max() <= 1
+
+
+def test_multimodal_streams_speech_the_same_way(three_seconds):
+    form = {"text": "Say something.", "return_audio": "true", "stream": "true", "max_new_tokens": "8"}
+    with httpx.Client(timeout=120) as http, http.stream("POST", f"{three_seconds}/multimodal", data=form) as response:
+        assert response.status_code == 200
+        chunks = events(response)
+    audios = [c["choices"][0]["delta"]["audio"] for c in chunks if c["choices"] and "audio" in c["choices"][0]["delta"]]
+    pcm = b"".join(base64.b64decode(a["data"]) for a in audios if "data" in a)
+    assert len(pcm) == 3 * 24000 * 2 and "usage" in chunks[-1]
+
+
+def test_a_client_leaving_mid_speech_stops_the_talker(tiny_model_dir):
+    engine = speaker_without_end(tiny_model_dir, 60)  # 3000 codes: minutes of work if nothing stops it
+    talker_steps: list[float] = []
+    hook = engine.model.talker.register_forward_hook(lambda *args: talker_steps.append(time.monotonic()))
+    try:
+        for url in serve(create_app(engine.settings, engine=engine)):
+            with httpx.Client(timeout=60) as http:
+                with http.stream("POST", f"{url}/v1/chat/completions", json=spoken_request(stream=True)) as response:
+                    for line in response.iter_lines():
+                        if '"data"' in line:  # the first audio: the talker is running
+                            break
+                    steps_before_leaving = len(talker_steps)
+                    left = time.monotonic()
+                deadline = left + 2
+                while http.get(f"{url}/health").json()["generations"]["running"] and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                freed = time.monotonic() - left
+                time.sleep(0.5)
+            assert steps_before_leaving > 0 and freed < 2
+            assert talker_steps[-1] - left < 2 and len(talker_steps) < 1000
+    finally:
+        hook.remove()
