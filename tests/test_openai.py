@@ -224,9 +224,10 @@ def test_the_readme_openai_examples_run_as_written(live_server, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - our own README's example
     printed = capsys.readouterr().out
-    for label in ("plain:", "media:", "stream:", "speech:"):
+    for label in ("plain:", "media:", "stream:", "speech:", "streamed speech:"):
         assert label in printed
     assert soundfile.info(str(tmp_path / "answer.wav")).samplerate == 24000
+    assert soundfile.info(str(tmp_path / "streamed.wav")).frames > 0
 
 
 def test_remote_media_only_from_listed_hosts_within_limits(tmp_path, tiny_engine):
