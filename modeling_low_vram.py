@@ -63,6 +63,7 @@ from speech import (
     NO_SPEECH_WARNING,
     SPEECH_SAMPLE_RATE,
     FirstTokens,
+    Stopped,
     Token2Wav,
     spoken_token_count,
     talk,
@@ -437,21 +438,24 @@ class OmniEngine:
         )
         del output  # every layer's hidden states of every step: the talker has what it needs
         max_codes = self.max_speech_codes()
-        synthesis = Token2Wav(self.model, speaker, max_codes, seed=request.seed)
+        synthesis = Token2Wav(self.model, speaker, max_codes, seed=request.seed, stop=stop)
         chunked = None
         if request.on_audio is not None:
-            chunked = synthesis.chunked(self.settings.speech_chunk_blocks, request.on_audio, stop)
-        codes = talk(self.model, arguments, max_codes, chunked.add if chunked else lambda codes: None, stop)
-        if codes.dropped:
-            logger.info("the talker sampled %d codes that are not speech; token2wav skipped them", codes.dropped)
-        if stop.is_set():
+            chunked = synthesis.chunked(self.settings.speech_chunk_blocks, request.on_audio)
+        try:
+            codes = talk(self.model, arguments, max_codes, chunked.add if chunked else lambda codes: None, stop)
+            if codes.dropped:
+                logger.info("the talker sampled %d codes that are not speech; token2wav skipped them", codes.dropped)
+            if stop.is_set():
+                return sequences, None, []
+            if not codes.codes:
+                return sequences, None, [NO_SPEECH_WARNING]
+            if chunked is not None:
+                chunked.finish()
+                return sequences, None, []
+            return sequences, synthesis.whole(codes.codes), []
+        except Stopped:  # given up while token2wav ran: nobody waits for this answer any more
             return sequences, None, []
-        if not codes.codes:
-            return sequences, None, [NO_SPEECH_WARNING]
-        if chunked is not None:
-            chunked.finish()
-            return sequences, None, []
-        return sequences, synthesis.whole(codes.codes), []
 
     def _turns(self, request: GenerationRequest) -> list[ChatTurn]:
         """The conversation, system turn first. Speech needs the official system prompt: a custom one

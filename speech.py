@@ -37,6 +37,10 @@ ODE_STEPS, GUIDANCE_SCALE, SWAY_COEFFICIENT = 10, 0.5, -1.0
 NO_SPEECH_WARNING = "the talker ended before it spoke a sound: this answer has no audio"
 
 
+class Stopped(RuntimeError):
+    """token2wav was stopped midway (the request was given up)."""
+
+
 class StopWhenSet(StoppingCriteria):
     """Ends a generate() at its next token once the event is set."""
 
@@ -240,7 +244,10 @@ class Token2Wav:
     """token2wav for one answer in one voice: noise fixed per mel frame by `seed`, so a frame gets the
     same noise whether it is synthesized whole or in a chunk."""
 
-    def __init__(self, model, speaker: str, max_codes: int, seed: int | None = None) -> None:
+    def __init__(
+        self, model, speaker: str, max_codes: int, seed: int | None = None, stop: threading.Event | None = None
+    ) -> None:
+        self.stop = stop or threading.Event()  # checked at each of the ODE's steps: raises Stopped
         token2wav = model.token2wav
         if token2wav.dtype != torch.float:
             token2wav.float()  # it only runs in fp32 (as the wrapper does)
@@ -268,6 +275,8 @@ class Token2Wav:
         condition = self.condition.unsqueeze(1).repeat(1, end - start, 1)
 
         def velocity(time_step, state):
+            if self.stop.is_set():
+                raise Stopped("the request was given up")
             output = self.dit(
                 hidden_states=state,
                 quantized_code=code,
@@ -295,7 +304,7 @@ class Token2Wav:
     def chunked(
         self, chunk_blocks: int, on_audio: Callable[[np.ndarray], None], stop: threading.Event | None = None
     ) -> Chunked:
-        return Chunked(self, chunk_blocks * self.block, on_audio, stop or threading.Event())
+        return Chunked(self, chunk_blocks * self.block, on_audio, stop or self.stop)
 
 
 class Chunked:

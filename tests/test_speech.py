@@ -19,6 +19,7 @@ import torch
 
 import make_media
 from conftest import FakeEngine, serve, tiny_settings, upload
+from fastapi.testclient import TestClient
 from generation import GenerationRequest
 from modeling_low_vram import OFFICIAL_SYSTEM_PROMPT, OmniEngine
 from multimodal_api import create_app
@@ -255,12 +256,14 @@ def test_chunks_decode_to_the_whole_answers_audio(speaking_engine, chunk_blocks)
 # ---------------------------------------------------------------- streamed speech over HTTP
 
 
-def speaker_without_end(tiny_model_dir, seconds: float):
+def speaker_without_end(tiny_model_dir, seconds: float, **settings):
     """The tiny model with a talker that speaks until MAX_SPEECH_SECONDS: its end codes' output weights are
     zeroed and the others scaled up, so an end code's probability is nil (a random talker ends within a
     few dozen codes)."""
     engine = OmniEngine.load(
-        tiny_settings(tiny_model_dir, enable_audio_output=True, max_speech_seconds=seconds, speech_chunk_blocks=1)
+        tiny_settings(
+            tiny_model_dir, enable_audio_output=True, max_speech_seconds=seconds, speech_chunk_blocks=1, **settings
+        )
     )
     with torch.no_grad():
         head = engine.model.talker.codec_head.weight
@@ -348,3 +351,28 @@ def test_a_client_leaving_mid_speech_stops_the_talker(tiny_model_dir):
             assert talker_steps[-1] - left < 2 and len(talker_steps) < 1000
     finally:
         hook.remove()
+
+
+def test_a_504_stops_the_talker_and_token2wav(tiny_model_dir):
+    """A non-streamed spoken answer over REQUEST_TIMEOUT_SECONDS: the 504 stops the talker (and token2wav,
+    which checks at each ODE step), not only the thinker; the model is free again at once."""
+    engine = speaker_without_end(tiny_model_dir, 60, request_timeout_seconds=3)
+    steps: list[float] = []
+    hooks = [
+        engine.model.talker.register_forward_hook(lambda *args: steps.append(time.monotonic())),
+        engine.model.token2wav.code2wav_dit_model.register_forward_hook(lambda *args: steps.append(time.monotonic())),
+    ]
+    try:
+        with TestClient(create_app(engine.settings, engine=engine)) as client:
+            started = time.monotonic()
+            response = client.post("/v1/chat/completions", json=spoken_request())
+            answered = time.monotonic()
+            assert response.status_code == 504 and answered - started < 5
+            deadline = answered + 2
+            while client.get("/health").json()["generations"]["running"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert time.monotonic() < deadline
+        assert steps and steps[-1] - answered < 2 and len(steps) < 3000  # it ran, then stopped
+    finally:
+        for hook in hooks:
+            hook.remove()
