@@ -26,9 +26,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import RungeKutta4ODESolver
+
+from streaming import StopWhenSet
 
 SPEECH_SAMPLE_RATE = 24_000  # token2wav's output rate
 # The wrapper's (Qwen2_5OmniForConditionalGeneration.generate) defaults for the talker and token2wav.
@@ -39,16 +41,6 @@ NO_SPEECH_WARNING = "the talker ended before it spoke a sound: this answer has n
 
 class Stopped(RuntimeError):
     """token2wav was stopped midway (the request was given up)."""
-
-
-class StopWhenSet(StoppingCriteria):
-    """Ends a generate() at its next token once the event is set."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass(frozen=True)
