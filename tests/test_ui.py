@@ -149,6 +149,7 @@ def test_a_two_turn_chat_with_a_picture_and_a_spoken_answer(page, ui, tmp_path):
     bubbles = page.locator("#chat .message-row")
     assert bubbles.count() >= 4  # picture and question, answer, question, answer
     # The voice played as it came: several pieces, scheduled one after another in the page's audio context.
+    page.wait_for_function("window.omniVoice && window.omniVoice.seconds > 1.95")
     voice = page.evaluate("({pieces: window.omniVoice.pieces, seconds: window.omniVoice.seconds})")
     assert voice["pieces"] > 1 and abs(voice["seconds"] - 2.0) < 0.05 and "voice 2.0 s" in second
     if os.environ.get("UI_SCREENSHOT"):
