@@ -428,7 +428,7 @@ class OmniEngine:
         )
         del output  # every layer's hidden states of every step: the talker has what it needs
         max_codes = self.max_speech_codes()
-        synthesis = Token2Wav(self.model, speaker, max_codes, seed=request.seed, stop=stop)
+        synthesis = Token2Wav(self.model, speaker, seed=request.seed, stop=stop)
         chunked = None
         if request.on_audio is not None:
             chunked = synthesis.chunked(self.settings.speech_chunk_blocks, request.on_audio)

@@ -236,9 +236,7 @@ class Token2Wav:
     """token2wav for one answer in one voice: noise fixed per mel frame by `seed`, so a frame gets the
     same noise whether it is synthesized whole or in a chunk."""
 
-    def __init__(
-        self, model, speaker: str, max_codes: int, seed: int | None = None, stop: threading.Event | None = None
-    ) -> None:
+    def __init__(self, model, speaker: str, seed: int | None = None, stop: threading.Event | None = None) -> None:
         self.stop = stop or threading.Event()  # checked at each of the ODE's steps: raises Stopped
         token2wav = model.token2wav
         if token2wav.dtype != torch.float:
@@ -255,15 +253,27 @@ class Token2Wav:
         self.look_ahead = len(config.look_ahead_layers) * config.block_size
         self.reach = vocoder_reach(self.vocoder.config)
         self.hop = math.prod(self.vocoder.config.upsample_rates)
-        generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
-        self.noise = torch.randn([1, max(1, max_codes) * self.repeats, config.mel_dim], generator=generator)
+        self.seed = secrets.randbits(62) if seed is None else seed
+        self.mel_dim = config.mel_dim
+        self.noise_blocks: dict[int, torch.Tensor] = {}
+
+    def noise(self, start: int, end: int) -> torch.Tensor:
+        """The ODE's starting noise for mel frames [start, end): [1, end - start, mel_dim], drawn block by
+        block from generators seeded by (seed, block), so a frame's noise never depends on the chunking."""
+        first, last = start // self.block, (end - 1) // self.block
+        for index in range(first, last + 1):
+            if index not in self.noise_blocks:
+                generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % 2**63)
+                self.noise_blocks[index] = torch.randn([1, self.block, self.mel_dim], generator=generator)
+        blocks = torch.cat([self.noise_blocks[i] for i in range(first, last + 1)], dim=1)
+        return blocks[:, start - first * self.block : end - first * self.block]
 
     @torch.inference_mode()
     def mel(self, codes: list[int], start: int, end: int) -> torch.Tensor:
         """The DiT's mel for frames [start, end) of `codes`' speech (start on a block boundary), from that
         window alone: [1, mel_dim, end - start]."""
         code = torch.tensor([codes[start // self.repeats : end // self.repeats]], device=self.device)
-        noise = self.noise[:, start:end].to(self.device)
+        noise = self.noise(start, end).to(self.device)
         condition = self.condition.unsqueeze(1).repeat(1, end - start, 1)
 
         def velocity(time_step, state):

@@ -55,7 +55,7 @@ def spectral_distance(a: np.ndarray, b: np.ndarray, n_fft: int = 1024, hop: int 
 
 
 def compare(engine: OmniEngine, codes: list[int], chunk_blocks: int, context_scale: int = 1) -> dict[str, float]:
-    synthesis = Token2Wav(engine.model, "Chelsie", len(codes), seed=5)
+    synthesis = Token2Wav(engine.model, "Chelsie", seed=5)
     synthesis.look_back *= context_scale
     synthesis.look_ahead *= context_scale
     started = time.perf_counter()
@@ -79,7 +79,7 @@ def compare(engine: OmniEngine, codes: list[int], chunk_blocks: int, context_sca
             synthesis.mel(codes, start, min(frames, end + synthesis.look_ahead))[:, :, solved - start : end - start]
         )
         solved = end
-    added = whole_mel - synthesis.noise[:, :frames].permute(0, 2, 1)  # what the DiT made of the noise
+    added = whole_mel - synthesis.noise(0, frames).permute(0, 2, 1)  # what the DiT made of the noise
     return {
         "mel_difference": float((torch.cat(chunks, dim=2) - whole_mel).norm() / added.norm()),
         "max_abs_difference": float(difference),

@@ -228,7 +228,7 @@ def some_codes(count: int, seed: int = 0) -> list[int]:
 
 
 def test_vocoder_reach_bounds_what_bigvgan_reads(speaking_engine):
-    synthesis = Token2Wav(speaking_engine.model, "Chelsie", 200, seed=1)
+    synthesis = Token2Wav(speaking_engine.model, "Chelsie", seed=1)
     mel = synthesis.mel(some_codes(100), 0, 200)
     moved = mel.clone()
     moved[:, :, 100] += 1.0
@@ -243,7 +243,7 @@ def test_chunks_decode_to_the_whole_answers_audio(speaking_engine, chunk_blocks)
     reads in one pass and BigVGAN gets its full reach on both sides, with the same noise per frame; what
     is left is float rounding (windows of other lengths sum in another order), about 1e-6 here."""
     codes = some_codes(150)
-    synthesis = Token2Wav(speaking_engine.model, "Ethan", 200, seed=11)
+    synthesis = Token2Wav(speaking_engine.model, "Ethan", seed=11)
     whole = synthesis.whole(codes)
     pieces: list[np.ndarray] = []
     chunked = synthesis.chunked(chunk_blocks, pieces.append)
@@ -255,7 +255,7 @@ def test_chunks_decode_to_the_whole_answers_audio(speaking_engine, chunk_blocks)
     streamed = np.concatenate(pieces)
     assert len(pieces) > 2 and len(streamed) == len(whole) == 150 * 2 * 240
     assert np.abs(streamed - whole).max() <= 1e-4 * np.abs(whole).max()
-    other_noise = Token2Wav(speaking_engine.model, "Ethan", 200, seed=12).whole(codes)
+    other_noise = Token2Wav(speaking_engine.model, "Ethan", seed=12).whole(codes)
     assert np.abs(other_noise - whole).max() > 1e-2 * np.abs(whole).max()  # the tolerance can tell noises apart
 
 
