@@ -519,6 +519,7 @@ def plan_placement(
     max_audio_seconds: float = 300,
     max_speech_seconds: float = 180,
     placement: dict[str, str] | None = None,
+    gpu_layers: int | None = None,
 ) -> Plan:
     """Fit the model into `budget_bytes` of GPU memory, or cost a given `placement`.
 
@@ -536,8 +537,8 @@ def plan_placement(
     def cost(chosen: dict[str, str], gpu_layers: int | None = None) -> Plan:
         return evaluate_placement(config, sizes, chosen, budget_bytes, dtype, budgets, layer, gpu_layers)
 
-    if placement is not None:
-        return cost({c: placement[c] for c in sizes})
+    if placement is not None:  # cost this placement (`gpu_layers` on the GPU when the language model is split)
+        return cost({c: placement[c] for c in sizes}, gpu_layers if placement.get("language_model") == SPLIT else None)
     chosen = dict.fromkeys(sizes, GPU)
     plan = cost(chosen)
     for component, mode in FIT_STEPS:
