@@ -210,3 +210,15 @@ def test_out_of_memory_is_a_503_on_the_openai_api_too(failing_client):
     assert streamed["code"] == "out_of_memory" and "MAX_CONTEXT_TOKENS" in streamed["message"]
     fault.handle.remove()
     assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_cpu_budgets_left_at_their_defaults_are_lowered_to_finish_in_time(tiny_model_dir, engine):
+    from residency import cpu_budgets
+
+    hurried = tiny_settings(tiny_model_dir, request_timeout_seconds=1e-4, video_total_pixels=4096 * 784)
+    updates, said = cpu_budgets(hurried, engine.model, torch.float32)
+    assert "IMAGE_MAX_PIXELS=1003520 costs about" in said and "GFLOP/s" in said
+    assert 784 <= updates["image_max_pixels"] < hurried.image_max_pixels  # a default: lowered
+    assert "video_total_pixels" not in updates and "VIDEO_TOTAL_PIXELS" in said  # set by the user: kept, advised
+    relaxed = tiny_settings(tiny_model_dir)
+    assert cpu_budgets(relaxed, engine.model, torch.float32)[0] == {}  # the tiny model finishes in time
