@@ -124,7 +124,7 @@ def make_inputs() -> dict[str, GenerationRequest]:
 # ---------------------------------------------------------------- a random checkpoint at real size
 
 
-def build_checkpoint(model: str, folder: Path) -> Path:
+def build_checkpoint(model: str, folder: Path, device: str = "cuda") -> Path:
     """The real architecture with random weights, built on the GPU, saved with a tokenizer made here
     (the config's special-token ids are mapped onto it)."""
     import tiny_model
@@ -145,11 +145,13 @@ def build_checkpoint(model: str, folder: Path) -> Path:
     config = Qwen2_5OmniConfig.from_dict(data)
     config.enable_audio_output = False
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         network = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=DTYPE)
     network.save_pretrained(folder)
     del network
-    release()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     tiny_model.build_processor(tokenizer).save_pretrained(folder)
     torch.save(tiny_model.build_speakers(config, tokenizer), folder / "spk_dict.pt")
     return folder
