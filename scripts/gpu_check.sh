@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check at real size (see scripts/gpu_check.py): one command, a JSON report and a table.
 #
-#     scripts/gpu_check.sh                 # on a CUDA machine (about 8 minutes on one H100)
+#     scripts/gpu_check.sh                 # on a CUDA machine (sized for 8 minutes on one H100; not yet run)
 #     scripts/gpu_check.sh --dry-run       # anywhere: every budget's plan and prediction (runs in CI)
 #
 # Where the Python at hand lacks transformers 5.24, the wheels that scripts/fetch_gpu_wheels.sh put in
@@ -14,12 +14,10 @@ fi
 has_runtime() { "$PYTHON" -c "import transformers, accelerate, pydantic_settings, qwen_omni_utils, torchvision, sys; sys.exit(transformers.__version__ != '5.24.0')" 2>/dev/null; }
 if ! has_runtime && [ -d .gpu-wheels ]; then
   if [ ! -d .gpu-site ]; then
-    skip=()
-    # The machine's own torchvision matches its torch; ours is for torch 2.11.
-    if "$PYTHON" -c "import torchvision" 2>/dev/null; then skip=(--exclude torchvision); fi
     wheels=()
     for wheel in .gpu-wheels/*.whl; do
-      if [ "${skip[*]:-}" != "" ] && [[ "$(basename "$wheel")" == torchvision-* ]]; then continue; fi
+      # The machine's own torchvision matches its torch; ours is built for torch 2.11.
+      if [[ "$(basename "$wheel")" == torchvision-* ]] && "$PYTHON" -c "import torchvision" 2>/dev/null; then continue; fi
       wheels+=("$wheel")
     done
     "$PYTHON" -m pip install --quiet --no-index --no-deps --target .gpu-site "${wheels[@]}"
