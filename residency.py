@@ -18,7 +18,7 @@ import functools
 import gc
 import logging
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,29 +45,32 @@ def make_resident(model: torch.nn.Module) -> int:
             tensor.data = tensor.data.clone()
             copied += tensor.numel() * tensor.element_size()
     # Offloaded weights live in accelerate's hooks; pinned memory also speeds their copies to the GPU.
-    loaders = {id(loader): loader for loader in _offload_loaders(model)}
+    stores = {id(store): store for store in _offload_stores(model)}
     pin = torch.cuda.is_available()
-    for loader in loaders.values():
+    for store in stores.values():
         copies: dict[int, torch.Tensor] = {}
-        for key, tensor in loader.state_dict.items():
+        for key, tensor in store.items():
             if tensor.device.type != "cpu":
                 continue
             pointer = tensor.data_ptr()
             if pointer not in copies:
                 copies[pointer] = tensor.pin_memory() if pin else tensor.clone()
                 copied += tensor.numel() * tensor.element_size()
-            loader.state_dict[key] = copies[pointer]
+            store[key] = copies[pointer]
     return copied
 
 
-def _offload_loaders(model: torch.nn.Module) -> list[Any]:
-    loaders = []
+def _offload_stores(model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    """The dicts of offloaded weights behind accelerate's hooks (dispatch_model keeps them in an
+    OffloadedWeightsLoader's state_dict, cpu_offload in a plain dict)."""
+    stores = []
     for module in model.modules():
         weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-        loader = getattr(weights, "dataset", None)
-        if isinstance(getattr(loader, "state_dict", None), dict):
-            loaders.append(loader)
-    return loaders
+        dataset = getattr(weights, "dataset", None)
+        store = dataset if isinstance(dataset, dict) else getattr(dataset, "state_dict", None)
+        if isinstance(store, dict):
+            stores.append(store)
+    return stores
 
 
 def run_on_cpu(module: torch.nn.Module) -> None:

@@ -222,3 +222,20 @@ def test_cpu_budgets_left_at_their_defaults_are_lowered_to_finish_in_time(tiny_m
     assert "video_total_pixels" not in updates and "VIDEO_TOTAL_PIXELS" in said  # set by the user: kept, advised
     relaxed = tiny_settings(tiny_model_dir)
     assert cpu_budgets(relaxed, engine.model, torch.float32)[0] == {}  # the tiny model finishes in time
+
+
+def test_offloaded_weights_are_made_resident_too():
+    """Weights behind accelerate's offload hooks are copied as well, each once (tied ones stay tied)."""
+    from residency import make_resident
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[1].weight = model[0].weight  # tied
+    expected = model(torch.ones(1, 8))
+    cpu_offload(model, execution_device="cpu")
+    store = model[0]._hf_hook.weights_map.dataset
+    before = {key: tensor.data_ptr() for key, tensor in store.items()}
+    assert make_resident(model) > 0
+    assert all(store[key].data_ptr() != pointer for key, pointer in before.items())
+    assert store["0.weight"].data_ptr() == store["1.weight"].data_ptr()
+    with torch.inference_mode():
+        assert torch.equal(model(torch.ones(1, 8)), expected)
