@@ -374,7 +374,7 @@ class Plan:
         rows.append(f"host RAM needed: {self.host_bytes / GiB:.2f} GiB")
         rows.append("speed: " + ("; ".join(self.slow) if self.slow else "nothing crosses PCIe per token"))
         rows += [f"note: {note}" for note in self.notes]
-        return "\n".join(rows)
+        return "\n".join(row.rstrip() for row in rows)
 
 
 def _gib(value: int, zero: str = "0") -> str:
