@@ -367,7 +367,12 @@ def gpu_run(models: list[str], budgets: list[float], report: dict, out: Path) ->
     for model in models:
         with tempfile.TemporaryDirectory(prefix=f"qwen-omni-{model}-") as folder:
             started = time.perf_counter()
-            path = str(build_checkpoint(model, Path(folder)))
+            try:
+                path = str(build_checkpoint(model, Path(folder)))
+            except Exception as error:  # noqa: BLE001 - the report says why, and the next model still runs
+                rows.append({"model": model, "budget": 0, "placement": "-", "input": "build", "error": repr(error)})
+                print(f"{model}: could not build the checkpoint: {error!r}", flush=True)
+                continue
             report["build_seconds"][model] = time.perf_counter() - started
             config = load_config(path)
             config.enable_audio_output = False
@@ -396,6 +401,9 @@ def gpu_run(models: list[str], budgets: list[float], report: dict, out: Path) ->
                         print(table_row(row), flush=True)
                 except torch.OutOfMemoryError as error:  # loading or warming up ran out
                     rows.append({**base, "input": "load", "oom": True, "error": str(error)[:200]})
+                except Exception as error:  # noqa: BLE001 - recorded; the next budget still runs
+                    rows.append({**base, "input": "error", "error": repr(error)[:400]})
+                    print(f"{model} at {budget} GiB failed: {error!r}", flush=True)
                 finally:
                     del engine
                     release()
