@@ -281,3 +281,17 @@ def test_talker_is_loaded_only_with_speech_output(tiny_model_dir, enabled):
     engine = OmniEngine.load(tiny_settings(tiny_model_dir, enable_audio_output=enabled))
     assert hasattr(engine.model, "talker") is enabled and hasattr(engine.model, "token2wav") is enabled
     assert ("talker" in engine.describe()["placement"]) is enabled
+
+
+def test_cpu_beside_a_gpu_means_offload_except_for_the_encoders():
+    """accelerate runs a `cpu` module of a GPU map on the GPU (offload hooks): only the encoders
+    really compute on the CPU, so anything else on `cpu` is called what it is."""
+    settings = Settings(_env_file=None, device_map='{"language_model": "cuda", "visual": "cpu"}')
+    components = resolve_placement(settings, cuda_available=True).components
+    assert components["language_model"] == "cuda" and components["visual"] == CPU
+    assert components["lm_head"] == OFFLOAD and components["audio_tower"] == CPU
+    assert resolve_placement(
+        Settings(_env_file=None, device_map="cpu"), cuda_available=True
+    ).components == dict.fromkeys(["language_model", "lm_head", "visual", "audio_tower"], CPU)
+    low_vram_cpu = resolve_placement(Settings(_env_file=None, device_map="low-vram-cpu"), cuda_available=True)
+    assert low_vram_cpu.components["visual"] == CPU and low_vram_cpu.components["language_model"] == "cuda"
