@@ -28,6 +28,10 @@ class SpeechError(ValueError):
     """Speech was asked for and cannot be given (no talker, unknown voice); the message says why."""
 
 
+class OutOfMemory(RuntimeError):
+    """The request ran out of GPU (or host) memory; its memory is freed. The message says what to lower."""
+
+
 @dataclass
 class VideoInput:
     frames: list[Image.Image]
@@ -64,6 +68,7 @@ class GenerationRequest:
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
     on_text: Callable[[str], None] | None = None  # receives the answer's text as it is generated
+    on_audio: Callable[[np.ndarray], None] | None = None  # receives the spoken answer's samples as they are made
 
 
 @dataclass

@@ -5,7 +5,7 @@ settings into a placement on this machine, loads the checkpoint with it, and gen
 framework here: the API calls `OmniEngine.generate` through a `ModelWorker`, the single thread
 that owns the model.
 
-    python modeling_low_vram.py plan --model PATH_OR_CONFIG_JSON --gpu-gib 8 [--json]
+    python modeling_low_vram.py plan --model 3b --gpu-gib 8 [--json]    # 3b, 7b, a checkpoint or config.json
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,10 @@ from transformers import StoppingCriteriaList
 
 from generation import Cancelled, GenerationRequest, GenerationResult, SpeechError, cut_at_stop
 from placement import (
+    CPU,
+    ENCODERS,
     GPU,
+    OFFLOAD,
     PRESETS,
     SPEECH_COMPONENTS,
     ConfigError,
@@ -40,23 +44,47 @@ from placement import (
     attention_for,
     build_skeleton,
     check_device,
+    honest_placement,
     module_device_map,
-    on_gpu,
+    find_component,
     parse_device_map,
     plan_placement,
+    runs_on_gpu,
+)
+from residency import (
+    cpu_budgets,
+    keep_last_logits,
+    make_resident,
+    recovers_from_out_of_memory,
+    run_on_cpu,
+    warm_up,
 )
 from prompts import OFFICIAL_SYSTEM_PROMPT  # noqa: F401 - where the speech side has always found it
 from prompts import IMAGE_PATCH_SIZE, MediaTokenIds, PromptBuilder
 from settings import Settings
+from speech import (
+    NO_SPEECH_WARNING,
+    SPEECH_SAMPLE_RATE,
+    FirstTokens,
+    Stopped,
+    Token2Wav,
+    spoken_token_count,
+    talk,
+    talker_inputs,
+)
 from streaming import StopWhenSet, TextDeltas
 
 logger = logging.getLogger(__name__)
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
+MODEL_SHORTHANDS = {  # architecture configs carried in the repository: plans need no download
+    "3b": CONFIGS / "qwen2.5-omni-3b.config.json",
+    "7b": CONFIGS / "qwen2.5-omni-7b.derived.config.json",
+}
 # Sampling fields of a checkpoint's generation_config that apply when a request leaves them unset (as vLLM).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
 # What an unset field means when the checkpoint does not set it either (OpenAI's and vLLM's defaults).
 SAMPLING_FALLBACKS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
-SPEECH_SAMPLE_RATE = 24_000  # token2wav's output rate
 
 
 class TalkerTokenIdNotes(logging.Filter):
@@ -103,7 +131,9 @@ def check_placement_settings(settings: Settings, cuda_available: bool | None = N
     placement = parse_device_map(settings.device_map)
     if placement is None:
         return None
-    needs_cuda = sorted(c for c, d in placement.items() if (settings.gpu_device if d == GPU else d).startswith("cuda"))
+    needs_cuda = sorted(
+        c for c, d in placement.items() if (settings.gpu_device if d in (GPU, OFFLOAD) else d).startswith("cuda")
+    )
     if needs_cuda and not cuda_available:
         raise ConfigError(
             f"DEVICE_MAP={settings.device_map!r} puts {', '.join(needs_cuda)} on cuda, but no CUDA GPU is "
@@ -129,8 +159,7 @@ def resolve_placement(settings: Settings, config=None, cuda_available: bool | No
             budget,
             resolve_dtype(settings, uses_gpu=True),
             audio_output=settings.enable_audio_output,
-            context_tokens=settings.max_context_tokens,
-            max_visual_patches=largest_visual_patches(settings),
+            **planning_budgets(settings),
         )
         if plan.fits:
             chosen = dict(plan.placement)
@@ -143,8 +172,26 @@ def resolve_placement(settings: Settings, config=None, cuda_available: bool | No
     components = {c: settings.gpu_device if d == GPU else d for c, d in chosen.items()}
     if not settings.enable_audio_output:
         components = {c: d for c, d in components.items() if c not in SPEECH_COMPONENTS}
+    components, notes = honest_placement(components, runs_on_cuda(components, settings))
+    for note in notes:
+        logger.warning("DEVICE_MAP: %s", note)
     gpu_layers = plan.language_model_layers["gpu"] if plan and plan.language_model_layers else None
     return Placement(components, gpu_layers, plan)
+
+
+def runs_on_cuda(components: dict[str, str], settings: Settings) -> bool:
+    """Whether any component computes on a CUDA GPU (offloaded and split ones do)."""
+    return any(d.startswith("cuda") or (runs_on_gpu(d) and uses_gpu_device(settings)) for d in components.values())
+
+
+def planning_budgets(settings: Settings) -> dict[str, Any]:
+    """The largest request the settings allow, as the planner's arguments."""
+    return {
+        "context_tokens": settings.max_context_tokens,
+        "max_visual_patches": largest_visual_patches(settings),
+        "max_audio_seconds": settings.max_audio_seconds * settings.max_files_per_field,
+        "max_speech_seconds": settings.max_speech_seconds,
+    }
 
 
 def largest_visual_patches(settings: Settings) -> int:
@@ -163,15 +210,57 @@ def _gpu_budget(settings: Settings) -> int:
     return int(free)
 
 
-def resolve_dtype(settings: Settings, uses_gpu: bool) -> torch.dtype:
-    """DTYPE as a torch dtype: auto is bf16 where the GPU supports it, else fp16; fp32 on CPU only."""
+def resolve_dtype(settings: Settings, uses_gpu: bool, config=None) -> torch.dtype:
+    """DTYPE as a torch dtype: auto is bf16 where the GPU supports it, else fp16; on the CPU, float32
+    where the whole model fits the free RAM with headroom (see `cpu_dtype`), else bfloat16."""
     if settings.dtype != "auto":
         return getattr(torch, settings.dtype)
     if uses_gpu and torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if uses_gpu:
         return torch.float16
-    return torch.float32
+    if config is None:
+        return torch.float32
+    return cpu_dtype(settings, config)[0]
+
+
+HOST_HEADROOM = 1.15  # what DTYPE=auto leaves free beyond the plan's host RAM, as a factor
+
+
+def cpu_dtype(settings: Settings, config, available_bytes: int | None = None) -> tuple[torch.dtype, str]:
+    """float32 where the all-CPU plan in float32 fits the available RAM with headroom (fast on every
+    CPU), else bfloat16 (half the memory; slow on CPUs without AVX512-BF16/AMX); and why."""
+    available = available_host_bytes() if available_bytes is None else available_bytes
+    needed = cpu_plan(settings, config, torch.float32).host_bytes
+    if needed * HOST_HEADROOM <= available:
+        return torch.float32, f"float32 needs {needed / GiB:.1f} GiB of RAM, {available / GiB:.1f} GiB is available"
+    half = cpu_plan(settings, config, torch.bfloat16).host_bytes
+    return torch.bfloat16, (
+        f"float32 would need {needed / GiB:.1f} GiB of RAM, only {available / GiB:.1f} GiB is available: "
+        f"bfloat16 needs {half / GiB:.1f} GiB (slower on CPUs without AVX512-BF16/AMX; set DTYPE to choose)"
+    )
+
+
+def cpu_plan(settings: Settings, config, dtype: torch.dtype) -> Plan:
+    """The all-CPU placement's costs, host RAM included."""
+    config = copy.deepcopy(config)
+    return plan_placement(
+        config,
+        0,
+        dtype,
+        audio_output=settings.enable_audio_output,
+        placement=dict(PRESETS["cpu"]),
+        **planning_budgets(settings),
+    )
+
+
+def available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (free RAM the kernel can hand out), else the total."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as meminfo:
+            line = next(line for line in meminfo if line.startswith("MemAvailable:"))
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def memory_in_use() -> dict[str, int]:
@@ -210,12 +299,15 @@ class OmniEngine:
         self.prompts = PromptBuilder(processor, MediaTokenIds.of(model.config.thinker_config), settings)
         self.sampling_defaults = sampling_defaults(getattr(model, "generation_config", None))
         self._description = self._describe()
+        self.startup: dict[str, float] = {}  # load and warm-up seconds, set by `load`
 
     @classmethod
     def load(cls, settings: Settings) -> OmniEngine:
-        """Load MODEL_PATH with the configured placement and dtype (weights from disk or the hub)."""
+        """Load MODEL_PATH with the configured placement and dtype (weights from disk or the hub), copy
+        the weights into memory and warm every component up: loaded means ready to serve at full pace."""
         from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
 
+        started = time.perf_counter()
         if settings.cpu_threads:
             torch.set_num_threads(settings.cpu_threads)
         config = load_config(settings.model_path)
@@ -223,8 +315,12 @@ class OmniEngine:
         placement = resolve_placement(settings, config)
         if placement.plan is not None:
             logger.info("DEVICE_MAP=auto planned:\n%s", placement.plan.table())
-        uses_gpu = any(on_gpu(d) for d in placement.components.values())
-        dtype = resolve_dtype(settings, uses_gpu)
+        uses_gpu = runs_on_cuda(placement.components, settings)
+        if uses_gpu or settings.dtype != "auto":
+            dtype = resolve_dtype(settings, uses_gpu)
+        else:
+            dtype, why = cpu_dtype(settings, config)
+            logger.info("DTYPE=auto on the CPU: %s (%s)", str(dtype).removeprefix("torch."), why)
         attention = attention_for(settings.attn_implementation, placement.components)
         device_map = module_device_map(
             build_skeleton(config), placement.components, placement.gpu_layers, settings.gpu_device
@@ -243,13 +339,32 @@ class OmniEngine:
             raise ModelLoadError(
                 f"could not load the checkpoint at MODEL_PATH={settings.model_path!r}: {error}"
             ) from error
-        return cls(model, processor, settings, placement, dtype)
+        for encoder in ENCODERS:
+            if uses_gpu and placement.components.get(encoder) == CPU:
+                run_on_cpu(model.get_submodule(find_component(model, encoder)))
+        keep_last_logits(model.thinker.lm_head)
+        resident = make_resident(model)
+        if not uses_gpu:
+            updates, cost = cpu_budgets(settings, model, dtype)
+            logger.info("on the CPU: %s", cost)
+            settings = settings.model_copy(update=updates) if updates else settings
+        engine = cls(model, processor, settings, placement, dtype)
+        loaded = time.perf_counter()
+        engine.startup = {
+            "load_seconds": round(loaded - started, 2),
+            "warmup_seconds": round(warm_up(engine), 2),
+            "resident_bytes": resident,
+        }
+        logger.info(
+            "loaded in %.1f s, warmed up in %.1f s", engine.startup["load_seconds"], engine.startup["warmup_seconds"]
+        )
+        return engine
 
     # -- description
 
     def describe(self) -> dict[str, Any]:
         """What runs where: the model, dtype, devices, and the placement actually used."""
-        return dict(self._description)
+        return {**self._description, **({"startup": dict(self.startup)} if self.startup else {})}
 
     def _describe(self) -> dict[str, Any]:
         """The description, worked out once: placement does not change after loading."""
@@ -290,21 +405,15 @@ class OmniEngine:
             raise SpeechError(f"unknown speaker {speaker!r}; available voices: {', '.join(voices)}")
         return speaker
 
-    def _speech_kwargs(self, speaker: str) -> dict[str, Any]:
-        """The talker's arguments, read from the checkpoint: its end-of-speech codes and a length bound."""
-        talker = self.model.config.talker_config
+    def max_speech_codes(self) -> int:
+        """The talker's length bound: MAX_SPEECH_SECONDS in codes (each code is `repeats` mel frames)."""
         token2wav = self.model.config.token2wav_config
         samples_per_code = token2wav.dit_config.repeats * math.prod(token2wav.bigvgan_config.upsample_rates)
-        codes_per_second = SPEECH_SAMPLE_RATE / samples_per_code
-        return {
-            "generation_mode": "audio",
-            "speaker": speaker,
-            "talker_eos_token_id": [talker.tts_codec_pad_token_id, talker.tts_codec_end_token_id],
-            "talker_max_new_tokens": max(1, int(self.settings.max_speech_seconds * codes_per_second)),
-        }
+        return max(1, int(self.settings.max_speech_seconds * SPEECH_SAMPLE_RATE / samples_per_code))
 
     # -- generation
 
+    @recovers_from_out_of_memory
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Build the prompt, run the processor and the thinker; returns the decoded answer."""
         speaker = self.check_speech(request.speaker) if request.return_audio else None
@@ -335,7 +444,10 @@ class OmniEngine:
                         **self._decoding(request),
                     )
                 else:
-                    sequences, audio = self._generate_speech(inputs, use_audio_in_video, request, speaker)
+                    sequences, audio, spoken_warnings = self._generate_speech(
+                        inputs, use_audio_in_video, request, speaker
+                    )
+                    warnings = warnings + spoken_warnings
             prompt_tokens = int(inputs["input_ids"].shape[1])
             generated = sequences[0, prompt_tokens:].cpu()
             del inputs, sequences  # the big tensors go before the next request comes
@@ -387,21 +499,59 @@ class OmniEngine:
 
     def _generate_speech(
         self, inputs: dict[str, Any], use_audio_in_video: bool, request: GenerationRequest, speaker: str
-    ) -> tuple[torch.Tensor, np.ndarray]:
-        """Thinker, talker and token2wav: the answer's tokens and its waveform."""
-        # Pixel inputs belong to the thinker only; the wrapper would hand them to the talker too.
-        thinker_only = {"pixel_values": "thinker_pixel_values", "pixel_values_videos": "thinker_pixel_values_videos"}
-        inputs = {thinker_only.get(key, key): value for key, value in inputs.items()}
-        sequences, waveform = self.model.generate(
+    ) -> tuple[torch.Tensor, np.ndarray | None, list[str]]:
+        """Thinker, then talker and token2wav over the text that is returned: the answer's tokens, its
+        waveform (None when it went to `request.on_audio` chunk by chunk, or when there is no sound),
+        and warnings."""
+        limit = request.max_new_tokens
+        decoding = self._decoding(request)
+        if "streamer" in decoding:
+            decoding["streamer"] = FirstTokens(decoding["streamer"], limit)
+        # One step more than the answer may have: that step computes the last answer token's hidden state.
+        output = self.model.thinker.generate(
             **inputs,
             use_audio_in_video=use_audio_in_video,
-            thinker_max_new_tokens=request.max_new_tokens,
-            thinker_eos_token_id=self._stop_ids,
-            thinker_pad_token_id=self._pad_id,
-            **{f"thinker_{key}": value for key, value in self._decoding(request).items()},
-            **self._speech_kwargs(speaker),
+            max_new_tokens=limit + 1,
+            eos_token_id=self._stop_ids,
+            pad_token_id=self._pad_id,
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+            **decoding,
         )
-        return sequences, waveform.reshape(-1).float().cpu().numpy()
+        prompt = inputs["input_ids"].shape[1]
+        sequences = output.sequences[:, : prompt + limit]
+        generated = sequences[0, prompt:].tolist()
+        tokenizer = self.processor.tokenizer
+        text, _ = cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), request.stop_strings)
+        spoken = min(spoken_token_count(tokenizer, generated, text, self._stop_ids), len(output.hidden_states) - 1)
+        stop = request.stop or threading.Event()
+        if stop.is_set():
+            return sequences, None, []
+        if spoken == 0:
+            return sequences, None, [NO_SPEECH_WARNING]
+        arguments = talker_inputs(
+            self.model, inputs, use_audio_in_video, output, spoken, self.model.speaker_map[speaker]["bos_token"]
+        )
+        del output  # every layer's hidden states of every step: the talker has what it needs
+        max_codes = self.max_speech_codes()
+        synthesis = Token2Wav(self.model, speaker, seed=request.seed, stop=stop)
+        chunked = None
+        if request.on_audio is not None:
+            chunked = synthesis.chunked(self.settings.speech_chunk_blocks, request.on_audio)
+        try:
+            codes = talk(self.model, arguments, max_codes, chunked.add if chunked else lambda codes: None, stop)
+            if codes.dropped:
+                logger.info("the talker sampled %d codes that are not speech; token2wav skipped them", codes.dropped)
+            if stop.is_set():
+                return sequences, None, []
+            if not codes.codes:
+                return sequences, None, [NO_SPEECH_WARNING]
+            if chunked is not None:
+                chunked.finish()
+                return sequences, None, []
+            return sequences, synthesis.whole(codes.codes), []
+        except Stopped:  # given up while token2wav ran: nobody waits for this answer any more
+            return sequences, None, []
 
     def _on_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The processor's tensors on the thinker's input device, floating ones in the model's dtype."""
@@ -489,9 +639,14 @@ def _plan_command(argv: list[str]) -> int:
         prog="python modeling_low_vram.py plan",
         description="Plan where Qwen2.5-Omni runs for a GPU memory budget (no GPU needed).",
     )
-    parser.add_argument("--model", required=True, help="checkpoint folder, hub id, or a config.json file")
+    parser.add_argument(
+        "--model", required=True, help="3b or 7b (the configs in configs/), a checkpoint folder, hub id, or config.json"
+    )
     parser.add_argument("--gpu-gib", type=float, required=True, help="GPU memory budget in GiB")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument(
+        "--device-map", default="auto", help="auto (plan), or a preset / JSON map to cost (see DEVICE_MAP)"
+    )
     parser.add_argument("--audio-output", action="store_true", help="also place the talker and token2wav")
     settings = Settings()  # the budgets of this server (.env and environment), for the encoders' headroom
     parser.add_argument(
@@ -503,17 +658,20 @@ def _plan_command(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.model)
-    except ModelLoadError as error:
+        config = load_config(str(MODEL_SHORTHANDS.get(args.model.lower(), args.model)))
+        chosen = parse_device_map(args.device_map)
+    except (ModelLoadError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if chosen is not None:
+        chosen, _ = honest_placement(chosen, any(runs_on_gpu(d) for d in chosen.values()))
     plan = plan_placement(
         config,
         int(args.gpu_gib * GiB),
         getattr(torch, args.dtype),
         audio_output=args.audio_output,
-        context_tokens=args.context,
-        max_visual_patches=largest_visual_patches(settings),
+        placement=chosen,
+        **{**planning_budgets(settings), "context_tokens": args.context},
     )
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
     return 0
@@ -522,8 +680,8 @@ def _plan_command(argv: list[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] != ["plan"]:
         sys.exit(
-            "usage: python modeling_low_vram.py plan --model PATH_OR_CONFIG_JSON --gpu-gib N "
-            "[--dtype D] [--audio-output] [--context N] [--json]"
+            "usage: python modeling_low_vram.py plan --model 3b|7b|PATH_OR_CONFIG_JSON --gpu-gib N "
+            "[--dtype D] [--device-map M] [--audio-output] [--context N] [--json]"
         )
     from transformers.utils import logging as transformers_logging
 

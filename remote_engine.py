@@ -515,8 +515,9 @@ def result_of_json(payload: dict[str, Any], request: GenerationRequest, delivere
 
 
 async def result_of_stream(lines, request: GenerationRequest, delivered: list[str]) -> GenerationResult:
-    """A streamed answer (Server-Sent Events of chat.completion.chunk), its text passed on as it comes."""
-    finish, usage, audio, warnings, ended, text = "stop", None, None, [], False, []
+    """A streamed answer (Server-Sent Events of chat.completion.chunk), its text passed on as it comes.
+    Speech is never asked for streamed (see chat_body), so only text is read here."""
+    finish, usage, warnings, ended, text = "stop", None, [], False, []
     async for line in lines:
         if not line.startswith("data:"):
             continue
@@ -534,7 +535,6 @@ async def result_of_stream(lines, request: GenerationRequest, delivered: list[st
             delta = choice.get("delta") or {}
             text.append(delta.get("content") or "")
             _emit(request, delivered, text[-1])
-            audio = audio if audio is not None else _speech(delta.get("audio"))
             finish = choice.get("finish_reason") or finish
     if not ended:
         raise _Retry("the stream ended before [DONE]")
@@ -544,8 +544,7 @@ async def result_of_stream(lines, request: GenerationRequest, delivered: list[st
         prompt_tokens=prompt,
         completion_tokens=completion,
         timings_ms={},
-        audio=audio,
         prompt_tokens_by_modality=by_modality,
-        warnings=_with_speech_note(request, audio, warnings),
+        warnings=warnings,
         finish_reason=finish,
     )

@@ -25,11 +25,14 @@ class Settings(BaseSettings):
     device_map: str = Field(
         "auto",
         description="Where each component runs: 'auto' (planned for the GPU's memory; cpu without a GPU), 'gpu', "
-        "'low-vram' (encoders on CPU, the rest on GPU), 'cpu', or a JSON object mapping components "
-        "(language_model, lm_head, visual, audio_tower, talker, token2wav) to devices.",
+        "'low-vram' (encoders offloaded: weights in RAM, run on the GPU), 'low-vram-cpu' (encoders run on the "
+        "CPU), 'cpu', or a JSON object mapping components (language_model, lm_head, visual, audio_tower, talker, "
+        "token2wav) to a device or 'offload'.",
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="Weights dtype: 'auto' is bf16 on GPUs that support it, else fp16; fp32 on CPU."
+        "auto",
+        description="Weights dtype: 'auto' is bf16 on GPUs that support it, else fp16; on the CPU fp32 where it "
+        "fits the free RAM with headroom, else bf16.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 only where installed (falls back to sdpa)."
@@ -47,6 +50,13 @@ class Settings(BaseSettings):
     )
     max_speech_seconds: float = Field(
         180, gt=0, le=3600, description="Longest spoken answer, in seconds (bounds the talker's codec tokens)."
+    )
+    speech_chunk_blocks: int = Field(
+        3,
+        ge=1,
+        le=64,
+        description="Streamed speech: token2wav makes audio in chunks of this many DiT blocks (24 mel frames, "
+        "0.48 s of speech each); fewer starts the voice sooner, more costs less per second of speech.",
     )
     cpu_threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 keeps torch's default.")
 
