@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from functools import cached_property
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -65,13 +64,27 @@ class Settings(BaseSettings):
         [],
         description='Hosts whose http(s) media URLs /v1 may fetch, as JSON (["media.example.org"]); none by default.',
     )
-    media_url_timeout_seconds: float = Field(10, gt=0, le=600, description="Time limit for fetching one media URL.")
+    media_url_timeout_seconds: float = Field(
+        10, gt=0, le=600, description="One deadline for fetching one media URL: connecting, headers and every byte."
+    )
+    media_url_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        [80, 443], description="Ports a media URL may name, as JSON ([80, 443, 8080]); others are refused."
+    )
+    media_url_allow_private: bool = Field(
+        False,
+        description="Let media URLs reach loopback, link-local and private addresses (checked on the address "
+        "actually connected to); off by default.",
+    )
     max_waiting_requests: int = Field(
         32, ge=0, le=10_000, description="Requests that may wait for the model; more get 503 with Retry-After."
     )
     request_timeout_seconds: float = Field(
         600, gt=0, le=86_400, description="Longest a request may wait and generate before a 504 (the run is stopped)."
     )
+    decode_workers: int = Field(
+        2, ge=1, le=64, description="Uploads decoded at once; more wait their turn (bounds CPU and memory)."
+    )
+    metrics_public: bool = Field(False, description="Serve GET /metrics without the API key (when API_KEY is set).")
 
     # Generation
     default_system_prompt: str = Field(
@@ -113,12 +126,15 @@ class Settings(BaseSettings):
     )
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as one JSON object each (for log collectors)."
+    )
 
-    @cached_property
+    @property
     def max_file_bytes(self) -> int:
         return int(self.max_file_mb * MiB)
 
-    @cached_property
+    @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * MiB)
 
