@@ -9,6 +9,7 @@ import contextvars
 import hmac
 import logging
 import re
+import time
 import uuid
 
 from fastapi import HTTPException
@@ -43,6 +44,7 @@ class RequestId:
         offered = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         current = offered if _CLIENT_ID.match(offered) else uuid.uuid4().hex[:16]
         token = request_id.set(current)
+        scope.setdefault("state", {})["started"] = time.perf_counter()  # the one request clock
 
         started = False
 

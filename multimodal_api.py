@@ -15,19 +15,30 @@ import logging
 import threading
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Callable, Literal
+from typing import Any, Callable, Literal
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import openai_api
-from deps import EngineDep, ModelState, SettingsDep, WorkerDep, run_generation, wav_bytes
+from deps import (
+    EngineDep,
+    ModelState,
+    SettingsDep,
+    WorkerDep,
+    admit,
+    decode_off_loop,
+    request_started,
+    run_generation,
+    wav_bytes,
+)
 from middleware import ApiKey, BodySizeLimit, RequestId, RequestIdFilter
 from generation import GenerationRequest, GenerationResult, InputRejected, PromptTooLong, SpeechError
 from model_worker import ModelWorker
@@ -39,7 +50,7 @@ from modeling_low_vram import (
     load_config,
 )
 from settings import Settings, load_settings
-from uploads import MediaInputs, check_uploads, decode_uploads
+from uploads import check_uploads, close_form, decode_uploads, read_form
 
 __version__ = "0.1.0"
 logger = logging.getLogger("multimodal_api")
@@ -69,17 +80,20 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.worker = ModelWorker(settings.max_waiting_requests)  # a fresh one for each start
+        app.state.worker = ModelWorker(settings.max_waiting_requests)  # fresh ones for each start
+        app.state.decoders = decoding_pool(settings)
         if engine is None:
             app.state.model.load_in_background(settings, on_load_failure or (lambda: None))
         try:
             yield
         finally:  # the running generation finishes; waiting ones are cancelled
             await asyncio.to_thread(app.state.worker.shutdown)
+            app.state.decoders.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="Qwen2.5-Omni multimodal API", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.worker = ModelWorker(settings.max_waiting_requests)  # for callers that skip the lifespan
+    app.state.decoders = decoding_pool(settings)
     app.state.model = ModelState(engine)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)  # innermost
     if settings.api_key:
@@ -165,107 +179,144 @@ def create_app(
             }
         )
 
-    @app.post("/multimodal")
-    async def multimodal(  # noqa: PLR0913 - one parameter per form field
-        request: Request,
-        settings: SettingsDep,
-        engine: EngineDep,
-        worker: WorkerDep,
-        text: Annotated[str | None, Form(description="The question or instruction.")] = None,
-        system_prompt: Annotated[str | None, Form(description="Defaults to DEFAULT_SYSTEM_PROMPT.")] = None,
-        max_new_tokens: Annotated[int | None, Form(ge=1, description="Answer length bound.")] = None,
-        extract_video_audio: Annotated[bool, Form(description="Send each video's audio track as audio.")] = False,
-        extract_video_frame: Annotated[bool, Form(description="Send each video's last frame as an image.")] = False,
-        return_audio: Annotated[bool, Form(description="Also speak the answer (needs ENABLE_AUDIO_OUTPUT).")] = False,
-        speaker: Annotated[str | None, Form(description="Voice for the spoken answer; default the first.")] = None,
-        max_pixels: Annotated[
-            int | None,
-            Form(
-                ge=28 * 28,
-                description=(
-                    "Pixel budget for each image and video frame (one token per 28x28 pixels); defaults to "
-                    "IMAGE_MAX_PIXELS / VIDEO_MAX_PIXELS, at most MAX_PIXELS_CEILING."
-                ),
-            ),
-        ] = None,
-        stream: Annotated[
-            bool, Form(description="Stream the answer as Server-Sent Events (chat.completion.chunk).")
-        ] = False,
-        response_format: Annotated[
-            Literal["json", "wav"],
-            Form(description="json (default), or wav: the spoken answer as audio/wav, its text in X-Text."),
-        ] = "json",
-        images: Annotated[list[UploadFile], File(description="Images.")] = [],  # noqa: B006 - FastAPI copies it
-        audios: Annotated[list[UploadFile], File(description="Audio files.")] = [],  # noqa: B006
-        videos: Annotated[list[UploadFile], File(description="Videos.")] = [],  # noqa: B006
-    ) -> dict[str, Any]:
-        started = time.perf_counter()
-        check_form(
-            settings,
-            set((await request.form()).keys()),
-            text=text,
-            system_prompt=system_prompt,
-            max_new_tokens=max_new_tokens,
-            max_pixels=max_pixels,
-            stream=stream,
-            response_format=response_format,
-            return_audio=return_audio,
-        )
-        if return_audio:
-            try:
-                speaker = engine.check_speech(speaker)
-            except SpeechError as error:
-                raise HTTPException(400, f"{'speaker' if engine.voices and speaker else 'return_audio'}: {error}")
-        uploads = check_uploads(settings, {"images": images, "audios": audios, "videos": videos})
-        if not (text and text.strip()) and not any(uploads.values()):
-            raise HTTPException(422, "send `text`, or at least one file in `images`, `audios` or `videos`")
-        inputs = await run_in_threadpool(decode_uploads, settings, uploads, extract_video_audio, extract_video_frame)
-        decoded = time.perf_counter()
-        generation = GenerationRequest(
-            text=text if text and text.strip() else None,
-            system_prompt=system_prompt,
-            images=inputs.images,
-            audios=inputs.audios,
-            videos=inputs.videos,
-            max_new_tokens=max_new_tokens or settings.default_max_new_tokens,
-            return_audio=return_audio,
-            speaker=speaker,
-            max_pixels=max_pixels,
-        )
-        if stream:
-            events = await openai_api.stream_events(
-                generation,
-                worker,
-                engine,
-                engine.describe()["model"],
-                include_usage=True,
-                timeout=settings.request_timeout_seconds,
-                warnings=inputs.warnings,
-            )
-            return openai_api.sse(events)
+    @app.post("/multimodal", openapi_extra=FORM_OPENAPI)
+    async def multimodal(request: Request, settings: SettingsDep, engine: EngineDep, worker: WorkerDep):
+        """Text, images, audio and video in one multipart form; the answer as JSON, WAV or Server-Sent Events."""
+        started = request_started(request)
+        place = admit(request)  # a full queue answers 503 now, before the body is read or decoded
+        form = None
         try:
-            result = await run_generation(
-                request, worker, engine, generation, settings.request_timeout_seconds, started
-            )
-        except PromptTooLong as error:
-            raise HTTPException(413, str(error)) from None
-        except InputRejected as error:
-            raise HTTPException(422, str(error)) from None
-        if result.audio is not None and response_format == "wav":
-            return Response(
-                wav_bytes(result.audio, SPEECH_SAMPLE_RATE),
-                media_type="audio/wav",
-                headers={"X-Text": urllib.parse.quote(result.text)},
-            )
-        return json_answer(
-            result,
-            inputs,
-            engine.describe()["model"],
-            decode_ms=(decoded - started) * 1000,
-            total_ms=(time.perf_counter() - started) * 1000,
-        )
+            form = await read_form(request, settings, FORM_FIELDS, FILE_FIELDS)
+            return await answer_form(request, settings, engine, worker, form, place, started)
+        except BaseException:
+            place.release()
+            raise
+        finally:
+            await close_form(form)
 
     return app
+
+
+async def answer_form(request: Request, settings: Settings, engine, worker, form, place, started: float):
+    """The /multimodal answer for a form read within the limits."""
+    values = {name: form.getlist(name)[-1] for name in FORM_FIELDS - FILE_FIELDS if form.getlist(name)}
+    try:
+        fields = MultimodalForm.model_validate(values)
+    except ValidationError as error:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
+    check_form(
+        settings,
+        set(form.keys()),
+        text=fields.text,
+        system_prompt=fields.system_prompt,
+        max_new_tokens=fields.max_new_tokens,
+        max_pixels=fields.max_pixels,
+        stream=fields.stream,
+        response_format=fields.response_format,
+        return_audio=fields.return_audio,
+    )
+    speaker = fields.speaker
+    if fields.return_audio:
+        try:
+            speaker = engine.check_speech(speaker)
+        except SpeechError as error:
+            raise HTTPException(400, f"{'speaker' if engine.voices and speaker else 'return_audio'}: {error}")
+    uploads = check_uploads(settings, {name: form.getlist(name) for name in sorted(FILE_FIELDS)})
+    text = fields.text
+    if not (text and text.strip()) and not any(uploads.values()):
+        raise HTTPException(422, "send `text`, or at least one file in `images`, `audios` or `videos`")
+    inputs = await decode_off_loop(
+        request, decode_uploads, settings, uploads, fields.extract_video_audio, fields.extract_video_frame
+    )
+    await close_form(form)  # the decoded inputs are all that is kept from here on
+    decoded = time.perf_counter()
+    generation = GenerationRequest(
+        text=text if text and text.strip() else None,
+        system_prompt=fields.system_prompt,
+        images=inputs.images,
+        audios=inputs.audios,
+        videos=inputs.videos,
+        max_new_tokens=fields.max_new_tokens or settings.default_max_new_tokens,
+        return_audio=fields.return_audio,
+        speaker=speaker,
+        max_pixels=fields.max_pixels,
+    )
+    timeout = settings.request_timeout_seconds
+    model = engine.describe()["model"]
+    counts = {"images": len(inputs.images), "audios": len(inputs.audios), "videos": len(inputs.videos)}
+    warnings = inputs.warnings
+    del inputs  # the generation request holds the media; the job lets go of it when it starts or is given up
+    if fields.stream:
+        events = openai_api.stream_events(generation, worker, engine, model, True, timeout, started, warnings, place)
+        return openai_api.sse(events)
+    try:
+        result = await run_generation(request, worker, engine, generation, timeout, started, place)
+    except PromptTooLong as error:
+        raise HTTPException(413, str(error)) from None
+    except InputRejected as error:
+        raise HTTPException(422, str(error)) from None
+    if result.audio is not None and fields.response_format == "wav":
+        return Response(
+            wav_bytes(result.audio, SPEECH_SAMPLE_RATE),
+            media_type="audio/wav",
+            headers={"X-Text": urllib.parse.quote(result.text)},
+        )
+    return json_answer(
+        result,
+        counts,
+        warnings,
+        model,
+        decode_ms=(decoded - started) * 1000,
+        total_ms=(time.perf_counter() - started) * 1000,
+    )
+
+
+class MultimodalForm(BaseModel):
+    """The /multimodal form's value fields (the files are `images`, `audios` and `videos`)."""
+
+    model_config = ConfigDict(extra="ignore")
+    text: str | None = Field(None, description="The question or instruction.")
+    system_prompt: str | None = Field(None, description="Defaults to DEFAULT_SYSTEM_PROMPT.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Answer length bound.")
+    extract_video_audio: bool = Field(False, description="Send each video's audio track as audio.")
+    extract_video_frame: bool = Field(False, description="Send each video's last frame as an image.")
+    return_audio: bool = Field(False, description="Also speak the answer (needs ENABLE_AUDIO_OUTPUT).")
+    speaker: str | None = Field(None, description="Voice for the spoken answer; default the first.")
+    max_pixels: int | None = Field(
+        None,
+        ge=28 * 28,
+        description=(
+            "Pixel budget for each image and video frame (one token per 28x28 pixels); defaults to "
+            "IMAGE_MAX_PIXELS / VIDEO_MAX_PIXELS, at most MAX_PIXELS_CEILING."
+        ),
+    )
+    stream: bool = Field(False, description="Stream the answer as Server-Sent Events (chat.completion.chunk).")
+    response_format: Literal["json", "wav"] = Field(
+        "json", description="json (default), or wav: the spoken answer as audio/wav, its text in X-Text."
+    )
+
+
+def _form_schema() -> dict[str, Any]:
+    """The form's OpenAPI schema: its value fields, and one array of files for each kind."""
+    schema = MultimodalForm.model_json_schema()
+    schema.pop("description", None)
+    files = {"images": "Images.", "audios": "Audio files.", "videos": "Videos."}
+    for name, description in files.items():
+        schema["properties"][name] = {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": description,
+        }
+    return schema
+
+
+FILE_FIELDS = {"images", "audios", "videos"}
+FORM_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _form_schema()}}}}
+
+
+def decoding_pool(settings: Settings) -> ThreadPoolExecutor:
+    """The threads uploads decode on: DECODE_WORKERS at once, the rest wait their turn."""
+    return ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
 
 
 def check_form(
@@ -300,7 +351,7 @@ def check_form(
 
 
 def json_answer(
-    result: GenerationResult, inputs: MediaInputs, model: str, decode_ms: float, total_ms: float
+    result: GenerationResult, counts: dict[str, int], warnings: list[str], model: str, decode_ms: float, total_ms: float
 ) -> dict[str, Any]:
     """The /multimodal JSON answer: text, usage, what reached the model, warnings, timings, speech."""
     body: dict[str, Any] = {
@@ -312,8 +363,8 @@ def json_answer(
             "total_tokens": result.prompt_tokens + result.completion_tokens,
             "prompt_tokens_by_modality": result.prompt_tokens_by_modality,
         },
-        "inputs": {"images": len(inputs.images), "audios": len(inputs.audios), "videos": len(inputs.videos)},
-        "warnings": inputs.warnings + result.warnings,
+        "inputs": counts,
+        "warnings": warnings + result.warnings,
         "timings_ms": {
             "preprocess": round(decode_ms + result.timings_ms.get("prepare", 0.0), 1),
             "generate": round(result.timings_ms.get("generate", 0.0), 1),

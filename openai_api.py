@@ -17,17 +17,30 @@ import logging
 import time
 import urllib.parse
 import uuid
+import weakref
 from typing import Any, AsyncIterator, Literal
 
-import httpx
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 import media
-from deps import EngineDep, SettingsDep, WorkerDep, abandon, run_generation, submit_generation, wav_bytes
+import remote_media
+from deps import (
+    EngineDep,
+    Job,
+    Place,
+    SettingsDep,
+    WorkerDep,
+    admit,
+    decode_off_loop,
+    request_started,
+    run_generation,
+    wav_bytes,
+)
 from generation import (
+    Cancelled,
     ChatTurn,
     GenerationRequest,
     GenerationResult,
@@ -136,40 +149,37 @@ class ChatCompletionRequest(BaseModel):
 # ---------------------------------------------------------------- media parts
 
 
+KINDS = {"image_url": "image", "input_audio": "audio", "audio_url": "audio", "video_url": "video"}
+
+
+def base64_bytes(payload: str, what: str, limit: int) -> bytes:
+    """A base64 payload's bytes; its size is judged from its length before anything is decoded."""
+    payload = payload.strip()
+    size = len(payload) * 3 // 4 - payload[-2:].count("=")
+    if size > limit:
+        raise OpenAIError(413, f"{what}: {size:,} bytes, over the limit of {limit:,} (MAX_FILE_MB)", param=what)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise OpenAIError(400, f"{what}: the data URL is not valid base64", param=what) from None
+
+
 async def fetch_media(url: str, what: str, settings: Settings) -> bytes:
-    """A data URL's bytes, or a remote URL's for the hosts MEDIA_URL_HOSTS lists (size and time bounded)."""
+    """A data URL's bytes (decoded in a worker thread), or a remote URL's for the hosts MEDIA_URL_HOSTS lists
+    (see remote_media). Either way at most MAX_FILE_MB."""
+    limit = settings.max_file_bytes
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
-        if not header.endswith(";base64"):
-            return urllib.parse.unquote_to_bytes(payload)
-        try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise OpenAIError(400, f"{what}: the data URL is not valid base64", param=what) from None
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise OpenAIError(400, f"{what}: only data: URLs (or http(s) URLs of allowed hosts) are accepted", param=what)
-    if parsed.hostname not in settings.media_url_hosts:
-        raise OpenAIError(
-            400,
-            f"{what}: remote URLs are refused (the server does not fetch on a client's behalf); "
-            "send the media as a data URL, or list the host in MEDIA_URL_HOSTS",
-            param=what,
-        )
-    limit = settings.max_file_bytes
+        if header.endswith(";base64"):
+            return await run_in_threadpool(base64_bytes, payload, what, limit)
+        data = urllib.parse.unquote_to_bytes(payload)
+        if len(data) > limit:
+            raise OpenAIError(413, f"{what}: over {limit:,} bytes (MAX_FILE_MB)", param=what)
+        return data
     try:
-        async with httpx.AsyncClient(timeout=settings.media_url_timeout_seconds, follow_redirects=False) as client:
-            async with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise OpenAIError(400, f"{what}: fetching it answered HTTP {response.status_code}", param=what)
-                data = bytearray()
-                async for chunk in response.aiter_bytes():
-                    data.extend(chunk)
-                    if len(data) > limit:
-                        raise OpenAIError(413, f"{what}: over {limit:,} bytes (MAX_FILE_MB)", param=what)
-                return bytes(data)
-    except httpx.HTTPError as error:
-        raise OpenAIError(400, f"{what}: could not be fetched ({type(error).__name__})", param=what) from None
+        return await remote_media.fetch(url, settings)
+    except remote_media.FetchRefused as error:
+        raise OpenAIError(error.status, f"{what}: {error}", param=what) from None
 
 
 def decode_part(kind: str, data: bytes, what: str, settings: Settings) -> tuple[Any, list[str]]:
@@ -180,8 +190,27 @@ def decode_part(kind: str, data: bytes, what: str, settings: Settings) -> tuple[
         raise OpenAIError(MEDIA_STATUS[type(error)], f"{what}: {error}", param=what) from None
 
 
-async def to_turns(messages: list[Message], settings: Settings) -> tuple[list[ChatTurn], list[str]]:
-    """OpenAI messages as the engine's turns, media decoded in order, and what decoding warned of."""
+def count_parts(messages: list[Message], settings: Settings) -> None:
+    """MAX_FILES_PER_FIELD applies to each kind of media part (images, audios, videos), before any is read."""
+    counts = {"image": 0, "audio": 0, "video": 0}
+    for message in messages:
+        for part in message.content if isinstance(message.content, list) else []:
+            if part.type in KINDS:
+                counts[KINDS[part.type]] += 1
+    for kind, count in counts.items():
+        if count > settings.max_files_per_field:
+            raise OpenAIError(
+                413,
+                f"messages: {count} {kind} parts, at most {settings.max_files_per_field} are accepted "
+                "(MAX_FILES_PER_FIELD)",
+                param="messages",
+            )
+
+
+async def to_turns(request: Request, messages: list[Message], settings: Settings) -> tuple[list[ChatTurn], list[str]]:
+    """OpenAI messages as the engine's turns, media decoded in order (in the bounded decoding pool), and what
+    decoding warned of."""
+    count_parts(messages, settings)
     turns = []
     warnings: list[str] = []
     for m_index, message in enumerate(messages):
@@ -200,15 +229,15 @@ async def to_turns(messages: list[Message], settings: Settings) -> tuple[list[Ch
             if part.type == "input_audio":
                 if part.input_audio is None:
                     raise OpenAIError(400, f"{what}: input_audio is missing", param=what)
-                data, kind = await fetch_media(f"data:;base64,{part.input_audio.data}", what, settings), "audio"
+                data = await fetch_media(f"data:;base64,{part.input_audio.data}", what, settings)
             else:
                 reference = getattr(part, part.type)
                 if reference is None:
                     raise OpenAIError(400, f"{what}: {part.type} is missing", param=what)
                 url = reference if isinstance(reference, str) else reference.url
                 data = await fetch_media(url, what, settings)
-                kind = {"image_url": "image", "audio_url": "audio", "video_url": "video"}[part.type]
-            value, notes = await run_in_threadpool(decode_part, kind, data, what, settings)
+            value, notes = await decode_off_loop(request, decode_part, KINDS[part.type], data, what, settings)
+            del data
             parts.append(value)
             warnings += [f"{what}: {note}" for note in notes]
         turns.append(ChatTurn(role, parts))
@@ -260,42 +289,47 @@ def audio_of(result: GenerationResult) -> dict[str, Any] | None:
     }
 
 
-async def stream_events(
+def stream_events(
     generation: GenerationRequest,
     worker: ModelWorker,
     engine,
     model: str,
     include_usage: bool,
     timeout: float,
+    started: float,
     warnings: list[str] | None = None,
+    place: Place | None = None,
 ) -> AsyncIterator[str]:
     """Server-Sent Events of chat.completion.chunk objects, text as it is generated, then [DONE].
 
-    A client that disconnects cancels this generator: the generation then stops at its next token.
+    The job is queued when the stream starts, not before: a client that leaves before the first byte
+    leaves no job behind. A client that disconnects later cancels this generator, and the generation
+    then stops at its next token; the request's deadline (`started + timeout`) stops it whoever listens.
     """
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue[str] = asyncio.Queue()
     generation.on_text = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)
-    job = submit_generation(worker, engine, generation)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    deadline = time.monotonic() + timeout
+    deadline = started + timeout
 
     async def events() -> AsyncIterator[str]:
-        finished = asyncio.wrap_future(job)
+        job: Job | None = None
         try:
+            job = Job(worker, engine, generation, place, deadline)
+            finished = asyncio.wrap_future(job.future)
             yield chunk(completion_id, model, {"role": "assistant", "content": ""}, warnings=warnings)
             while not finished.done() or not deltas.empty():
                 getter = asyncio.ensure_future(deltas.get())
                 done, _ = await asyncio.wait(
                     {getter, finished},
-                    timeout=max(0.0, deadline - time.monotonic()),
+                    timeout=max(0.0, deadline - time.perf_counter()),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if getter in done:
                     yield chunk(completion_id, model, {"content": getter.result()})
                     continue
                 getter.cancel()
-                if not done:
+                if not done or finished.cancelled():
                     raise OpenAIError(
                         504,
                         f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)",
@@ -308,17 +342,32 @@ async def stream_events(
             yield chunk(completion_id, model, {}, finish_reason=result.finish_reason, warnings=result.warnings)
             if include_usage:
                 yield chunk(completion_id, model, None, usage=usage_of(result))
-        except (OpenAIError, InputRejected, SpeechError) as error:
-            if not isinstance(error, OpenAIError):
+        except (OpenAIError, InputRejected, SpeechError, HTTPException, Cancelled) as error:
+            if isinstance(error, HTTPException):
+                error = OpenAIError(error.status_code, str(error.detail), kind="server_error")
+            elif isinstance(error, Cancelled):
+                error = OpenAIError(
+                    504,
+                    f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)",
+                    kind="server_error",
+                    code="timeout",
+                )
+            elif not isinstance(error, OpenAIError):
                 error = OpenAIError(
                     400, str(error), code="context_length_exceeded" if isinstance(error, PromptTooLong) else None
                 )
             yield f"data: {json.dumps({'error': error.payload()})}\n\n"
         finally:
-            abandon(job, generation)
+            if job is not None:
+                job.abandon()
+            elif place is not None:
+                place.release()
         yield "data: [DONE]\n\n"
 
-    return events()
+    stream = events()
+    if place is not None:  # a stream that never starts (the client left first) gives its place back
+        weakref.finalize(stream, place.release)
+    return stream
 
 
 def sse(events: AsyncIterator[str]) -> StreamingResponse:
@@ -357,35 +406,39 @@ async def chat_completions(
                 400, str(error), param="audio.voice" if body.audio and body.audio.voice else "modalities"
             ) from None
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    turns, warnings = await to_turns(body.messages, settings)
-    generation = GenerationRequest(
-        text=None,
-        system_prompt=None,
-        turns=turns,
-        max_new_tokens=max_tokens,
-        return_audio=speak,
-        speaker=voice,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop_strings=stops,
-    )
-    model = engine.describe()["model"]
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse(
-            await stream_events(
-                generation, worker, engine, model, include_usage, settings.request_timeout_seconds, warnings
-            )
-        )
+    started = request_started(request)
+    place = admit(request)  # a 503 now, before any media is decoded, when the queue is full
     try:
-        result = await run_generation(
-            request, worker, engine, generation, settings.request_timeout_seconds, time.perf_counter()
+        turns, warnings = await to_turns(request, body.messages, settings)
+        generation = GenerationRequest(
+            text=None,
+            system_prompt=None,
+            turns=turns,
+            max_new_tokens=max_tokens,
+            return_audio=speak,
+            speaker=voice,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop_strings=stops,
         )
-    except PromptTooLong as error:
-        raise OpenAIError(400, str(error), code="context_length_exceeded") from None
-    except InputRejected as error:
-        raise OpenAIError(400, str(error)) from None
+        del turns
+        model = engine.describe()["model"]
+        timeout = settings.request_timeout_seconds
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return sse(
+                stream_events(generation, worker, engine, model, include_usage, timeout, started, warnings, place)
+            )
+        try:
+            result = await run_generation(request, worker, engine, generation, timeout, started, place)
+        except PromptTooLong as error:
+            raise OpenAIError(400, str(error), code="context_length_exceeded") from None
+        except InputRejected as error:
+            raise OpenAIError(400, str(error)) from None
+    except BaseException:
+        place.release()
+        raise
     message: dict[str, Any] = {"role": "assistant", "content": result.text}
     if (audio := audio_of(result)) is not None:
         message["audio"] = audio
