@@ -248,7 +248,7 @@ async def answer_form(request: Request, settings: Settings, engine, worker, form
     del inputs  # the generation request holds the media; the job lets go of it when it starts or is given up
     if fields.stream:
         events = openai_api.stream_events(generation, worker, engine, model, True, timeout, started, warnings, place)
-        return openai_api.sse(events)
+        return openai_api.sse(events, place)
     try:
         result = await run_generation(request, worker, engine, generation, timeout, started, place)
     except PromptTooLong as error:

@@ -17,7 +17,6 @@ import logging
 import time
 import urllib.parse
 import uuid
-import weakref
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, HTTPException, Request
@@ -364,16 +363,30 @@ def stream_events(
                 place.release()
         yield "data: [DONE]\n\n"
 
-    stream = events()
-    if place is not None:  # a stream that never starts (the client left first) gives its place back
-        weakref.finalize(stream, place.release)
-    return stream
+    return events()
 
 
-def sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+class EventStream(StreamingResponse):
+    """Server-Sent Events that, however the response ends (a client gone before the first byte included),
+    close their generator and give back the request's place in the queue if its job was never queued."""
+
+    def __init__(self, events: AsyncIterator[str], place: Place | None = None) -> None:
+        super().__init__(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        self.place = place
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            if self.place is not None:
+                self.place.release()
+
+
+def sse(events: AsyncIterator[str], place: Place | None = None) -> StreamingResponse:
+    return EventStream(events, place)
 
 
 # ---------------------------------------------------------------- routes

@@ -157,7 +157,11 @@ def _decode_one(
         return
     converted = False
     if extract_frame:
-        out.images.append(media.extract_last_frame(source, max_seconds=s.max_video_seconds, timeout=timeout))
+        out.images.append(
+            media.extract_last_frame(
+                source, max_seconds=s.max_video_seconds, timeout=timeout, max_pixels=s.max_image_pixels
+            )
+        )
         converted = True
     if extract_audio:
         track = media.extract_audio_track(source, max_seconds=s.max_audio_seconds, timeout=timeout)
@@ -193,6 +197,7 @@ def decode_media(kind: str, source, s: Settings) -> tuple[Any, list[str]]:
         frame_max_pixels=s.video_max_pixels,
         max_audio_seconds=s.max_audio_seconds,
         timeout=s.decode_timeout_seconds,
+        max_image_pixels=s.max_image_pixels,
     )
     return VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None), video.warnings
 
