@@ -83,7 +83,9 @@ class Place:
     """A request's place in the model's queue, taken when it arrives, before its body is read or decoded:
     a request that could not be queued gets its 503 before any work is spent on it."""
 
-    def __init__(self, worker: ModelWorker) -> None:
+    def __init__(self, worker: ModelWorker, metrics=None, state: dict | None = None) -> None:
+        self.metrics = metrics
+        self.state = state if state is not None else {}
         try:
             worker.reserve()
         except QueueFull as error:
@@ -92,6 +94,16 @@ class Place:
             ) from None
         self.worker = worker
         self.held = True
+
+    def observe(self, result) -> None:
+        """Count a finished generation in the metrics and the request's log line (runs on the model thread)."""
+        if self.metrics is not None:
+            self.metrics.observe_result(result)
+        self.state["usage"] = {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "generate_ms": round(sum(result.timings_ms.values()), 1),
+        }
 
     def use(self) -> bool:
         """Hand the place over to the job being submitted."""
@@ -111,14 +123,21 @@ def request_started(request: Request) -> float:
 
 def admit(request: Request) -> Place:
     """A place in the queue for this request, or 503 with Retry-After when none is left."""
-    return Place(request.app.state.worker)
+    return Place(request.app.state.worker, request.app.state.metrics, request.scope.setdefault("state", {}))
 
 
 async def decode_off_loop(request: Request, function: Callable[..., T], *args: Any) -> T:
     """Run a decoder in the bounded decoding pool (DECODE_WORKERS), never on the event loop."""
     loop = asyncio.get_running_loop()
     context = contextvars.copy_context()  # the request id follows the decoder into the log
-    return await loop.run_in_executor(request.app.state.decoders, context.run, function, *args)
+    started = time.perf_counter()
+    try:
+        return await loop.run_in_executor(request.app.state.decoders, context.run, function, *args)
+    finally:
+        seconds = time.perf_counter() - started
+        request.app.state.metrics.decode_seconds.observe(seconds)
+        state = request.scope.setdefault("state", {})
+        state["decode_seconds"] = state.get("decode_seconds", 0.0) + seconds
 
 
 class Job:
@@ -132,6 +151,7 @@ class Job:
         generation.stop = self.stop = threading.Event()
         self._box = [generation]
         reserved = place.use() if place is not None else False
+        self.place = place
         try:
             self.future: Future = worker.submit(self._run, engine.generate, reserved=reserved)
         except QueueFull as error:
@@ -146,7 +166,10 @@ class Job:
     def _run(self, generate: Callable[[GenerationRequest], Any]):
         if not self._box:
             raise Cancelled("the request was given up before its generation started")
-        return generate(self._box.pop())
+        result = generate(self._box.pop())
+        if self.place is not None:
+            self.place.observe(result)
+        return result
 
     def abandon(self) -> None:
         """Give up on an unfinished generation: cancel it if it has not started (its place frees at once;

@@ -39,7 +39,9 @@ from deps import (
     run_generation,
     wav_bytes,
 )
-from middleware import ApiKey, BodySizeLimit, RequestId, RequestIdFilter
+from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from metrics import Metrics
+from middleware import AccessLog, ApiKey, BodySizeLimit, JsonFormatter, RequestId, RequestIdFilter
 from generation import GenerationRequest, GenerationResult, InputRejected, PromptTooLong, SpeechError
 from model_worker import ModelWorker
 from modeling_low_vram import (
@@ -95,9 +97,11 @@ def create_app(
     app.state.worker = ModelWorker(settings.max_waiting_requests)  # for callers that skip the lifespan
     app.state.decoders = decoding_pool(settings)
     app.state.model = ModelState(engine)
+    app.state.metrics = Metrics(lambda: app.state.worker)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)  # innermost
     if settings.api_key:
-        app.add_middleware(ApiKey, key=settings.api_key)
+        open_paths = {"/health", "/metrics"} if settings.metrics_public else {"/health"}
+        app.add_middleware(ApiKey, key=settings.api_key, open_paths=frozenset(open_paths))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -106,6 +110,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "X-Text"],
         )
+    app.add_middleware(AccessLog, metrics=app.state.metrics)
     app.add_middleware(RequestId)  # outermost: every answer, errors included, carries the id
     app.include_router(openai_api.router)
 
@@ -144,6 +149,7 @@ def create_app(
                 "POST /v1/chat/completions": "OpenAI-compatible chat (streaming too)",
                 "GET /v1/models": "the served model",
                 "GET /health": "readiness",
+                "GET /metrics": "Prometheus metrics",
                 "GET /": "this page",
                 "GET /docs": "OpenAPI UI",
             },
@@ -157,6 +163,11 @@ def create_app(
                 "max_new_tokens_limit": settings.max_new_tokens_limit,
             },
         }
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        """Prometheus text: requests, queue, decode and generation times, tokens, GPU memory."""
+        return Response(request.app.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -381,16 +392,23 @@ def json_answer(
     return body
 
 
-def main() -> None:
-    """Start the server; exit with one clear message if the model cannot be loaded."""
-    import uvicorn
-
-    settings = load_settings()
+def configure_logging(settings: Settings) -> None:
+    """LOG_LEVEL, and LOG_FORMAT: text lines, or one JSON object per line; every line carries the request id."""
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())
+        if settings.log_format == "json":
+            handler.setFormatter(JsonFormatter())
+
+
+def main() -> None:
+    """Start the server; exit with one clear message if the model cannot be loaded."""
+    import uvicorn
+
+    settings = load_settings()
+    configure_logging(settings)
     try:
         check_placement_settings(settings)
         load_config(settings.model_path)  # fail fast on a wrong MODEL_PATH, before the server starts
@@ -409,7 +427,13 @@ def main() -> None:
     app = create_app(settings, on_load_failure=stop)
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            log_config=None,  # uvicorn's lines go through our handlers (and format) too
+            access_log=False,  # AccessLog writes one line per request, with more in it
+            timeout_graceful_shutdown=30,
         )
     )
     server.run()

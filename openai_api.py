@@ -313,6 +313,7 @@ def stream_events(
 
     async def events() -> AsyncIterator[str]:
         job: Job | None = None
+        first_token = True
         try:
             job = Job(worker, engine, generation, place, deadline)
             finished = asyncio.wrap_future(job.future)
@@ -325,6 +326,9 @@ def stream_events(
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if getter in done:
+                    if first_token and place is not None and place.metrics is not None:
+                        place.metrics.first_token_seconds.observe(time.perf_counter() - started)
+                    first_token = False
                     yield chunk(completion_id, model, {"content": getter.result()})
                     continue
                 getter.cancel()

@@ -205,6 +205,7 @@ def test_decoding_runs_in_a_pool_of_decode_workers(tmp_path):
     class FakeRequest:
         def __init__(self) -> None:
             self.app = app
+            self.scope: dict = {}
 
     async def scenario():
         await asyncio.gather(*(decode_off_loop(FakeRequest(), decode) for _ in range(8)))
