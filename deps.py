@@ -160,7 +160,8 @@ class Job:
             ) from None
         # REQUEST_TIMEOUT_SECONDS bounds the job itself, whoever is (or is not) waiting for it.
         loop = asyncio.get_running_loop()
-        timer = loop.call_later(max(0.0, deadline - time.perf_counter()), self.abandon)
+        self.timed_out = False
+        timer = loop.call_later(max(0.0, deadline - time.perf_counter()), self._time_out)
         self.future.add_done_callback(lambda _: loop.call_soon_threadsafe(timer.cancel))
 
     def _run(self, generate: Callable[[GenerationRequest], Any]):
@@ -170,6 +171,10 @@ class Job:
         if self.place is not None:
             self.place.observe(result)
         return result
+
+    def _time_out(self) -> None:
+        self.timed_out = True
+        self.abandon()
 
     def abandon(self) -> None:
         """Give up on an unfinished generation: cancel it if it has not started (its place frees at once;
@@ -196,22 +201,30 @@ async def run_generation(
     """
     job = Job(worker, engine, generation, place, started + timeout)
     future = asyncio.wrap_future(job.future)
+    gone = asyncio.ensure_future(_client_gone(request))
     try:
-        while True:
-            remaining = started + timeout - time.perf_counter()
-            done, _ = await asyncio.wait({future}, timeout=min(0.5, max(remaining, 0)))
-            if done:
-                return future.result()
-            if remaining <= 0:
-                raise HTTPException(
-                    504,
-                    f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS); its generation was stopped",
-                )
-            if await request.is_disconnected():
-                logger.info("client went away; its generation is cancelled")
-                raise HTTPException(499, "client closed the request")
+        done, _ = await asyncio.wait(
+            {future, gone},
+            timeout=max(0.0, started + timeout - time.perf_counter()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if future in done and not job.timed_out:
+            return future.result()
+        if gone in done:
+            logger.info("client went away; its generation is cancelled")
+            raise HTTPException(499, "client closed the request")
+        raise HTTPException(
+            504, f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS); its generation was stopped"
+        )
     finally:
+        gone.cancel()
         job.abandon()
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: what arrives now is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:

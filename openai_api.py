@@ -332,13 +332,20 @@ def stream_events(
                     yield chunk(completion_id, model, {"content": getter.result()})
                     continue
                 getter.cancel()
-                if not done or finished.cancelled():
+                if not done or finished.cancelled() or job.timed_out:
                     raise OpenAIError(
                         504,
                         f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)",
                         kind="server_error",
                         code="timeout",
                     )
+            if job.timed_out:
+                raise OpenAIError(
+                    504,
+                    f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)",
+                    kind="server_error",
+                    code="timeout",
+                )
             result: GenerationResult = finished.result()
             if (audio := audio_of(result)) is not None:
                 yield chunk(completion_id, model, {"audio": audio})
