@@ -6,6 +6,7 @@ Plain ASGI classes rather than BaseHTTPMiddleware, so that responses stream thro
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hmac
 import json
@@ -163,11 +164,13 @@ class ApiKey:
 
 
 class BodySizeLimit:
-    """Refuses a request body over `max_bytes`, counted as it arrives (Content-Length is not trusted)."""
+    """Refuses a request body over `max_bytes`, counted as it arrives (Content-Length is not trusted), or one
+    that takes longer than `timeout` seconds to arrive (a client dripping its body a byte at a time)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, timeout: float = 300) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -177,12 +180,22 @@ class BodySizeLimit:
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             return await JSONResponse({"detail": message}, 413)(scope, receive, send)
         received = 0
+        complete = False
+        deadline = time.monotonic() + self.timeout
 
         async def counting_receive():
-            nonlocal received
-            event = await receive()
+            nonlocal received, complete
+            if complete:  # the body is in: what comes now (a disconnect) may take as long as it takes
+                return await receive()
+            try:
+                event = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise HTTPException(
+                    408, f"the request body took longer than {self.timeout:g} s to arrive (BODY_TIMEOUT_SECONDS)"
+                ) from None
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
+                complete = not event.get("more_body", False)
                 if received > self.max_bytes:
                     raise HTTPException(413, message)
             return event

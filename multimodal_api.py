@@ -98,7 +98,9 @@ def create_app(
     app.state.decoders = decoding_pool(settings)
     app.state.model = ModelState(engine)
     app.state.metrics = Metrics(lambda: app.state.worker)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)  # innermost
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_request_bytes, timeout=settings.body_timeout_seconds
+    )  # innermost
     if settings.api_key:
         open_paths = {"/health", "/metrics"} if settings.metrics_public else {"/health"}
         app.add_middleware(ApiKey, key=settings.api_key, open_paths=frozenset(open_paths))

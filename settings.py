@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     # Upload limits
     max_file_mb: float = Field(512, gt=0, description="Largest single uploaded file, in MiB.")
     max_request_mb: float = Field(1024, gt=0, description="Largest request body, in MiB, counted as it arrives.")
+    body_timeout_seconds: float = Field(
+        300, gt=0, le=86_400, description="Longest a request body may take to arrive (a slow-drip client gets 408)."
+    )
     max_files_per_field: int = Field(8, ge=1, le=1000, description="Most files in each of images/audios/videos.")
     max_image_pixels: int = Field(
         50_000_000, ge=1, description="Largest image (width x height) decoded; larger ones are refused unread."

@@ -287,3 +287,26 @@ def test_v1_is_refused_before_decoding_when_the_queue_is_full(tmp_path):
 
     refused = asyncio.run(scenario())
     assert refused.status == 503 and len(decoded) == 1  # the first request's (empty) uploads only
+
+
+def test_a_body_that_drips_in_is_cut_by_body_timeout_seconds(tmp_path):
+    app = create_app(settings(tmp_path, body_timeout_seconds=0.5), engine=FakeEngine())
+
+    class Drip(Exchange):
+        async def receive(self):
+            if self.pulled:
+                await asyncio.sleep(0.1)
+            self.pulled += 1
+            return {
+                "type": "http.request",
+                "body": b"x" if self.pulled > 1 else value_part("text", "hi"),
+                "more_body": True,
+            }
+
+    for path, content_type in (
+        ("/multimodal", f"multipart/form-data; boundary={BOUNDARY}"),
+        ("/v1/chat/completions", "application/json"),
+    ):
+        sent = asyncio.run(Drip(app, path, b"", content_type).run())
+        assert sent.status == 408 and b"BODY_TIMEOUT_SECONDS" in sent.body
+        assert sent.pulled < 20  # about half a second of it
