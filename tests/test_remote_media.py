@@ -95,3 +95,10 @@ def test_which_addresses_are_public(address, public):
         with pytest.raises(remote_media.FetchRefused):
             remote_media.check_address(address, allow_private=False)
         remote_media.check_address(address, allow_private=True)
+
+
+def test_v1_refuses_a_listed_name_that_resolves_to_loopback(port, make_client, fake_engine):
+    client = make_client(fake_engine, media_url_hosts=["localhost"], media_url_ports=[port])
+    part = {"type": "image_url", "image_url": {"url": f"http://localhost:{port}/a"}}
+    response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [part]}]})
+    assert response.status_code == 400 and "non-public address" in response.json()["error"]["message"]
