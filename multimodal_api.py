@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import sys
 import threading
 import time
 import urllib.parse
@@ -411,6 +412,9 @@ def main() -> None:
 
     settings = load_settings()
     configure_logging(settings)
+    # The event loop shares the GIL with the model's and the decoders' threads: a short switch interval
+    # lets it answer (/health, new requests, streamed tokens) without waiting out their 5 ms slices.
+    sys.setswitchinterval(0.0005)
     try:
         check_placement_settings(settings)
         load_config(settings.model_path)  # fail fast on a wrong MODEL_PATH, before the server starts

@@ -311,6 +311,10 @@ def stream_events(
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     deadline = started + timeout
 
+    def timed_out() -> OpenAIError:
+        message = f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)"
+        return OpenAIError(504, message, kind="server_error", code="timeout")
+
     async def events() -> AsyncIterator[str]:
         job: Job | None = None
         first_token = True
@@ -333,19 +337,9 @@ def stream_events(
                     continue
                 getter.cancel()
                 if not done or finished.cancelled() or job.timed_out:
-                    raise OpenAIError(
-                        504,
-                        f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)",
-                        kind="server_error",
-                        code="timeout",
-                    )
+                    raise timed_out()
             if job.timed_out:
-                raise OpenAIError(
-                    504,
-                    f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)",
-                    kind="server_error",
-                    code="timeout",
-                )
+                raise timed_out()
             result: GenerationResult = finished.result()
             if (audio := audio_of(result)) is not None:
                 yield chunk(completion_id, model, {"audio": audio})
@@ -356,12 +350,7 @@ def stream_events(
             if isinstance(error, HTTPException):
                 error = OpenAIError(error.status_code, str(error.detail), kind="server_error")
             elif isinstance(error, Cancelled):
-                error = OpenAIError(
-                    504,
-                    f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)",
-                    kind="server_error",
-                    code="timeout",
-                )
+                error = timed_out()
             elif not isinstance(error, OpenAIError):
                 error = OpenAIError(
                     400, str(error), code="context_length_exceeded" if isinstance(error, PromptTooLong) else None

@@ -52,7 +52,7 @@ BAD = {
     "truncated": ({}, [("images", ("t.png", make_media.image_bytes("PNG")[:100]))]),
 }
 MAX_FILE_MB = 2  # the started server's; oversized parts are sent just over it
-BODY_TIMEOUT = 3  # the started server's BODY_TIMEOUT_SECONDS: slow-drip bodies are cut after it
+BODY_TIMEOUT = 10  # the started server's BODY_TIMEOUT_SECONDS: slow-drip bodies are cut after it
 
 
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
