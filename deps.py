@@ -17,7 +17,7 @@ import numpy as np
 import soundfile
 from fastapi import Depends, HTTPException, Request
 
-from generation import Cancelled, GenerationRequest
+from generation import Cancelled, GenerationRequest, OutOfMemory
 from model_worker import ModelWorker, QueueFull
 from modeling_low_vram import ConfigError, ModelLoadError, OmniEngine
 from settings import Settings
@@ -138,6 +138,14 @@ async def decode_off_loop(request: Request, function: Callable[..., T], *args: A
         request.app.state.metrics.decode_seconds.observe(seconds)
         state = request.scope.setdefault("state", {})
         state["decode_seconds"] = state.get("decode_seconds", 0.0) + seconds
+
+
+OUT_OF_MEMORY_RETRY_SECONDS = 10
+
+
+def out_of_memory_error(error: OutOfMemory) -> HTTPException:
+    """A request that ran out of memory: 503, retry later or with less (the message says what to lower)."""
+    return HTTPException(503, str(error), headers={"Retry-After": str(OUT_OF_MEMORY_RETRY_SECONDS)})
 
 
 class Job:

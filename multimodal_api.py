@@ -36,6 +36,7 @@ from deps import (
     WorkerDep,
     admit,
     decode_off_loop,
+    out_of_memory_error,
     request_started,
     run_generation,
     wav_bytes,
@@ -43,7 +44,7 @@ from deps import (
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import Metrics
 from middleware import AccessLog, ApiKey, BodySizeLimit, JsonFormatter, RequestId, RequestIdFilter
-from generation import GenerationRequest, GenerationResult, InputRejected, PromptTooLong, SpeechError
+from generation import GenerationRequest, GenerationResult, InputRejected, OutOfMemory, PromptTooLong, SpeechError
 from model_worker import ModelWorker
 from modeling_low_vram import (
     SPEECH_SAMPLE_RATE,
@@ -69,6 +70,9 @@ FORM_FIELDS = {
     "response_format",
     "max_pixels",
     "stream",
+    "temperature",
+    "top_p",
+    "seed",
     "images",
     "audios",
     "videos",
@@ -135,6 +139,10 @@ def create_app(
             return openai_api.error_response(error.status_code, str(error.detail), error.headers)
         return JSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)
 
+    @app.exception_handler(OutOfMemory)
+    async def out_of_memory(request: Request, error: OutOfMemory) -> JSONResponse:
+        return await http_error(request, out_of_memory_error(error))
+
     @app.exception_handler(openai_api.OpenAIError)
     async def openai_error(request: Request, error: openai_api.OpenAIError) -> JSONResponse:
         return error.response()
@@ -156,6 +164,7 @@ def create_app(
                 "GET /": "this page",
                 "GET /docs": "OpenAPI UI",
             },
+            "decoding": decoding(state.engine),
             "limits": {
                 "max_file_bytes": settings.max_file_bytes,
                 "max_request_bytes": settings.max_request_bytes,
@@ -254,10 +263,12 @@ async def answer_form(request: Request, settings: Settings, engine, worker, form
         return_audio=fields.return_audio,
         speaker=speaker,
         max_pixels=fields.max_pixels,
+        temperature=0.0 if fields.temperature is None else fields.temperature,  # /multimodal is greedy unless asked
+        top_p=fields.top_p,
+        seed=fields.seed,
     )
     timeout = settings.request_timeout_seconds
     model = engine.describe()["model"]
-    counts = {"images": len(inputs.images), "audios": len(inputs.audios), "videos": len(inputs.videos)}
     warnings = inputs.warnings
     del inputs  # the generation request holds the media; the job lets go of it when it starts or is given up
     if fields.stream:
@@ -277,7 +288,6 @@ async def answer_form(request: Request, settings: Settings, engine, worker, form
         )
     return json_answer(
         result,
-        counts,
         warnings,
         model,
         decode_ms=(decoded - started) * 1000,
@@ -305,6 +315,13 @@ class MultimodalForm(BaseModel):
         ),
     )
     stream: bool = Field(False, description="Stream the answer as Server-Sent Events (chat.completion.chunk).")
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="Unset or 0: greedy decoding; above 0: sampling at this temperature."
+    )
+    top_p: float | None = Field(
+        None, gt=0, le=1, description="Nucleus sampling when temperature > 0; unset: the checkpoint's value."
+    )
+    seed: int | None = Field(None, description="Seed for sampling, for reproducible sampled answers.")
     response_format: Literal["json", "wav"] = Field(
         "json", description="json (default), or wav: the spoken answer as audio/wav, its text in X-Text."
     )
@@ -364,8 +381,20 @@ def check_form(
         raise HTTPException(422, "response_format=wav returns the spoken answer: also send return_audio=true")
 
 
+def decoding(engine: Any | None) -> dict[str, Any]:
+    """How each route decodes when a request leaves sampling unset: the checkpoint's generation_config values."""
+    defaults = getattr(engine, "sampling_defaults", None) or {}
+    return {
+        "checkpoint_sampling": defaults if engine is not None else None,
+        "/v1/chat/completions": "temperature, top_p and top_k a request leaves unset take the checkpoint's "
+        "generation_config values (as vLLM does); temperature 1, top_p 1 and no top_k where it sets none",
+        "/multimodal": "greedy unless `temperature` > 0; then top_p (unset: the checkpoint's) and the "
+        "checkpoint's top_k; `seed` makes sampled answers reproducible",
+    }
+
+
 def json_answer(
-    result: GenerationResult, counts: dict[str, int], warnings: list[str], model: str, decode_ms: float, total_ms: float
+    result: GenerationResult, warnings: list[str], model: str, decode_ms: float, total_ms: float
 ) -> dict[str, Any]:
     """The /multimodal JSON answer: text, usage, what reached the model, warnings, timings, speech."""
     body: dict[str, Any] = {
@@ -377,7 +406,7 @@ def json_answer(
             "total_tokens": result.prompt_tokens + result.completion_tokens,
             "prompt_tokens_by_modality": result.prompt_tokens_by_modality,
         },
-        "inputs": counts,
+        "inputs": result.inputs,
         "warnings": warnings + result.warnings,
         "timings_ms": {
             "preprocess": round(decode_ms + result.timings_ms.get("prepare", 0.0), 1),

@@ -34,6 +34,7 @@ from deps import (
     WorkerDep,
     admit,
     decode_off_loop,
+    out_of_memory_error,
     request_started,
     run_generation,
     wav_bytes,
@@ -44,6 +45,7 @@ from generation import (
     GenerationRequest,
     GenerationResult,
     InputRejected,
+    OutOfMemory,
     PromptTooLong,
     SpeechError,
 )
@@ -131,8 +133,9 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, description="unset: the checkpoint's generation_config")
+    top_p: float | None = Field(None, gt=0, le=1, description="unset: the checkpoint's generation_config")
+    top_k: int | None = Field(None, ge=-1, description="as vLLM: -1 or 0 is off; unset: the checkpoint's")
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -346,8 +349,11 @@ def stream_events(
             yield chunk(completion_id, model, {}, finish_reason=result.finish_reason, warnings=result.warnings)
             if include_usage:
                 yield chunk(completion_id, model, None, usage=usage_of(result))
-        except (OpenAIError, InputRejected, SpeechError, HTTPException, Cancelled) as error:
-            if isinstance(error, HTTPException):
+        except (OpenAIError, InputRejected, SpeechError, HTTPException, Cancelled, OutOfMemory) as error:
+            if isinstance(error, OutOfMemory):  # the status is sent already: the event carries it
+                http = out_of_memory_error(error)
+                error = OpenAIError(http.status_code, http.detail, kind="server_error", code="out_of_memory")
+            elif isinstance(error, HTTPException):
                 error = OpenAIError(error.status_code, str(error.detail), kind="server_error")
             elif isinstance(error, Cancelled):
                 error = timed_out()
@@ -432,6 +438,7 @@ async def chat_completions(
             speaker=voice,
             temperature=body.temperature,
             top_p=body.top_p,
+            top_k=None if body.top_k is None else max(0, body.top_k),
             seed=body.seed,
             stop_strings=stops,
         )
@@ -440,9 +447,8 @@ async def chat_completions(
         timeout = settings.request_timeout_seconds
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return sse(
-                stream_events(generation, worker, engine, model, include_usage, timeout, started, warnings, place)
-            )
+            events = stream_events(generation, worker, engine, model, include_usage, timeout, started, warnings, place)
+            return sse(events, place)
         try:
             result = await run_generation(request, worker, engine, generation, timeout, started, place)
         except PromptTooLong as error:

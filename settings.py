@@ -23,11 +23,14 @@ class Settings(BaseSettings):
     device_map: str = Field(
         "auto",
         description="Where each component runs: 'auto' (planned for the GPU's memory; cpu without a GPU), 'gpu', "
-        "'low-vram' (encoders on CPU, the rest on GPU), 'cpu', or a JSON object mapping components "
-        "(language_model, lm_head, visual, audio_tower, talker, token2wav) to devices.",
+        "'low-vram' (encoders offloaded: weights in RAM, run on the GPU), 'low-vram-cpu' (encoders run on the "
+        "CPU), 'cpu', or a JSON object mapping components (language_model, lm_head, visual, audio_tower, talker, "
+        "token2wav) to a device or 'offload'.",
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="Weights dtype: 'auto' is bf16 on GPUs that support it, else fp16; fp32 on CPU."
+        "auto",
+        description="Weights dtype: 'auto' is bf16 on GPUs that support it, else fp16; on the CPU fp32 where it "
+        "fits the free RAM with headroom, else bf16.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 only where installed (falls back to sdpa)."
@@ -88,7 +91,9 @@ class Settings(BaseSettings):
 
     # Generation
     default_system_prompt: str = Field(
-        "You are a helpful AI assistant.", max_length=20_000, description="System prompt when a request sends none."
+        "You are a helpful assistant.",
+        max_length=20_000,
+        description="System prompt when a request sends none (the default is the chat template's own).",
     )
     default_max_new_tokens: int = Field(512, ge=1, le=32768, description="max_new_tokens when a request sends none.")
     max_new_tokens_limit: int = Field(2048, ge=1, le=32768, description="Largest max_new_tokens a request may ask for.")
