@@ -59,3 +59,31 @@ def test_one_log_line_per_request_with_id_sizes_tokens_and_times(client, caplog)
     record.request_id = "trace-7"  # what RequestIdFilter puts on it
     entry = json.loads(JsonFormatter().format(record))
     assert entry["request_id"] == "trace-7" and entry["status"] == 200 and entry["completion_tokens"] == 3
+
+
+def test_log_format_json_writes_one_object_per_line(tiny_model_dir, tmp_path):
+    import subprocess
+
+    import httpx
+
+    from servers import start_server
+
+    server, base = start_server(
+        tmp_path,
+        {"MODEL_PATH": str(tiny_model_dir), "DEVICE_MAP": "cpu", "LOG_FORMAT": "json"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        httpx.post(f"{base}/multimodal", data={"text": "hi", "max_new_tokens": "3"}, headers={"X-Request-ID": "json-1"})
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=60)
+    entries = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    others = [line for line in output.splitlines() if line.strip() and not line.startswith("{")]
+    assert not [line for line in others if "multimodal_api" in line or "uvicorn" in line]  # ours are all JSON
+    assert any(e["logger"] == "uvicorn.error" for e in entries)
+    access = [e for e in entries if e.get("route") == "/multimodal"]
+    assert len(access) == 1 and access[0]["request_id"] == "json-1" and access[0]["status"] == 200
+    assert access[0]["completion_tokens"] == 3 and access[0]["bytes_in"] > 0
