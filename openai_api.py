@@ -19,6 +19,7 @@ import urllib.parse
 import uuid
 from typing import Any, AsyncIterator, Literal
 
+import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -124,7 +125,7 @@ class StreamOptions(BaseModel):
 
 class AudioOptions(BaseModel):
     voice: str | None = None
-    format: Literal["wav"] = "wav"
+    format: Literal["wav", "pcm16"] = Field("wav", description="wav, or pcm16 (raw 24 kHz mono); streams send pcm16")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -280,15 +281,21 @@ def usage_of(result: GenerationResult) -> dict[str, Any]:
     }
 
 
-def audio_of(result: GenerationResult) -> dict[str, Any] | None:
+def audio_of(result: GenerationResult, audio_format: str = "wav") -> dict[str, Any] | None:
     if result.audio is None:
         return None
+    data = wav_bytes(result.audio, SPEECH_SAMPLE_RATE) if audio_format == "wav" else pcm16(result.audio)
     return {
         "id": f"audio_{uuid.uuid4().hex[:24]}",
-        "data": base64.b64encode(wav_bytes(result.audio, SPEECH_SAMPLE_RATE)).decode("ascii"),
+        "data": base64.b64encode(data).decode("ascii"),
         "expires_at": int(time.time()) + AUDIO_LIFETIME_SECONDS,
         "transcript": result.text,
     }
+
+
+def pcm16(samples) -> bytes:
+    """Float samples as raw 16-bit little-endian PCM, the format of streamed audio."""
+    return (np.clip(samples, -1.0, 1.0) * 32767).round().astype("<i2").tobytes()
 
 
 def stream_events(
@@ -304,19 +311,32 @@ def stream_events(
 ) -> AsyncIterator[str]:
     """Server-Sent Events of chat.completion.chunk objects, text as it is generated, then [DONE].
 
-    The job is queued when the stream starts, not before: a client that leaves before the first byte
-    leaves no job behind. A client that disconnects later cancels this generator, and the generation
-    then stops at its next token; the request's deadline (`started + timeout`) stops it whoever listens.
+    A spoken answer streams as OpenAI streams one: `delta.audio` objects carrying its `id`, the text as
+    `transcript` deltas, then base64 PCM16 `data` (24 kHz mono) as token2wav makes it, and last its
+    `expires_at`. The job is queued when the stream starts, not before: a client that leaves before the
+    first byte leaves no job behind. A client that disconnects later cancels this generator: the thinker,
+    talker or token2wav then stops at its next step; the request's deadline (`started + timeout`) stops
+    it whoever listens.
     """
     loop = asyncio.get_running_loop()
-    deltas: asyncio.Queue[str] = asyncio.Queue()
-    generation.on_text = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)
+    deltas: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    generation.on_text = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, ("text", text))
+    if generation.return_audio:
+        generation.on_audio = lambda samples: loop.call_soon_threadsafe(deltas.put_nowait, ("audio", samples))
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    audio_id = f"audio_{uuid.uuid4().hex[:24]}"
     deadline = started + timeout
 
     def timed_out() -> OpenAIError:
         message = f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)"
         return OpenAIError(504, message, kind="server_error", code="timeout")
+
+    def delta(kind: str, value: Any) -> dict[str, Any]:
+        if not generation.return_audio:
+            return {"content": value}
+        if kind == "text":
+            return {"audio": {"id": audio_id, "transcript": value}}
+        return {"audio": {"id": audio_id, "data": base64.b64encode(pcm16(value)).decode("ascii")}}
 
     async def events() -> AsyncIterator[str]:
         job: Job | None = None
@@ -336,7 +356,7 @@ def stream_events(
                     if first_token and place is not None and place.metrics is not None:
                         place.metrics.first_token_seconds.observe(time.perf_counter() - started)
                     first_token = False
-                    yield chunk(completion_id, model, {"content": getter.result()})
+                    yield chunk(completion_id, model, delta(*getter.result()))
                     continue
                 getter.cancel()
                 if not done or finished.cancelled() or job.timed_out:
@@ -344,8 +364,11 @@ def stream_events(
             if job.timed_out:
                 raise timed_out()
             result: GenerationResult = finished.result()
-            if (audio := audio_of(result)) is not None:
-                yield chunk(completion_id, model, {"audio": audio})
+            if result.audio is not None:  # an engine that made its audio in one piece
+                yield chunk(completion_id, model, delta("audio", result.audio))
+            if generation.return_audio:
+                expires = int(time.time()) + AUDIO_LIFETIME_SECONDS
+                yield chunk(completion_id, model, {"audio": {"id": audio_id, "expires_at": expires}})
             yield chunk(completion_id, model, {}, finish_reason=result.finish_reason, warnings=result.warnings)
             if include_usage:
                 yield chunk(completion_id, model, None, usage=usage_of(result))
@@ -459,7 +482,7 @@ async def chat_completions(
         place.release()
         raise
     message: dict[str, Any] = {"role": "assistant", "content": result.text}
-    if (audio := audio_of(result)) is not None:
+    if (audio := audio_of(result, body.audio.format if body.audio else "wav")) is not None:
         message["audio"] = audio
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
