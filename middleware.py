@@ -17,6 +17,7 @@ import uuid
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from metrics import route_of
 
@@ -128,6 +129,8 @@ class RequestId:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # the client left before its answer could start: nothing to answer
+            logger.info("client went away before the answer started")
         except Exception:  # noqa: BLE001 - whatever it was, the client gets a clean 500
             logger.exception("unexpected error")
             if not started:
