@@ -5,25 +5,27 @@ spoken answers."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, TypeVar
 
 import numpy as np
 import soundfile
 from fastapi import Depends, HTTPException, Request
 
 from engine import Engine, EngineUnavailable, Worker
-from generation import GenerationRequest, OutOfMemory
+from generation import Cancelled, GenerationRequest, OutOfMemory
 from model_worker import ModelWorker, QueueFull
 from modeling_low_vram import ConfigError, ModelLoadError, OmniEngine
 from remote_engine import RemoteEngine, UpstreamWorker
 from settings import Settings
 
 logger = logging.getLogger("multimodal_api")
+T = TypeVar("T")
 
 
 class ModelState:
@@ -95,18 +97,68 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 WorkerDep = Annotated[Worker, Depends(get_worker)]
 
 
-# ---------------------------------------------------------------- the app
+# ---------------------------------------------------------------- admission and the model's queue
 
 
-def submit_generation(worker: ModelWorker, engine, generation: GenerationRequest) -> Future:
-    """Queue `generation` on the model thread, with a stop event; a full queue is a 503 with Retry-After."""
-    generation.stop = threading.Event()
+class Place:
+    """A request's place in the model's queue, taken when it arrives, before its body is read or decoded:
+    a request that could not be queued gets its 503 before any work is spent on it."""
+
+    def __init__(self, worker: ModelWorker, metrics=None, state: dict | None = None) -> None:
+        self.metrics = metrics
+        self.state = state if state is not None else {}
+        try:
+            worker.reserve()
+        except QueueFull as error:
+            raise HTTPException(
+                503, f"the server is busy ({error}); retry shortly", headers={"Retry-After": "10"}
+            ) from None
+        self.worker = worker
+        self.held = True
+
+    def observe(self, result) -> None:
+        """Count a finished generation in the metrics and the request's log line (runs on the model thread)."""
+        if self.metrics is not None:
+            self.metrics.observe_result(result)
+        self.state["usage"] = {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "generate_ms": round(sum(result.timings_ms.values()), 1),
+        }
+
+    def use(self) -> bool:
+        """Hand the place over to the job being submitted."""
+        held, self.held = self.held, False
+        return held
+
+    def release(self) -> None:
+        """Give the place back if no job took it (errors, a client gone before its job was queued)."""
+        if self.use():
+            self.worker.release()
+
+
+def request_started(request: Request) -> float:
+    """When the request arrived (perf_counter), by the one request clock the RequestId middleware starts."""
+    return request.scope.get("state", {}).get("started") or time.perf_counter()
+
+
+def admit(request: Request) -> Place:
+    """A place in the queue for this request, or 503 with Retry-After when none is left."""
+    return Place(request.app.state.worker, request.app.state.metrics, request.scope.setdefault("state", {}))
+
+
+async def decode_off_loop(request: Request, function: Callable[..., T], *args: Any) -> T:
+    """Run a decoder in the bounded decoding pool (DECODE_WORKERS), never on the event loop."""
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()  # the request id follows the decoder into the log
+    started = time.perf_counter()
     try:
-        return worker.submit(engine.generate, generation)
-    except QueueFull as error:
-        raise HTTPException(
-            503, f"the server is busy ({error}); retry shortly", headers={"Retry-After": "10"}
-        ) from None
+        return await loop.run_in_executor(request.app.state.decoders, context.run, function, *args)
+    finally:
+        seconds = time.perf_counter() - started
+        request.app.state.metrics.decode_seconds.observe(seconds)
+        state = request.scope.setdefault("state", {})
+        state["decode_seconds"] = state.get("decode_seconds", 0.0) + seconds
 
 
 OUT_OF_MEMORY_RETRY_SECONDS = 10
@@ -117,43 +169,94 @@ def out_of_memory_error(error: OutOfMemory) -> HTTPException:
     return HTTPException(503, str(error), headers={"Retry-After": str(OUT_OF_MEMORY_RETRY_SECONDS)})
 
 
-def abandon(job: Future, generation: GenerationRequest) -> None:
-    """Give up on an unfinished generation: cancel it if it has not started (its place frees at once;
-    cancelling only an asyncio wrapper would not), or stop it at its next token if it runs."""
-    if not job.done():
-        generation.stop.set()
-        job.cancel()
+class Job:
+    """A generation on the model thread. Its inputs are held in a box the model thread empties when it
+    starts, and `abandon()` empties when the request is given up, so a job cancelled while waiting does
+    not keep its decoded frames until the model thread reaches it."""
+
+    def __init__(
+        self, worker: ModelWorker, engine, generation: GenerationRequest, place: Place | None, deadline: float
+    ) -> None:
+        generation.stop = self.stop = threading.Event()
+        self._box = [generation]
+        reserved = place.use() if place is not None else False
+        self.place = place
+        try:
+            self.future: Future = worker.submit(self._run, engine.generate, reserved=reserved)
+        except QueueFull as error:
+            raise HTTPException(
+                503, f"the server is busy ({error}); retry shortly", headers={"Retry-After": "10"}
+            ) from None
+        # REQUEST_TIMEOUT_SECONDS bounds the job itself, whoever is (or is not) waiting for it.
+        loop = asyncio.get_running_loop()
+        self.timed_out = False
+        timer = loop.call_later(max(0.0, deadline - time.perf_counter()), self._time_out)
+        self.future.add_done_callback(lambda _: loop.call_soon_threadsafe(timer.cancel))
+
+    def _run(self, generate: Callable[[GenerationRequest], Any]):
+        if not self._box:
+            raise Cancelled("the request was given up before its generation started")
+        result = generate(self._box.pop())
+        if self.place is not None:
+            self.place.observe(result)
+        return result
+
+    def _time_out(self) -> None:
+        self.timed_out = True
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Give up on an unfinished generation: cancel it if it has not started (its place frees at once;
+        cancelling only an asyncio wrapper would not), or stop it at its next token if it runs."""
+        if not self.future.done():
+            self.stop.set()
+            self.future.cancel()
+        self._box.clear()
 
 
 async def run_generation(
-    request: Request, worker: ModelWorker, engine, generation: GenerationRequest, timeout: float, started: float
+    request: Request,
+    worker: ModelWorker,
+    engine,
+    generation: GenerationRequest,
+    timeout: float,
+    started: float,
+    place: Place | None = None,
 ):
     """Run `generation` on the model thread; give up cleanly if the client leaves or time runs out.
 
     Giving up cancels a job that has not started and stops a running one at its next token
     (the thread itself cannot be killed); either way the queue moves on at once.
     """
-    job = submit_generation(worker, engine, generation)
-    future = asyncio.wrap_future(job)
+    job = Job(worker, engine, generation, place, started + timeout)
+    future = asyncio.wrap_future(job.future)
+    gone = asyncio.ensure_future(_client_gone(request))
     try:
-        while True:
-            remaining = started + timeout - time.perf_counter()
-            done, _ = await asyncio.wait({future}, timeout=min(0.5, max(remaining, 0)))
-            if done:
-                try:
-                    return future.result()
-                except EngineUnavailable as error:
-                    raise HTTPException(error.status, str(error), headers={"Retry-After": "5"}) from None
-            if remaining <= 0:
-                raise HTTPException(
-                    504,
-                    f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS); its generation was stopped",
-                )
-            if await request.is_disconnected():
-                logger.info("client went away; its generation is cancelled")
-                raise HTTPException(499, "client closed the request")
+        done, _ = await asyncio.wait(
+            {future, gone},
+            timeout=max(0.0, started + timeout - time.perf_counter()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if future in done and not job.timed_out:
+            try:
+                return future.result()
+            except EngineUnavailable as error:
+                raise HTTPException(error.status, str(error), headers={"Retry-After": "5"}) from None
+        if gone in done:
+            logger.info("client went away; its generation is cancelled")
+            raise HTTPException(499, "client closed the request")
+        raise HTTPException(
+            504, f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS); its generation was stopped"
+        )
     finally:
-        abandon(job, generation)
+        gone.cancel()
+        job.abandon()
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: what arrives now is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:

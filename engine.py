@@ -43,7 +43,15 @@ class Engine(Protocol):
 class Worker(Protocol):
     """Runs an engine's jobs off the event loop, refusing (model_worker.QueueFull) past its admission limit."""
 
-    def submit(self, job: Callable[..., Any], *args: Any) -> Future: ...
+    def reserve(self) -> None:
+        """Take a place before the request's work begins; QueueFull when none is left."""
+        ...
+
+    def release(self) -> None:
+        """Give back a reserved place that no job took."""
+        ...
+
+    def submit(self, job: Callable[..., Any], *args: Any, reserved: bool = False) -> Future: ...
 
     def stats(self) -> dict[str, int]: ...
 

@@ -308,8 +308,9 @@ def resample_to_mono_16k(channels: np.ndarray, rate: int) -> np.ndarray:
 # ---------------------------------------------------------------- video
 
 
-def _open_video(source: Source):
-    """Open a video container and its real video stream, mapping failures to MediaErrors."""
+def _open_video(source: Source, max_pixels: int | None = None):
+    """Open a video container and its real video stream, mapping failures to MediaErrors; frames the stream
+    declares larger than `max_pixels` are refused before any is decoded."""
     try:
         container = av_open(source)
     except av.error.FFmpegError:
@@ -322,11 +323,21 @@ def _open_video(source: Source):
         raise wrong_kind(source, "video")
     try:
         refuse_encrypted(source, container)
+        if stream.codec_context is not None:
+            _check_frame_size(stream.codec_context.width, stream.codec_context.height, max_pixels)
     except MediaError:
         container.close()
         raise
     stream.thread_type = "AUTO"
     return container, stream
+
+
+def _check_frame_size(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels and width * height > max_pixels:
+        raise MediaTooLarge(
+            f"video frames are {width}x{height} = {width * height:,} pixels, "
+            f"over the limit of {max_pixels:,} (MAX_IMAGE_PIXELS)"
+        )
 
 
 def _frame_to_image(frame: av.VideoFrame, max_pixels: int | None = None) -> Image.Image:
@@ -356,6 +367,7 @@ def load_video(
     with_audio: bool = True,
     max_audio_seconds: float | None = None,
     timeout: float | None = None,
+    max_image_pixels: int | None = None,
 ) -> DecodedVideo:
     """Sample frames at `fps` (and the audio track) in one pass over the file.
 
@@ -366,9 +378,10 @@ def load_video(
     longer than `max_frames / fps`, the sampling rate halves as often as needed, so memory stays
     bounded whatever the length and the frames stay as evenly spaced as the source allows. Times
     come from each frame's own timestamp, so variable frame rates and lying container durations
-    are handled.
+    are handled. Every bound holds as the file is read: frame size (`max_image_pixels`), length,
+    audio length, time.
     """
-    container, stream = _open_video(source)
+    container, stream = _open_video(source, max_image_pixels)
     with container:
         audio_stream = container.streams.audio[0] if with_audio and container.streams.audio else None
         resampler = _Resampler() if audio_stream else None
@@ -387,7 +400,10 @@ def load_video(
                 for frame in packet.decode():
                     if packet.stream is audio_stream:
                         resampler.push(frame)
+                        if max_audio_seconds is not None and resampler.samples > max_audio_seconds * SAMPLE_RATE:
+                            raise _audio_too_long(resampler.samples / SAMPLE_RATE, max_audio_seconds)
                         continue
+                    _check_frame_size(frame.width, frame.height, max_image_pixels)
                     time = frame.time if frame.time is not None else last_time + 1.0 / float(stream.guessed_rate or 25)
                     start = time if start is None else start
                     last_time = max(last_time, time - start)
@@ -444,17 +460,21 @@ def extract_audio_track(source: Source, *, max_seconds: float, timeout: float | 
         return _decode_audio_stream(container, container.streams.audio[0], max_seconds, timeout)
 
 
-def extract_last_frame(source: Source, *, max_seconds: float, timeout: float | None = None) -> Image.Image:
+def extract_last_frame(
+    source: Source, *, max_seconds: float, timeout: float | None = None, max_pixels: int | None = None
+) -> Image.Image:
     """The video's last frame, found by seeking near the end instead of decoding the whole file.
 
     It seeks to a few seconds before the claimed end and decodes to the real end, keeping the
     frame with the latest timestamp. If nothing decodes there (the container lied about its
-    length, or the end is damaged), the window doubles back towards the start.
+    length, or the end is damaged), the window doubles back towards the start. A video that claims no
+    length (a browser's MediaRecorder WebM) is read from the start, bounded by `max_seconds` as it goes.
     """
-    container, stream = _open_video(source)
+    container, stream = _open_video(source, max_pixels)
     deadline = _Deadline(timeout)
     with container:
         claimed_end = _claimed_duration(container, stream)
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         window = 4.0
         while True:
             seek_to = max(0.0, claimed_end - window)
@@ -469,12 +489,14 @@ def extract_last_frame(source: Source, *, max_seconds: float, timeout: float | N
             try:
                 for frame in container.decode(stream):
                     deadline.check()
+                    _check_frame_size(frame.width, frame.height, max_pixels)
+                    if frame.time is not None and frame.time - start > max_seconds:
+                        raise _too_long_video(frame.time - start, max_seconds)
                     if last is None or (frame.pts or 0) >= (last.pts or 0):
                         last = frame
             except av.error.FFmpegError:
                 pass  # a damaged tail: keep the last good frame, if any
             if last is not None:
-                start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
                 if last.time is not None and last.time - start > max_seconds:
                     raise _too_long_video(last.time - start, max_seconds)
                 return _frame_to_image(last)

@@ -1,18 +1,25 @@
-"""ASGI middleware: request ids, the optional API key, and the request body limit.
+"""ASGI middleware: request ids, the access log and request metrics, the optional API key, and the request
+body limit; and the log formats (text, or JSON for log collectors).
 
 Plain ASGI classes rather than BaseHTTPMiddleware, so that responses stream through untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hmac
+import json
 import logging
 import re
+import time
 import uuid
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+
+from metrics import route_of
 
 logger = logging.getLogger("multimodal_api")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -25,6 +32,72 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
         return True
+
+
+class JsonFormatter(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line, with the request id and an access line's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+            **getattr(record, "access", {}),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class AccessLog:
+    """One log line per request (route, status, bytes in and out, token counts, timings) and its metrics.
+
+    Inside RequestId, so the line carries the request id; what the handlers learn on the way (decode time,
+    token counts) they leave in the request's state."""
+
+    def __init__(self, app, metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        started = state.setdefault("started", time.perf_counter())
+        counts = {"status": 500, "bytes_in": 0, "bytes_out": 0}
+
+        async def counting_receive():
+            event = await receive()
+            if event["type"] == "http.request":
+                counts["bytes_in"] += len(event.get("body", b""))
+            return event
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                counts["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                counts["bytes_out"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        finally:
+            seconds = time.perf_counter() - started
+            route = route_of(scope["path"])
+            self.metrics.requests.labels(route, str(counts["status"])).inc()
+            self.metrics.request_seconds.labels(route).observe(seconds)
+            fields = {
+                "method": scope["method"],
+                "route": route,
+                **counts,
+                **state.get("usage", {}),
+                "decode_ms": round(state.get("decode_seconds", 0.0) * 1000, 1),
+                "total_ms": round(seconds * 1000, 1),
+            }
+            text = " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("method", "route"))
+            logger.info("%s %s %s", scope["method"], scope["path"][:200], text, extra={"access": fields})
 
 
 class RequestId:
@@ -43,6 +116,7 @@ class RequestId:
         offered = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         current = offered if _CLIENT_ID.match(offered) else uuid.uuid4().hex[:16]
         token = request_id.set(current)
+        scope.setdefault("state", {})["started"] = time.perf_counter()  # the one request clock
 
         started = False
 
@@ -55,6 +129,8 @@ class RequestId:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # the client left before its answer could start: nothing to answer
+            logger.info("client went away before the answer started")
         except Exception:  # noqa: BLE001 - whatever it was, the client gets a clean 500
             logger.exception("unexpected error")
             if not started:
@@ -91,11 +167,13 @@ class ApiKey:
 
 
 class BodySizeLimit:
-    """Refuses a request body over `max_bytes`, counted as it arrives (Content-Length is not trusted)."""
+    """Refuses a request body over `max_bytes`, counted as it arrives (Content-Length is not trusted), or one
+    that takes longer than `timeout` seconds to arrive (a client dripping its body a byte at a time)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, timeout: float = 300) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -105,12 +183,22 @@ class BodySizeLimit:
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             return await JSONResponse({"detail": message}, 413)(scope, receive, send)
         received = 0
+        complete = False
+        deadline = time.monotonic() + self.timeout
 
         async def counting_receive():
-            nonlocal received
-            event = await receive()
+            nonlocal received, complete
+            if complete:  # the body is in: what comes now (a disconnect) may take as long as it takes
+                return await receive()
+            try:
+                event = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise HTTPException(
+                    408, f"the request body took longer than {self.timeout:g} s to arrive (BODY_TIMEOUT_SECONDS)"
+                ) from None
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
+                complete = not event.get("more_body", False)
                 if received > self.max_bytes:
                     raise HTTPException(413, message)
             return event

@@ -29,13 +29,26 @@ class ModelWorker:
         self.waiting = 0
         self.running = 0
         self.peak_running = 0
+        self.rejected = 0
 
-    def submit(self, job: Callable[..., T], *args: Any) -> Future:
-        """Queue `job(*args)` on the model thread; QueueFull when too many already wait."""
+    def reserve(self) -> None:
+        """Take a place in the queue before the request's work (reading, decoding) begins; QueueFull when
+        none is left. The place is used by `submit(..., reserved=True)` or given back by `release()`."""
         with self._lock:
             if self.waiting + self.running >= self.max_waiting + 1:  # one running, max_waiting waiting
+                self.rejected += 1
                 raise QueueFull(f"{self.waiting} requests are already waiting for the model")
             self.waiting += 1
+
+    def release(self) -> None:
+        """Give back a place taken by `reserve()` and never used."""
+        with self._lock:
+            self.waiting -= 1
+
+    def submit(self, job: Callable[..., T], *args: Any, reserved: bool = False) -> Future:
+        """Queue `job(*args)` on the model thread; QueueFull when too many already wait."""
+        if not reserved:
+            self.reserve()
         context = contextvars.copy_context()  # the request id follows the job into the log
         future = self._executor.submit(context.run, self._track, job, *args)
         future.add_done_callback(self._forget_if_cancelled)

@@ -12,23 +12,38 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import sys
 import threading
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Callable, Literal
+from typing import Any, Callable, Literal
 
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import openai_api
-from deps import EngineDep, ModelState, SettingsDep, WorkerDep, out_of_memory_error, run_generation, wav_bytes
-from middleware import ApiKey, BodySizeLimit, RequestId, RequestIdFilter
+from deps import (
+    EngineDep,
+    ModelState,
+    SettingsDep,
+    WorkerDep,
+    admit,
+    decode_off_loop,
+    out_of_memory_error,
+    request_started,
+    run_generation,
+    wav_bytes,
+)
+from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from metrics import Metrics
+from middleware import AccessLog, ApiKey, BodySizeLimit, JsonFormatter, RequestId, RequestIdFilter
 from generation import GenerationRequest, GenerationResult, InputRejected, OutOfMemory, PromptTooLong, SpeechError
 from modeling_low_vram import (
     SPEECH_SAMPLE_RATE,
@@ -38,7 +53,7 @@ from modeling_low_vram import (
     load_config,
 )
 from settings import Settings, load_settings
-from uploads import MediaInputs, check_uploads, decode_uploads
+from uploads import check_uploads, close_form, decode_uploads, read_form
 
 __version__ = "0.1.0"
 logger = logging.getLogger("multimodal_api")
@@ -73,20 +88,27 @@ def create_app(
     async def lifespan(app: FastAPI):
         if engine is None:
             app.state.model.load_in_background(settings, on_load_failure or (lambda: None))
-        app.state.worker = app.state.model.new_worker(settings)  # a fresh one for each start
+        app.state.worker = app.state.model.new_worker(settings)  # fresh ones for each start
+        app.state.decoders = decoding_pool(settings)
         try:
             yield
         finally:  # the running generation finishes; waiting ones are cancelled
             await asyncio.to_thread(app.state.worker.shutdown)
+            app.state.decoders.shutdown(wait=False, cancel_futures=True)
             await asyncio.to_thread(app.state.model.close)
 
     app = FastAPI(title="Qwen2.5-Omni multimodal API", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.model = ModelState(engine)
     app.state.worker = app.state.model.new_worker(settings)  # for callers that skip the lifespan
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)  # innermost
+    app.state.decoders = decoding_pool(settings)
+    app.state.metrics = Metrics(lambda: app.state.worker)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_request_bytes, timeout=settings.body_timeout_seconds
+    )  # innermost
     if settings.api_key:
-        app.add_middleware(ApiKey, key=settings.api_key)
+        open_paths = {"/health", "/metrics"} if settings.metrics_public else {"/health"}
+        app.add_middleware(ApiKey, key=settings.api_key, open_paths=frozenset(open_paths))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -95,6 +117,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "X-Text"],
         )
+    app.add_middleware(AccessLog, metrics=app.state.metrics)
     app.add_middleware(RequestId)  # outermost: every answer, errors included, carries the id
     app.include_router(openai_api.router)
 
@@ -137,6 +160,7 @@ def create_app(
                 "POST /v1/chat/completions": "OpenAI-compatible chat (streaming too)",
                 "GET /v1/models": "the served model",
                 "GET /health": "readiness",
+                "GET /metrics": "Prometheus metrics",
                 "GET /": "this page",
                 "GET /docs": "OpenAPI UI",
             },
@@ -151,6 +175,11 @@ def create_app(
                 "max_new_tokens_limit": settings.max_new_tokens_limit,
             },
         }
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        """Prometheus text: requests, queue, decode and generation times, tokens, GPU memory."""
+        return Response(request.app.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -177,119 +206,152 @@ def create_app(
         body.update(status="ok" if reachable else "unavailable", upstreams=upstreams)
         return JSONResponse(body, 200 if reachable else 503)
 
-    @app.post("/multimodal")
-    async def multimodal(  # noqa: PLR0913 - one parameter per form field
-        request: Request,
-        settings: SettingsDep,
-        engine: EngineDep,
-        worker: WorkerDep,
-        text: Annotated[str | None, Form(description="The question or instruction.")] = None,
-        system_prompt: Annotated[str | None, Form(description="Defaults to DEFAULT_SYSTEM_PROMPT.")] = None,
-        max_new_tokens: Annotated[int | None, Form(ge=1, description="Answer length bound.")] = None,
-        extract_video_audio: Annotated[bool, Form(description="Send each video's audio track as audio.")] = False,
-        extract_video_frame: Annotated[bool, Form(description="Send each video's last frame as an image.")] = False,
-        return_audio: Annotated[bool, Form(description="Also speak the answer (needs ENABLE_AUDIO_OUTPUT).")] = False,
-        speaker: Annotated[str | None, Form(description="Voice for the spoken answer; default the first.")] = None,
-        max_pixels: Annotated[
-            int | None,
-            Form(
-                ge=28 * 28,
-                description=(
-                    "Pixel budget for each image and video frame (one token per 28x28 pixels); defaults to "
-                    "IMAGE_MAX_PIXELS / VIDEO_MAX_PIXELS, at most MAX_PIXELS_CEILING."
-                ),
-            ),
-        ] = None,
-        stream: Annotated[
-            bool, Form(description="Stream the answer as Server-Sent Events (chat.completion.chunk).")
-        ] = False,
-        temperature: Annotated[
-            float | None,
-            Form(ge=0, le=2, description="Unset or 0: greedy decoding; above 0: sampling at this temperature."),
-        ] = None,
-        top_p: Annotated[
-            float | None,
-            Form(gt=0, le=1, description="Nucleus sampling when temperature > 0; unset: the checkpoint's value."),
-        ] = None,
-        seed: Annotated[int | None, Form(description="Seed for sampling, for reproducible sampled answers.")] = None,
-        response_format: Annotated[
-            Literal["json", "wav"],
-            Form(description="json (default), or wav: the spoken answer as audio/wav, its text in X-Text."),
-        ] = "json",
-        images: Annotated[list[UploadFile], File(description="Images.")] = [],  # noqa: B006 - FastAPI copies it
-        audios: Annotated[list[UploadFile], File(description="Audio files.")] = [],  # noqa: B006
-        videos: Annotated[list[UploadFile], File(description="Videos.")] = [],  # noqa: B006
-    ) -> dict[str, Any]:
-        started = time.perf_counter()
-        check_form(
-            settings,
-            set((await request.form()).keys()),
-            text=text,
-            system_prompt=system_prompt,
-            max_new_tokens=max_new_tokens,
-            max_pixels=max_pixels,
-            stream=stream,
-            response_format=response_format,
-            return_audio=return_audio,
-        )
-        if return_audio:
-            try:
-                speaker = engine.check_speech(speaker)
-            except SpeechError as error:
-                raise HTTPException(400, f"{'speaker' if engine.voices and speaker else 'return_audio'}: {error}")
-        uploads = check_uploads(settings, {"images": images, "audios": audios, "videos": videos})
-        if not (text and text.strip()) and not any(uploads.values()):
-            raise HTTPException(422, "send `text`, or at least one file in `images`, `audios` or `videos`")
-        inputs = await run_in_threadpool(decode_uploads, settings, uploads, extract_video_audio, extract_video_frame)
-        decoded = time.perf_counter()
-        generation = GenerationRequest(
-            text=text if text and text.strip() else None,
-            system_prompt=system_prompt,
-            images=inputs.images,
-            audios=inputs.audios,
-            videos=inputs.videos,
-            max_new_tokens=max_new_tokens or settings.default_max_new_tokens,
-            return_audio=return_audio,
-            speaker=speaker,
-            max_pixels=max_pixels,
-            temperature=0.0 if temperature is None else temperature,  # /multimodal is greedy unless asked
-            top_p=top_p,
-            seed=seed,
-        )
-        if stream:
-            events = await openai_api.stream_events(
-                generation,
-                worker,
-                engine,
-                engine.describe()["model"],
-                include_usage=True,
-                timeout=settings.request_timeout_seconds,
-                warnings=inputs.warnings,
-            )
-            return openai_api.sse(events)
+    @app.post("/multimodal", openapi_extra=FORM_OPENAPI)
+    async def multimodal(request: Request, settings: SettingsDep, engine: EngineDep, worker: WorkerDep):
+        """Text, images, audio and video in one multipart form; the answer as JSON, WAV or Server-Sent Events."""
+        started = request_started(request)
+        place = admit(request)  # a full queue answers 503 now, before the body is read or decoded
+        form = None
         try:
-            result = await run_generation(
-                request, worker, engine, generation, settings.request_timeout_seconds, started
-            )
-        except PromptTooLong as error:
-            raise HTTPException(413, str(error)) from None
-        except InputRejected as error:
-            raise HTTPException(422, str(error)) from None
-        if result.audio is not None and response_format == "wav":
-            return Response(
-                wav_bytes(result.audio, SPEECH_SAMPLE_RATE),
-                media_type="audio/wav",
-                headers={"X-Text": urllib.parse.quote(result.text)},
-            )
-        return json_answer(
-            result,
-            inputs,
-            engine.describe()["model"],
-            decode_ms=(decoded - started) * 1000,
-            total_ms=(time.perf_counter() - started) * 1000,
-        )
+            form = await read_form(request, settings, FORM_FIELDS, FILE_FIELDS)
+            return await answer_form(request, settings, engine, worker, form, place, started)
+        except BaseException:
+            place.release()
+            raise
+        finally:
+            await close_form(form)
 
     return app
+
+
+async def answer_form(request: Request, settings: Settings, engine, worker, form, place, started: float):
+    """The /multimodal answer for a form read within the limits."""
+    values = {name: form.getlist(name)[-1] for name in FORM_FIELDS - FILE_FIELDS if form.getlist(name)}
+    try:
+        fields = MultimodalForm.model_validate(values)
+    except ValidationError as error:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
+    check_form(
+        settings,
+        set(form.keys()),
+        text=fields.text,
+        system_prompt=fields.system_prompt,
+        max_new_tokens=fields.max_new_tokens,
+        max_pixels=fields.max_pixels,
+        stream=fields.stream,
+        response_format=fields.response_format,
+        return_audio=fields.return_audio,
+    )
+    speaker = fields.speaker
+    if fields.return_audio:
+        try:
+            speaker = engine.check_speech(speaker)
+        except SpeechError as error:
+            raise HTTPException(400, f"{'speaker' if engine.voices and speaker else 'return_audio'}: {error}")
+    uploads = check_uploads(settings, {name: form.getlist(name) for name in sorted(FILE_FIELDS)})
+    text = fields.text
+    if not (text and text.strip()) and not any(uploads.values()):
+        raise HTTPException(422, "send `text`, or at least one file in `images`, `audios` or `videos`")
+    inputs = await decode_off_loop(
+        request, decode_uploads, settings, uploads, fields.extract_video_audio, fields.extract_video_frame
+    )
+    await close_form(form)  # the decoded inputs are all that is kept from here on
+    decoded = time.perf_counter()
+    generation = GenerationRequest(
+        text=text if text and text.strip() else None,
+        system_prompt=fields.system_prompt,
+        images=inputs.images,
+        audios=inputs.audios,
+        videos=inputs.videos,
+        max_new_tokens=fields.max_new_tokens or settings.default_max_new_tokens,
+        return_audio=fields.return_audio,
+        speaker=speaker,
+        max_pixels=fields.max_pixels,
+        temperature=0.0 if fields.temperature is None else fields.temperature,  # /multimodal is greedy unless asked
+        top_p=fields.top_p,
+        seed=fields.seed,
+    )
+    timeout = settings.request_timeout_seconds
+    model = engine.describe()["model"]
+    warnings = inputs.warnings
+    del inputs  # the generation request holds the media; the job lets go of it when it starts or is given up
+    if fields.stream:
+        events = openai_api.stream_events(generation, worker, engine, model, True, timeout, started, warnings, place)
+        return openai_api.sse(events, place)
+    try:
+        result = await run_generation(request, worker, engine, generation, timeout, started, place)
+    except PromptTooLong as error:
+        raise HTTPException(413, str(error)) from None
+    except InputRejected as error:
+        raise HTTPException(422, str(error)) from None
+    if result.audio is not None and fields.response_format == "wav":
+        return Response(
+            wav_bytes(result.audio, SPEECH_SAMPLE_RATE),
+            media_type="audio/wav",
+            headers={"X-Text": urllib.parse.quote(result.text)},
+        )
+    return json_answer(
+        result,
+        warnings,
+        model,
+        decode_ms=(decoded - started) * 1000,
+        total_ms=(time.perf_counter() - started) * 1000,
+    )
+
+
+class MultimodalForm(BaseModel):
+    """The /multimodal form's value fields (the files are `images`, `audios` and `videos`)."""
+
+    model_config = ConfigDict(extra="ignore")
+    text: str | None = Field(None, description="The question or instruction.")
+    system_prompt: str | None = Field(None, description="Defaults to DEFAULT_SYSTEM_PROMPT.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Answer length bound.")
+    extract_video_audio: bool = Field(False, description="Send each video's audio track as audio.")
+    extract_video_frame: bool = Field(False, description="Send each video's last frame as an image.")
+    return_audio: bool = Field(False, description="Also speak the answer (needs ENABLE_AUDIO_OUTPUT).")
+    speaker: str | None = Field(None, description="Voice for the spoken answer; default the first.")
+    max_pixels: int | None = Field(
+        None,
+        ge=28 * 28,
+        description=(
+            "Pixel budget for each image and video frame (one token per 28x28 pixels); defaults to "
+            "IMAGE_MAX_PIXELS / VIDEO_MAX_PIXELS, at most MAX_PIXELS_CEILING."
+        ),
+    )
+    stream: bool = Field(False, description="Stream the answer as Server-Sent Events (chat.completion.chunk).")
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="Unset or 0: greedy decoding; above 0: sampling at this temperature."
+    )
+    top_p: float | None = Field(
+        None, gt=0, le=1, description="Nucleus sampling when temperature > 0; unset: the checkpoint's value."
+    )
+    seed: int | None = Field(None, description="Seed for sampling, for reproducible sampled answers.")
+    response_format: Literal["json", "wav"] = Field(
+        "json", description="json (default), or wav: the spoken answer as audio/wav, its text in X-Text."
+    )
+
+
+def _form_schema() -> dict[str, Any]:
+    """The form's OpenAPI schema: its value fields, and one array of files for each kind."""
+    schema = MultimodalForm.model_json_schema()
+    schema.pop("description", None)
+    files = {"images": "Images.", "audios": "Audio files.", "videos": "Videos."}
+    for name, description in files.items():
+        schema["properties"][name] = {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": description,
+        }
+    return schema
+
+
+FILE_FIELDS = {"images", "audios", "videos"}
+FORM_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _form_schema()}}}}
+
+
+def decoding_pool(settings: Settings) -> ThreadPoolExecutor:
+    """The threads uploads decode on: DECODE_WORKERS at once, the rest wait their turn."""
+    return ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
 
 
 def check_form(
@@ -336,7 +398,7 @@ def decoding(engine: Any | None) -> dict[str, Any]:
 
 
 def json_answer(
-    result: GenerationResult, inputs: MediaInputs, model: str, decode_ms: float, total_ms: float
+    result: GenerationResult, warnings: list[str], model: str, decode_ms: float, total_ms: float
 ) -> dict[str, Any]:
     """The /multimodal JSON answer: text, usage, what reached the model, warnings, timings, speech."""
     body: dict[str, Any] = {
@@ -349,7 +411,7 @@ def json_answer(
             "prompt_tokens_by_modality": result.prompt_tokens_by_modality,
         },
         "inputs": result.inputs,
-        "warnings": inputs.warnings + result.warnings,
+        "warnings": warnings + result.warnings,
         "timings_ms": {
             "preprocess": round(decode_ms + result.timings_ms.get("prepare", 0.0), 1),
             "generate": round(result.timings_ms.get("generate", 0.0), 1),
@@ -366,16 +428,26 @@ def json_answer(
     return body
 
 
-def main() -> None:
-    """Start the server; exit with one clear message if the model cannot be loaded."""
-    import uvicorn
-
-    settings = load_settings()
+def configure_logging(settings: Settings) -> None:
+    """LOG_LEVEL, and LOG_FORMAT: text lines, or one JSON object per line; every line carries the request id."""
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())
+        if settings.log_format == "json":
+            handler.setFormatter(JsonFormatter())
+
+
+def main() -> None:
+    """Start the server; exit with one clear message if the model cannot be loaded."""
+    import uvicorn
+
+    settings = load_settings()
+    configure_logging(settings)
+    # The event loop shares the GIL with the model's and the decoders' threads: a short switch interval
+    # lets it answer (/health, new requests, streamed tokens) without waiting out their 5 ms slices.
+    sys.setswitchinterval(0.0005)
     try:
         if settings.engine == "local":
             check_placement_settings(settings)
@@ -395,7 +467,13 @@ def main() -> None:
     app = create_app(settings, on_load_failure=stop)
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            log_config=None,  # uvicorn's lines go through our handlers (and format) too
+            access_log=False,  # AccessLog writes one line per request, with more in it
+            timeout_graceful_shutdown=30,
         )
     )
     server.run()

@@ -20,26 +20,30 @@ import uuid
 from dataclasses import replace
 from typing import Any, AsyncIterator, Literal
 
-import httpx
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 import media
+import remote_media
 from engine import EngineUnavailable
 from deps import (
     EngineDep,
+    Job,
+    Place,
     SettingsDep,
     WorkerDep,
-    abandon,
+    admit,
+    decode_off_loop,
     out_of_memory_error,
+    request_started,
     run_generation,
-    submit_generation,
     wav_bytes,
 )
 from generation import (
+    Cancelled,
     ChatTurn,
     GenerationRequest,
     GenerationResult,
@@ -160,40 +164,37 @@ class ChatCompletionRequest(BaseModel):
 # ---------------------------------------------------------------- media parts
 
 
+KINDS = {"image_url": "image", "input_audio": "audio", "audio_url": "audio", "video_url": "video"}
+
+
+def base64_bytes(payload: str, what: str, limit: int) -> bytes:
+    """A base64 payload's bytes; its size is judged from its length before anything is decoded."""
+    payload = payload.strip()
+    size = len(payload) * 3 // 4 - payload[-2:].count("=")
+    if size > limit:
+        raise OpenAIError(413, f"{what}: {size:,} bytes, over the limit of {limit:,} (MAX_FILE_MB)", param=what)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise OpenAIError(400, f"{what}: the data URL is not valid base64", param=what) from None
+
+
 async def fetch_media(url: str, what: str, settings: Settings) -> bytes:
-    """A data URL's bytes, or a remote URL's for the hosts MEDIA_URL_HOSTS lists (size and time bounded)."""
+    """A data URL's bytes (decoded in a worker thread), or a remote URL's for the hosts MEDIA_URL_HOSTS lists
+    (see remote_media). Either way at most MAX_FILE_MB."""
+    limit = settings.max_file_bytes
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
-        if not header.endswith(";base64"):
-            return urllib.parse.unquote_to_bytes(payload)
-        try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise OpenAIError(400, f"{what}: the data URL is not valid base64", param=what) from None
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise OpenAIError(400, f"{what}: only data: URLs (or http(s) URLs of allowed hosts) are accepted", param=what)
-    if parsed.hostname not in settings.media_url_hosts:
-        raise OpenAIError(
-            400,
-            f"{what}: remote URLs are refused (the server does not fetch on a client's behalf); "
-            "send the media as a data URL, or list the host in MEDIA_URL_HOSTS",
-            param=what,
-        )
-    limit = settings.max_file_bytes
+        if header.endswith(";base64"):
+            return await run_in_threadpool(base64_bytes, payload, what, limit)
+        data = urllib.parse.unquote_to_bytes(payload)
+        if len(data) > limit:
+            raise OpenAIError(413, f"{what}: over {limit:,} bytes (MAX_FILE_MB)", param=what)
+        return data
     try:
-        async with httpx.AsyncClient(timeout=settings.media_url_timeout_seconds, follow_redirects=False) as client:
-            async with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise OpenAIError(400, f"{what}: fetching it answered HTTP {response.status_code}", param=what)
-                data = bytearray()
-                async for chunk in response.aiter_bytes():
-                    data.extend(chunk)
-                    if len(data) > limit:
-                        raise OpenAIError(413, f"{what}: over {limit:,} bytes (MAX_FILE_MB)", param=what)
-                return bytes(data)
-    except httpx.HTTPError as error:
-        raise OpenAIError(400, f"{what}: could not be fetched ({type(error).__name__})", param=what) from None
+        return await remote_media.fetch(url, settings)
+    except remote_media.FetchRefused as error:
+        raise OpenAIError(error.status, f"{what}: {error}", param=what) from None
 
 
 def decode_part(kind: str, data: bytes, what: str, settings: Settings) -> tuple[Any, list[str]]:
@@ -204,8 +205,27 @@ def decode_part(kind: str, data: bytes, what: str, settings: Settings) -> tuple[
         raise OpenAIError(MEDIA_STATUS[type(error)], f"{what}: {error}", param=what) from None
 
 
-async def to_turns(messages: list[Message], settings: Settings) -> tuple[list[ChatTurn], list[str]]:
-    """OpenAI messages as the engine's turns, media decoded in order, and what decoding warned of."""
+def count_parts(messages: list[Message], settings: Settings) -> None:
+    """MAX_FILES_PER_FIELD applies to each kind of media part (images, audios, videos), before any is read."""
+    counts = {"image": 0, "audio": 0, "video": 0}
+    for message in messages:
+        for part in message.content if isinstance(message.content, list) else []:
+            if part.type in KINDS:
+                counts[KINDS[part.type]] += 1
+    for kind, count in counts.items():
+        if count > settings.max_files_per_field:
+            raise OpenAIError(
+                413,
+                f"messages: {count} {kind} parts, at most {settings.max_files_per_field} are accepted "
+                "(MAX_FILES_PER_FIELD)",
+                param="messages",
+            )
+
+
+async def to_turns(request: Request, messages: list[Message], settings: Settings) -> tuple[list[ChatTurn], list[str]]:
+    """OpenAI messages as the engine's turns, media decoded in order (in the bounded decoding pool), and what
+    decoding warned of."""
+    count_parts(messages, settings)
     turns = []
     warnings: list[str] = []
     for m_index, message in enumerate(messages):
@@ -224,15 +244,15 @@ async def to_turns(messages: list[Message], settings: Settings) -> tuple[list[Ch
             if part.type == "input_audio":
                 if part.input_audio is None:
                     raise OpenAIError(400, f"{what}: input_audio is missing", param=what)
-                data, kind = await fetch_media(f"data:;base64,{part.input_audio.data}", what, settings), "audio"
+                data = await fetch_media(f"data:;base64,{part.input_audio.data}", what, settings)
             else:
                 reference = getattr(part, part.type)
                 if reference is None:
                     raise OpenAIError(400, f"{what}: {part.type} is missing", param=what)
                 url = reference if isinstance(reference, str) else reference.url
                 data = await fetch_media(url, what, settings)
-                kind = {"image_url": "image", "audio_url": "audio", "video_url": "video"}[part.type]
-            value, notes = await run_in_threadpool(decode_part, kind, data, what, settings)
+            value, notes = await decode_off_loop(request, decode_part, KINDS[part.type], data, what, settings)
+            del data
             parts.append(value)
             warnings += [f"{what}: {note}" for note in notes]
         turns.append(ChatTurn(role, parts))
@@ -298,31 +318,38 @@ def pcm16(samples) -> bytes:
     return (np.clip(samples, -1.0, 1.0) * 32767).round().astype("<i2").tobytes()
 
 
-async def stream_events(
+def stream_events(
     generation: GenerationRequest,
     worker: ModelWorker,
     engine,
     model: str,
     include_usage: bool,
     timeout: float,
+    started: float,
     warnings: list[str] | None = None,
+    place: Place | None = None,
 ) -> AsyncIterator[str]:
     """Server-Sent Events of chat.completion.chunk objects, text as it is generated, then [DONE].
 
     A spoken answer streams as OpenAI streams one: `delta.audio` objects carrying its `id`, the text as
     `transcript` deltas, then base64 PCM16 `data` (24 kHz mono) as token2wav makes it, and last its
-    `expires_at`. A client that disconnects cancels this generator: the thinker, talker or token2wav
-    then stops at its next step.
+    `expires_at`. The job is queued when the stream starts, not before: a client that leaves before the
+    first byte leaves no job behind. A client that disconnects later cancels this generator: the thinker,
+    talker or token2wav then stops at its next step; the request's deadline (`started + timeout`) stops
+    it whoever listens.
     """
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     generation.on_text = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, ("text", text))
     if generation.return_audio:
         generation.on_audio = lambda samples: loop.call_soon_threadsafe(deltas.put_nowait, ("audio", samples))
-    job = submit_generation(worker, engine, generation)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     audio_id = f"audio_{uuid.uuid4().hex[:24]}"
-    deadline = time.monotonic() + timeout
+    deadline = started + timeout
+
+    def timed_out() -> OpenAIError:
+        message = f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)"
+        return OpenAIError(504, message, kind="server_error", code="timeout")
 
     def delta(kind: str, value: Any) -> dict[str, Any]:
         if not generation.return_audio:
@@ -332,27 +359,30 @@ async def stream_events(
         return {"audio": {"id": audio_id, "data": base64.b64encode(pcm16(value)).decode("ascii")}}
 
     async def events() -> AsyncIterator[str]:
-        finished = asyncio.wrap_future(job)
+        job: Job | None = None
+        first_token = True
         try:
+            job = Job(worker, engine, generation, place, deadline)
+            finished = asyncio.wrap_future(job.future)
             yield chunk(completion_id, model, {"role": "assistant", "content": ""}, warnings=warnings)
             while not finished.done() or not deltas.empty():
                 getter = asyncio.ensure_future(deltas.get())
                 done, _ = await asyncio.wait(
                     {getter, finished},
-                    timeout=max(0.0, deadline - time.monotonic()),
+                    timeout=max(0.0, deadline - time.perf_counter()),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if getter in done:
+                    if first_token and place is not None and place.metrics is not None:
+                        place.metrics.first_token_seconds.observe(time.perf_counter() - started)
+                    first_token = False
                     yield chunk(completion_id, model, delta(*getter.result()))
                     continue
                 getter.cancel()
-                if not done:
-                    raise OpenAIError(
-                        504,
-                        f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS)",
-                        kind="server_error",
-                        code="timeout",
-                    )
+                if not done or finished.cancelled() or job.timed_out:
+                    raise timed_out()
+            if job.timed_out:
+                raise timed_out()
             result: GenerationResult = finished.result()
             if result.audio is not None:  # an engine that made its audio in one piece
                 yield chunk(completion_id, model, delta("audio", result.audio))
@@ -362,28 +392,60 @@ async def stream_events(
             yield chunk(completion_id, model, {}, finish_reason=result.finish_reason, warnings=result.warnings)
             if include_usage:
                 yield chunk(completion_id, model, None, usage=usage_of(result))
-        except (OpenAIError, InputRejected, SpeechError, OutOfMemory, EngineUnavailable) as error:
+        except (
+            OpenAIError,
+            InputRejected,
+            SpeechError,
+            HTTPException,
+            Cancelled,
+            OutOfMemory,
+            EngineUnavailable,
+        ) as error:
             if isinstance(error, OutOfMemory):  # the status is sent already: the event carries it
                 http = out_of_memory_error(error)
                 error = OpenAIError(http.status_code, http.detail, kind="server_error", code="out_of_memory")
             elif isinstance(error, EngineUnavailable):
                 error = OpenAIError(error.status, str(error), kind="server_error")
+            elif isinstance(error, HTTPException):
+                error = OpenAIError(error.status_code, str(error.detail), kind="server_error")
+            elif isinstance(error, Cancelled):
+                error = timed_out()
             elif not isinstance(error, OpenAIError):
                 error = OpenAIError(
                     400, str(error), code="context_length_exceeded" if isinstance(error, PromptTooLong) else None
                 )
             yield f"data: {json.dumps({'error': error.payload()})}\n\n"
         finally:
-            abandon(job, generation)
+            if job is not None:
+                job.abandon()
+            elif place is not None:
+                place.release()
         yield "data: [DONE]\n\n"
 
     return events()
 
 
-def sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+class EventStream(StreamingResponse):
+    """Server-Sent Events that, however the response ends (a client gone before the first byte included),
+    close their generator and give back the request's place in the queue if its job was never queued."""
+
+    def __init__(self, events: AsyncIterator[str], place: Place | None = None) -> None:
+        super().__init__(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        self.place = place
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            if self.place is not None:
+                self.place.release()
+
+
+def sse(events: AsyncIterator[str], place: Place | None = None) -> StreamingResponse:
+    return EventStream(events, place)
 
 
 # ---------------------------------------------------------------- routes
@@ -423,39 +485,42 @@ async def chat_completions(
             f"mm_processor_kwargs.max_pixels: at most {settings.max_pixels_ceiling:,} (MAX_PIXELS_CEILING)",
             param="mm_processor_kwargs.max_pixels",
         )
-    turns, warnings = await to_turns(body.messages, settings)
-    if options.use_audio_in_video is False:
-        turns = without_video_audio(turns)
-    generation = GenerationRequest(
-        text=None,
-        system_prompt=None,
-        turns=turns,
-        max_new_tokens=max_tokens,
-        return_audio=speak,
-        speaker=voice,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=None if body.top_k is None else max(0, body.top_k),
-        seed=body.seed,
-        stop_strings=stops,
-        max_pixels=options.max_pixels,
-    )
-    model = engine.describe()["model"]
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse(
-            await stream_events(
-                generation, worker, engine, model, include_usage, settings.request_timeout_seconds, warnings
-            )
-        )
+    started = request_started(request)
+    place = admit(request)  # a 503 now, before any media is decoded, when the queue is full
     try:
-        result = await run_generation(
-            request, worker, engine, generation, settings.request_timeout_seconds, time.perf_counter()
+        turns, warnings = await to_turns(request, body.messages, settings)
+        if options.use_audio_in_video is False:
+            turns = without_video_audio(turns)
+        generation = GenerationRequest(
+            text=None,
+            system_prompt=None,
+            turns=turns,
+            max_new_tokens=max_tokens,
+            return_audio=speak,
+            speaker=voice,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=None if body.top_k is None else max(0, body.top_k),
+            seed=body.seed,
+            stop_strings=stops,
+            max_pixels=options.max_pixels,
         )
-    except PromptTooLong as error:
-        raise OpenAIError(400, str(error), code="context_length_exceeded") from None
-    except InputRejected as error:
-        raise OpenAIError(400, str(error)) from None
+        del turns
+        model = engine.describe()["model"]
+        timeout = settings.request_timeout_seconds
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = stream_events(generation, worker, engine, model, include_usage, timeout, started, warnings, place)
+            return sse(events, place)
+        try:
+            result = await run_generation(request, worker, engine, generation, timeout, started, place)
+        except PromptTooLong as error:
+            raise OpenAIError(400, str(error), code="context_length_exceeded") from None
+        except InputRejected as error:
+            raise OpenAIError(400, str(error)) from None
+    except BaseException:
+        place.release()
+        raise
     message: dict[str, Any] = {"role": "assistant", "content": result.text}
     if (audio := audio_of(result, body.audio.format if body.audio else "wav")) is not None:
         message["audio"] = audio

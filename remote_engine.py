@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import io
 import json
 import logging
@@ -271,7 +272,10 @@ class RemoteEngine:
 
 
 class UpstreamWorker:
-    """Runs RemoteEngine.generate calls on threads; admits as many as the reachable upstreams take together."""
+    """Runs RemoteEngine.generate calls on threads; admits as many as the reachable upstreams take together.
+
+    As ModelWorker: a request reserves its place when it arrives (before its media is decoded), and the
+    job it submits later takes that place; `waiting` counts places reserved and not yet submitted."""
 
     def __init__(self, engine: RemoteEngine) -> None:
         self.engine = engine
@@ -279,20 +283,35 @@ class UpstreamWorker:
             max_workers=engine.per_upstream * len(engine.upstreams), thread_name_prefix="upstream"
         )
         self._lock = threading.Lock()
+        self.waiting = 0
         self.running = 0
         self.peak_running = 0
+        self.rejected = 0
 
-    def submit(self, job: Callable[..., Any], *args: Any) -> Future:
+    def reserve(self) -> None:
         with self._lock:
             capacity = self.engine.capacity()
-            if capacity == 0:
-                raise QueueFull("no upstream engine is reachable; see /health")
-            if self.running >= capacity:
-                raise QueueFull(f"{self.running} requests are in flight, as many as the reachable upstreams take")
+            if capacity == 0 or self.waiting + self.running >= capacity:
+                self.rejected += 1
+                if capacity == 0:
+                    raise QueueFull("no upstream engine is reachable; see /health")
+                raise QueueFull(f"{self.waiting + self.running} requests are in flight, as many as the upstreams take")
+            self.waiting += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.waiting -= 1
+
+    def submit(self, job: Callable[..., Any], *args: Any, reserved: bool = False) -> Future:
+        if not reserved:
+            self.reserve()
+        with self._lock:
+            self.waiting -= 1
             self.running += 1
             self.peak_running = max(self.peak_running, self.running)
+        context = contextvars.copy_context()  # the request id follows the job into the log
         try:
-            future = self._executor.submit(job, *args)
+            future = self._executor.submit(context.run, job, *args)
         except RuntimeError:
             self._done(None)
             raise
@@ -305,7 +324,7 @@ class UpstreamWorker:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"running": self.running, "waiting": 0, "peak_running": self.peak_running}
+            return {"running": self.running, "waiting": self.waiting, "peak_running": self.peak_running}
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import re
-from functools import cached_property
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -94,13 +93,27 @@ class Settings(BaseSettings):
         [],
         description='Hosts whose http(s) media URLs /v1 may fetch, as JSON (["media.example.org"]); none by default.',
     )
-    media_url_timeout_seconds: float = Field(10, gt=0, le=600, description="Time limit for fetching one media URL.")
+    media_url_timeout_seconds: float = Field(
+        10, gt=0, le=600, description="One deadline for fetching one media URL: connecting, headers and every byte."
+    )
+    media_url_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        [80, 443], description="Ports a media URL may name, as JSON ([80, 443, 8080]); others are refused."
+    )
+    media_url_allow_private: bool = Field(
+        False,
+        description="Let media URLs reach loopback, link-local and private addresses (checked on the address "
+        "actually connected to); off by default.",
+    )
     max_waiting_requests: int = Field(
         32, ge=0, le=10_000, description="Requests that may wait for the model; more get 503 with Retry-After."
     )
     request_timeout_seconds: float = Field(
         600, gt=0, le=86_400, description="Longest a request may wait and generate before a 504 (the run is stopped)."
     )
+    decode_workers: int = Field(
+        2, ge=1, le=64, description="Uploads decoded at once; more wait their turn (bounds CPU and memory)."
+    )
+    metrics_public: bool = Field(False, description="Serve GET /metrics without the API key (when API_KEY is set).")
 
     # Generation
     default_system_prompt: str = Field(
@@ -115,6 +128,9 @@ class Settings(BaseSettings):
     # Upload limits
     max_file_mb: float = Field(512, gt=0, description="Largest single uploaded file, in MiB.")
     max_request_mb: float = Field(1024, gt=0, description="Largest request body, in MiB, counted as it arrives.")
+    body_timeout_seconds: float = Field(
+        300, gt=0, le=86_400, description="Longest a request body may take to arrive (a slow-drip client gets 408)."
+    )
     max_files_per_field: int = Field(8, ge=1, le=1000, description="Most files in each of images/audios/videos.")
     max_image_pixels: int = Field(
         50_000_000, ge=1, description="Largest image (width x height) decoded; larger ones are refused unread."
@@ -144,6 +160,9 @@ class Settings(BaseSettings):
     )
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as one JSON object each (for log collectors)."
+    )
 
     @field_validator("engine_urls")
     @classmethod
@@ -159,11 +178,11 @@ class Settings(BaseSettings):
             raise ValueError('ENGINE=openai needs ENGINE_URLS, e.g. ["http://gpu-1:8000/v1"]')
         return self
 
-    @cached_property
+    @property
     def max_file_bytes(self) -> int:
         return int(self.max_file_mb * MiB)
 
-    @cached_property
+    @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * MiB)
 

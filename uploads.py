@@ -10,7 +10,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import HTTPException, UploadFile
+from fastapi import HTTPException, Request, UploadFile
+from starlette.datastructures import FormData
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+from python_multipart.multipart import parse_options_header
 
 import media
 from generation import VideoInput
@@ -29,9 +32,96 @@ class MediaInputs:
     warnings: list[str] = field(default_factory=list)
 
 
-def _label(field_name: str, index: int, upload: UploadFile) -> str:
-    name = "".join(ch for ch in (upload.filename or "") if ch.isprintable())[:100]
+def _label(field_name: str, index: int, upload: UploadFile | None = None, filename: str | None = None) -> str:
+    name = "".join(ch for ch in ((upload.filename if upload else filename) or "") if ch.isprintable())[:100]
     return f"{field_name}[{index}]" + (f" '{name}'" if name else "")
+
+
+# ---------------------------------------------------------------- the form, read as it arrives
+
+
+class _LimitedMultiPartParser(MultiPartParser):
+    """Starlette's streaming multipart parser with our limits applied as the bytes arrive: an unknown field
+    or a file where a value belongs is refused at its headers, the file one too many in a field at its
+    headers (MAX_FILES_PER_FIELD), and a file is cut at the byte that crosses MAX_FILE_MB."""
+
+    def __init__(self, request: Request, settings: Settings, fields: set[str], file_fields: set[str]) -> None:
+        super().__init__(
+            request.headers,
+            request.stream(),
+            max_files=len(file_fields) * settings.max_files_per_field + 8,  # (+ empty parts from browsers)
+            max_fields=len(fields) * 4,
+            max_part_size=max(1024 * 1024, 4 * settings.max_text_chars + 16),
+        )
+        self.settings = settings
+        self.fields = fields
+        self.file_fields = file_fields
+        self.files_seen: dict[str, int] = {}
+        self.part_bytes = 0
+        self.part_label = ""
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        part = self._current_part
+        name = part.field_name
+        if name not in self.fields:
+            raise HTTPException(422, f"unknown form field(s) {[name]}; accepted: {', '.join(sorted(self.fields))}")
+        if part.file is None:
+            if name in self.file_fields:
+                raise HTTPException(422, f"{name}: expected a file upload, got a plain value")
+            return
+        if name not in self.file_fields:
+            raise HTTPException(422, f"{name}: expected a value, got a file upload")
+        index = self.files_seen.get(name, 0)
+        self.part_bytes = 0
+        self.part_label = _label(name, index, filename=part.file.filename)
+        if part.file.filename:  # browsers send an empty, nameless part for a file input left empty
+            self.files_seen[name] = index + 1
+            if index + 1 > self.settings.max_files_per_field:
+                raise HTTPException(
+                    413,
+                    f"{name}: more than {self.settings.max_files_per_field} files; at most "
+                    f"{self.settings.max_files_per_field} are accepted (MAX_FILES_PER_FIELD)",
+                )
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._current_part.file is not None:
+            self.part_bytes += end - start
+            if self.part_bytes > self.settings.max_file_bytes:
+                raise HTTPException(
+                    413,
+                    f"{self.part_label}: over the limit of {self.settings.max_file_bytes:,} bytes (MAX_FILE_MB); "
+                    f"refused at byte {self.part_bytes:,}",
+                )
+        super().on_part_data(data, start, end)
+
+
+async def read_form(request: Request, settings: Settings, fields: set[str], file_fields: set[str]) -> FormData:
+    """The request's form (multipart or url-encoded), read as it arrives with the upload limits applied.
+    A request with another body type reads as an empty form. Files are spooled to temporary files: close them
+    (`close_form`)."""
+    content_type, _ = parse_options_header(request.headers.get("content-type", ""))
+    try:
+        if content_type == b"multipart/form-data":
+            return await _LimitedMultiPartParser(request, settings, fields, file_fields).parse()
+        if content_type == b"application/x-www-form-urlencoded":
+            form = await FormParser(request.headers, request.stream(), max_fields=len(fields) * 4).parse()
+            unknown = sorted(set(form.keys()) - fields)
+            if unknown:
+                raise HTTPException(422, f"unknown form field(s) {unknown}; accepted: {', '.join(sorted(fields))}")
+            for name in sorted(file_fields & set(form.keys())):
+                raise HTTPException(422, f"{name}: expected a file upload, got a plain value")
+            return form
+    except MultiPartException as error:
+        raise HTTPException(400, f"the form could not be read: {error.message}") from None
+    return FormData()
+
+
+async def close_form(form: FormData | None) -> None:
+    """Close (and so delete) every spooled upload of a form."""
+    for _, value in form.multi_items() if form is not None else []:
+        if isinstance(value, UploadFile):
+            await value.close()
 
 
 def decode_uploads(
@@ -67,7 +157,11 @@ def _decode_one(
         return
     converted = False
     if extract_frame:
-        out.images.append(media.extract_last_frame(source, max_seconds=s.max_video_seconds, timeout=timeout))
+        out.images.append(
+            media.extract_last_frame(
+                source, max_seconds=s.max_video_seconds, timeout=timeout, max_pixels=s.max_image_pixels
+            )
+        )
         converted = True
     if extract_audio:
         track = media.extract_audio_track(source, max_seconds=s.max_audio_seconds, timeout=timeout)
@@ -105,6 +199,7 @@ def decode_media(kind: str, source, s: Settings) -> tuple[Any, list[str]]:
         frame_max_pixels=s.video_max_pixels,
         max_audio_seconds=s.max_audio_seconds,
         timeout=s.decode_timeout_seconds,
+        max_image_pixels=s.max_image_pixels,
     )
     source = media.rewind(source).read() if s.engine == "openai" else None  # upstreams decode the file again
     return VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None, source), video.warnings

@@ -1,19 +1,26 @@
 """Load test: N concurrent clients x M mixed requests against the server, with /health polled throughout.
 
-    .venv/bin/python bench/load_test.py                     # starts the server on the tiny model
+    .venv/bin/python bench/load_test.py                     # 64 clients x 10 requests, on the tiny model
     .venv/bin/python bench/load_test.py --url http://host:8000 --api-key KEY
 
-Mixed requests: text, image, audio, video, split video, and bad files. It prints answered /
-errors by status / lost, latency p50 and p99, the peak number of generations running at once
-(from the server's /health; it must be 1), /health latency p99 during the run, the server's RSS
-at start and end, and the temporary files it left behind.
+Mixed requests: text, image, audio, video, split video, /v1 chat with an image, bad files, and a
+tenth hostile: decompression bombs (an image and a video whose headers declare huge pictures),
+lying headers (a Content-Length the body never reaches, a multipart type without a boundary),
+slow-drip bodies, and parts over MAX_FILE_MB. It prints answered / errors by status / lost, how
+many valid answers were not 200 and hostile ones not 4xx, latency p50 and p99, the peak number
+of generations running at once (from /health; it must be 1), /health latency p99 during the run,
+the server's RSS at start and end, and the temporary files it left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import random
+import socket
+import struct
+import zlib
 import statistics
 import sys
 import tempfile
@@ -44,6 +51,97 @@ BAD = {
     "wrong field": ({}, [("images", ("v.mp4", make_media.video_bytes(1.0)))]),
     "truncated": ({}, [("images", ("t.png", make_media.image_bytes("PNG")[:100]))]),
 }
+MAX_FILE_MB = 2  # the started server's; oversized parts are sent just over it
+BODY_TIMEOUT = 10  # the started server's BODY_TIMEOUT_SECONDS: slow-drip bodies are cut after it
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A small PNG whose header declares a huge picture."""
+    png = bytearray(make_media.image_bytes("PNG", (8, 8)))
+    png[16:24] = struct.pack(">II", width, height)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+def multipart(fields: list[tuple[str, str, bytes]], boundary: str = "loadtestboundary") -> bytes:
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n\r\n'.encode()
+        + data
+        + b"\r\n"
+        for name, filename, data in fields
+    )
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def raw_post(url: str, headers: dict[str, str], chunks, pause: float = 0.0, timeout: float = 60) -> int:
+    """POST over a raw socket, sending the body chunk by chunk; the status the server answered (0: none)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as connection:
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "load", **headers}.items())
+        connection.sendall(f"POST /multimodal HTTP/1.1\r\n{head}\r\n".encode())
+        connection.setblocking(False)
+        answer = b""
+        for chunk in chunks:
+            try:
+                connection.sendall(chunk)
+            except (BlockingIOError, OSError):
+                break
+            time.sleep(pause)
+            try:
+                answer += connection.recv(4096)
+                if answer:
+                    break
+            except BlockingIOError:
+                pass
+        connection.settimeout(timeout)
+        while b"\r\n" not in answer:
+            data = connection.recv(4096)
+            if not data:
+                break
+            answer += data
+    return int(answer.split(b" ")[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+def hostile(url: str, kind: str) -> int:
+    boundary = "loadtestboundary"
+    form = f"multipart/form-data; boundary={boundary}"
+    if kind == "image bomb":
+        body = multipart([("images", "bomb.png", png_bomb())])
+        return raw_post(url, {"Content-Type": form, "Content-Length": str(len(body))}, [body])
+    if kind == "oversized part":
+        body = multipart([("videos", "big.mp4", b"\0" * (MAX_FILE_MB * 1024 * 1024 + 1))])
+        return raw_post(url, {"Content-Type": form, "Content-Length": str(len(body))}, [body])
+    if kind == "lying length":  # declares more than it sends, then waits
+        body = multipart([("images", "a.png", make_media.image_bytes("PNG"))])
+        return raw_post(url, {"Content-Type": form, "Content-Length": str(len(body) + 10_000)}, [body])
+    if kind == "no boundary":
+        body = multipart([("images", "a.png", make_media.image_bytes("PNG"))])
+        return raw_post(url, {"Content-Type": "multipart/form-data", "Content-Length": str(len(body))}, [body])
+    # slow drip: a byte every 0.25 s, for longer than BODY_TIMEOUT_SECONDS
+    body = multipart([("images", "a.png", make_media.image_bytes("PNG"))])
+    drops = [body[i : i + 1] for i in range(len(body))]
+    return raw_post(url, {"Content-Type": form, "Content-Length": str(len(body))}, drops, pause=0.25)
+
+
+HOSTILE = ["image bomb", "oversized part", "lying length", "no boundary", "slow drip"]
+CHAT_IMAGE = {
+    "model": "m",
+    "max_tokens": 8,
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is this?"},
+                {
+                    "type": "image_url",
+                    "image_url": {
+                        "url": "data:image/png;base64," + base64.b64encode(make_media.image_bytes("PNG")).decode()
+                    },
+                },
+            ],
+        }
+    ],
+}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -69,6 +167,9 @@ def start_tiny_server(tmpdir: Path):
         "TMPDIR": str(uploads),
         "LOG_LEVEL": "warning",
         "DEFAULT_MAX_NEW_TOKENS": "16",
+        "MAX_WAITING_REQUESTS": "128",  # every client may wait: a 503 would count as a 5xx here
+        "MAX_FILE_MB": str(MAX_FILE_MB),
+        "BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT),
     }
     return start_server(tmpdir, env)
 
@@ -76,8 +177,8 @@ def start_tiny_server(tmpdir: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="an already running server (default: start one on the tiny model)")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=25, help="requests per client")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=10, help="requests per client")
     parser.add_argument("--api-key")
     args = parser.parse_args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -101,24 +202,47 @@ def main() -> None:
                     health_latencies.append(time.perf_counter() - started)
                     time.sleep(0.05)
 
+        hostile_statuses: collections.Counter = collections.Counter()
+        lock = threading.Lock()
+
         def client_loop(seed: int) -> None:
             nonlocal lost
             rng = random.Random(seed)
-            kinds = list(VALID) * 3 + list(BAD)
+            kinds = [*list(VALID) * 3, "chat", *list(BAD)]
             with httpx.Client(timeout=600, headers=headers) as client:
                 for _ in range(args.requests):
-                    kind = rng.choice(kinds)
-                    data, files = VALID.get(kind) or BAD[kind]
                     started = time.perf_counter()
-                    try:
-                        response = client.post(f"{url}/multimodal", data=data, files=files)
-                    except httpx.HTTPError:
-                        lost += 1
+                    if rng.random() < 0.1:  # a tenth hostile
+                        kind = rng.choice(HOSTILE)
+                        try:
+                            status = hostile(url, kind)
+                        except OSError:
+                            status = 0
+                        with lock:
+                            if status == 0:
+                                lost += 1
+                                continue
+                            statuses[status] += 1
+                            hostile_statuses[f"{kind}: {status}"] += 1
+                            if not 400 <= status < 500:
+                                wrong.append(f"hostile {kind}: {status}")
                         continue
-                    latencies.append(time.perf_counter() - started)
-                    statuses[response.status_code] += 1
-                    if (kind in VALID) != (response.status_code == 200):
-                        wrong.append(f"{kind}: {response.status_code}")
+                    kind = rng.choice(kinds)
+                    try:
+                        if kind == "chat":
+                            response = client.post(f"{url}/v1/chat/completions", json=CHAT_IMAGE)
+                        else:
+                            data, files = VALID.get(kind) or BAD[kind]
+                            response = client.post(f"{url}/multimodal", data=data, files=files)
+                    except httpx.HTTPError:
+                        with lock:
+                            lost += 1
+                        continue
+                    with lock:
+                        latencies.append(time.perf_counter() - started)
+                        statuses[response.status_code] += 1
+                        if (kind in VALID or kind == "chat") != (response.status_code == 200):
+                            wrong.append(f"{kind}: {response.status_code}")
 
         poller = threading.Thread(target=poll_health)
         poller.start()
@@ -145,6 +269,8 @@ def main() -> None:
         f"answered {answered}, lost {lost}; by status: {dict(sorted(statuses.items()))}; "
         f"valid ones not 200 / bad ones not 4xx: {len(wrong)} {wrong[:5]}"
     )
+    print(f"hostile: {dict(sorted(hostile_statuses.items()))}")
+    print(f"5xx: {sum(n for status, n in statuses.items() if status >= 500)}")
     print(f"latency p50 {percentile(latencies, 50) * 1000:.0f} ms, p99 {percentile(latencies, 99) * 1000:.0f} ms")
     print(f"peak generations running at once: {health['generations']['peak_running']} (must be 1)")
     print(

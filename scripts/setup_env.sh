@@ -11,8 +11,6 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 stamp="$venv/.installed-$(basename "$requirements")"
 if [ ! -f "$stamp" ] || [ "$requirements" -nt "$stamp" ] || [ requirements_multimodal.txt -nt "$stamp" ]; then
-  # (this workplace's pip configuration names index folders that may not exist: drop those warnings)
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements" \
-    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
   touch "$stamp"
 fi

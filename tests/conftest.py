@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,55 @@ def tiny_client(tiny_model_dir, tiny_engine):
 
 def upload(path: Path, content_type: str = "application/octet-stream") -> tuple[str, bytes, str]:
     return (path.name, path.read_bytes(), content_type)
+
+
+class CountingEngine:
+    """The real engine, counting the tokens its thinker produces as it produces them (one lm_head call each),
+    and how many there were when the request's stop event was set: proof that a generation was running when
+    it was stopped, and of how soon it stopped."""
+
+    def __init__(self, engine: OmniEngine) -> None:
+        self.engine = engine
+        self.tokens = 0
+        self.at_stop: int | None = None
+        self.results: list[GenerationResult] = []
+        self.running = threading.Event()
+        self._hook = engine.model.thinker.lm_head.register_forward_hook(self._count)
+
+    def _count(self, *args) -> None:
+        self.tokens += 1
+        if self.tokens >= 3:
+            self.running.set()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.tokens, self.at_stop = 0, None
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                if request.stop.wait(0.005):
+                    self.at_stop = self.tokens
+                    return
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            result = self.engine.generate(request)
+            self.results.append(result)
+            return result
+        finally:
+            done.set()
+            watcher.join()
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+@pytest.fixture
+def counting_engine(tiny_engine):
+    engine = CountingEngine(tiny_engine)
+    yield engine
+    engine.close()

@@ -107,3 +107,35 @@ def video_bytes(
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+class _Unseekable:
+    """A write-only sink without seek: muxers then write what a live recorder does (no duration, no index)."""
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+
+    def write(self, data) -> int:
+        return self.buffer.write(data)
+
+
+def recorder_webm(seconds: float = 5.0, fps: int = 10, size: tuple[int, int] = (64, 48)) -> bytes:
+    """VP8 WebM written as a browser's MediaRecorder writes it: streamed, so the container declares no duration.
+    Its frames are noise (brightening over time), so each costs bytes and a reader's progress can be measured."""
+    noise = np.random.default_rng(0)
+    sink = _Unseekable()
+    with av.open(sink, "w", format="webm") as output:
+        video = output.add_stream("libvpx", rate=fps)
+        video.width, video.height = size
+        video.pix_fmt = "yuv420p"
+        for i in range(int(seconds * fps)):
+            level = int(191 * i / max(1, seconds * fps - 1))
+            picture = (level + noise.integers(0, 64, (size[1], size[0], 3))).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts = i
+            frame.time_base = Fraction(1, fps)
+            for packet in video.encode(frame):
+                output.mux(packet)
+        for packet in video.encode(None):
+            output.mux(packet)
+    return sink.buffer.getvalue()

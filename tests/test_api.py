@@ -156,36 +156,39 @@ def test_health_is_503_until_the_model_has_loaded(make_client, tmp_path):
     assert client.post("/multimodal", data={"text": "hi"}).status_code == 503
 
 
-class SlowEngine(FakeEngine):
-    """Generation that takes a while and counts how many run at once."""
+class HeldEngine(FakeEngine):
+    """Generation that runs until released, and counts how many run at once."""
 
     def __init__(self) -> None:
         super().__init__()
         self.running = 0
         self.peak = 0
         self.lock = threading.Lock()
+        self.started = threading.Event()
+        self.release = threading.Event()
 
     def generate(self, request):
         with self.lock:
             self.running += 1
             self.peak = max(self.peak, self.running)
-        time.sleep(0.3)
+        self.started.set()
+        self.release.wait(10)
         with self.lock:
             self.running -= 1
         return super().generate(request)
 
 
-def test_generations_run_one_at_a_time_while_health_stays_fast(make_client):
-    engine = SlowEngine()
+def test_generations_run_one_at_a_time_while_health_answers(make_client):
+    engine = HeldEngine()
     client = make_client(engine)
     threads = [threading.Thread(target=post, args=(client, {"text": f"q{i}"})) for i in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(0.1)
-    started = time.perf_counter()
-    assert client.get("/health").status_code == 200
-    health_seconds = time.perf_counter() - started
+    assert engine.started.wait(10)
+    health = client.get("/health")  # answered while a generation runs and three wait
+    assert health.status_code == 200 and not engine.release.is_set()
+    assert health.json()["generations"]["running"] == 1
+    engine.release.set()
     for thread in threads:
         thread.join()
     assert engine.peak == 1 and len(engine.requests) == 4
-    assert health_seconds < 0.25  # not behind ~1.2 s of queued generations

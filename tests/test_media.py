@@ -159,3 +159,54 @@ def test_bad_or_misplaced_files_get_precise_errors(data, loader, error, message)
     }[loader]
     with pytest.raises(error, match=message.replace("`", ".").replace("(", ".").replace(")", ".")):
         load(io.BytesIO(data))
+
+
+class CountingReader(io.BytesIO):
+    """Counts the bytes a decoder reads, to show where it stopped."""
+
+    bytes_read = 0
+
+    def read(self, size=-1):
+        data = super().read(size)
+        self.bytes_read += len(data)
+        return data
+
+
+def test_video_frames_over_max_image_pixels_are_refused_before_decoding():
+    clip = make_media.video_bytes(1.0, size=(128, 96), audio=False)  # 12,288-pixel frames
+    with pytest.raises(media.MediaTooLarge, match="MAX_IMAGE_PIXELS"):
+        load_video(clip, max_image_pixels=10_000)
+    with pytest.raises(media.MediaTooLarge, match="MAX_IMAGE_PIXELS"):
+        media.extract_last_frame(io.BytesIO(clip), max_seconds=3600, max_pixels=10_000)
+    assert len(load_video(clip, max_image_pixels=12_288).frames) == 2
+
+
+def test_a_videos_audio_track_is_bounded_while_it_decodes():
+    clip = CountingReader(make_media.video_bytes(20.0, audio=True))
+    with pytest.raises(media.MediaTooLarge, match="MAX_AUDIO_SECONDS"):
+        media.load_video(clip, fps=2.0, max_frames=64, max_seconds=3600, frame_max_pixels=BIG, max_audio_seconds=1)
+    assert clip.bytes_read < len(clip.getvalue()) / 2  # refused after about a second, not after all 20
+
+
+def test_the_last_frame_of_a_recording_without_duration_is_bounded_as_it_is_read():
+    recording = make_media.recorder_webm(20.0)
+    assert av_duration(recording) is None  # what a browser's MediaRecorder writes
+    reader = CountingReader(recording)
+    with pytest.raises(media.MediaTooLarge, match="MAX_VIDEO_SECONDS"):
+        media.extract_last_frame(reader, max_seconds=2)
+    assert reader.bytes_read < len(recording) / 2
+    last = media.extract_last_frame(io.BytesIO(make_media.recorder_webm(3.0)), max_seconds=60)
+    assert np.asarray(last).mean() > 170  # the last (brightest) frame
+
+
+def test_the_last_frame_seek_path_on_a_clip_longer_than_its_window():
+    clip = make_media.video_bytes(12.0, fps=10, audio=False, gop=10)  # 12 s: past the 4-second seek window
+    last = media.extract_last_frame(io.BytesIO(clip), max_seconds=3600)
+    assert last.getpixel((100, 80)) == (255, 255, 255)  # frame 119 of 120, not one before the window
+
+
+def av_duration(data: bytes):
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        return container.duration

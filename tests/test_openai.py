@@ -255,7 +255,14 @@ def test_remote_media_only_from_listed_hosts_within_limits(tmp_path, tiny_engine
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Files, directory=str(tmp_path)))
     threading.Thread(target=files.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{files.server_address[1]}"
-    settings = tiny_engine.settings.model_copy(update={"media_url_hosts": ["127.0.0.1"], "max_file_mb": 0.1})
+    settings = tiny_engine.settings.model_copy(
+        update={
+            "media_url_hosts": ["127.0.0.1"],
+            "max_file_mb": 0.1,
+            "media_url_allow_private": True,  # the file server is on loopback
+            "media_url_ports": [files.server_address[1]],
+        }
+    )
     try:
         for url in serve(create_app(settings, engine=tiny_engine)):
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)

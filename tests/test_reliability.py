@@ -4,17 +4,20 @@ clients that leave, hostile input, and a clean shutdown."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 
 import httpx
 import pytest
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
-from conftest import FakeEngine
+from conftest import FakeEngine, serve, tiny_settings
 from model_worker import ModelWorker
 from deps import run_generation
 from multimodal_api import create_app
@@ -95,34 +98,67 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(make_client):
     ]
     for thread in threads:
         thread.start()
-        time.sleep(0.2)  # the first runs, the second waits
-    started = time.perf_counter()
+    worker = client.app.state.worker
+    deadline = time.monotonic() + 10
+    while worker.stats() != {"running": 1, "waiting": 1, "peak_running": 1} and time.monotonic() < deadline:
+        time.sleep(0.01)  # until one runs and one waits
     refused = client.post("/multimodal", data={"text": "one too many"})
     assert refused.status_code == 503 and refused.headers["retry-after"] == "10"
-    assert time.perf_counter() - started < 1.0
+    assert not engine.release.is_set() and worker.stats()["running"] == 1  # answered while the queue was full
     engine.release.set()
     for thread in threads:
         thread.join()
     assert sorted(r.status_code for r in results) == [200, 200]
 
 
-def test_the_time_limit_gives_504_and_stops_the_generation(make_client):
-    engine = BlockingEngine()
-    client = make_client(engine, request_timeout_seconds=0.5)
-    response = client.post("/multimodal", data={"text": "never ending"})
-    assert response.status_code == 504 and "REQUEST_TIMEOUT_SECONDS" in response.json()["detail"]
-    deadline = time.time() + 5
-    while not engine.stopped and time.time() < deadline:
-        time.sleep(0.01)
-    assert engine.stopped == [True]  # the running generation was stopped cooperatively
-    engine.release.set()
-    assert client.post("/multimodal", data={"text": "next"}).status_code == 200
+LONG = {"text": "Tell a long story.", "max_new_tokens": "2048"}  # the tiny model never stops early on it
+
+
+def test_the_time_limit_gives_504_and_stops_the_running_generation(counting_engine, tiny_model_dir):
+    settings = tiny_settings(tiny_model_dir, request_timeout_seconds=1.5, max_new_tokens_limit=2048)
+    with TestClient(create_app(settings, engine=counting_engine)) as client:
+        response = client.post("/multimodal", data=LONG)
+        assert response.status_code == 504 and "REQUEST_TIMEOUT_SECONDS" in response.json()["detail"]
+        streamed = client.post("/multimodal", data={**LONG, "stream": "true"})
+    assert counting_engine.at_stop is not None and counting_engine.at_stop >= 3  # it was generating
+    assert counting_engine.tokens - counting_engine.at_stop <= 3  # and stopped within a few tokens
+    assert counting_engine.tokens < 2048
+    assert '"code": "timeout"' in streamed.text and "REQUEST_TIMEOUT_SECONDS" in streamed.text
+
+
+def _leave_when_running(base: str, engine, data: dict) -> None:
+    """Send a form over a raw socket, and close it once the generation is running."""
+    body = urllib.parse.urlencode(data).encode()
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(
+            b"POST /multimodal HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert engine.running.wait(30)
+
+
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_a_client_that_leaves_stops_its_generation_within_a_few_tokens(counting_engine, tiny_model_dir, stream):
+    settings = tiny_settings(tiny_model_dir, max_new_tokens_limit=2048)
+    for base in serve(create_app(settings, engine=counting_engine)):
+        _leave_when_running(base, counting_engine, {**LONG, "stream": stream})
+        deadline = time.monotonic() + 30
+        while counting_engine.at_stop is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        while not counting_engine.results and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert httpx.get(f"{base}/health").json()["generations"]["running"] == 0
+    assert counting_engine.at_stop is not None and counting_engine.at_stop >= 3  # it was generating
+    assert counting_engine.tokens - counting_engine.at_stop <= 3  # and stopped within a few tokens
+    assert counting_engine.results[0].completion_tokens < 2048
 
 
 def test_a_client_that_leaves_while_waiting_frees_its_place(fake_engine):
     class GoneRequest:
-        async def is_disconnected(self) -> bool:
-            return True
+        async def receive(self) -> dict:
+            return {"type": "http.disconnect"}
 
     async def scenario():
         worker = ModelWorker(max_waiting=4)
@@ -174,29 +210,35 @@ def test_thousands_of_tiny_files_are_refused(client):
 
 
 def test_sigterm_lets_the_running_generation_finish(tiny_model_dir, tmp_path):
+    """SIGTERM while an answer streams: it was running (text had arrived), and it is finished in full."""
     server, base = start_server(
         tmp_path,
-        {"MODEL_PATH": str(tiny_model_dir), "DEVICE_MAP": "cpu"},
+        {"MODEL_PATH": str(tiny_model_dir), "DEVICE_MAP": "cpu", "MAX_NEW_TOKENS_LIMIT": "2048"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    events: list[dict] = []
     try:
-        answers: list[httpx.Response] = []
-        long_request = threading.Thread(
-            target=lambda: answers.append(
-                httpx.post(
-                    f"{base}/multimodal", data={"text": "Tell a long story.", "max_new_tokens": "1500"}, timeout=120
-                )
-            )
-        )
-        long_request.start()
-        time.sleep(1.0)  # it is generating now
-        server.send_signal(signal.SIGTERM)
-        long_request.join(120)
+        with (
+            httpx.Client(timeout=120) as client,
+            client.stream(
+                "POST", f"{base}/multimodal", data={**LONG, "max_new_tokens": "800", "stream": "true"}
+            ) as answer,
+        ):
+            lines = answer.iter_lines()
+            for line in lines:
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+                if sum(1 for e in events if e["choices"] and e["choices"][0]["delta"].get("content")) >= 3:
+                    break
+            server.send_signal(signal.SIGTERM)  # the generation is running: text is arriving
+            events += [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
         # uvicorn shuts down gracefully, then re-raises the signal: exit status -15 (143 in a shell).
         assert server.wait(60) in (0, -signal.SIGTERM)
     finally:
         if server.poll() is None:
             server.kill()
-    assert answers and answers[0].status_code == 200 and answers[0].json()["usage"]["completion_tokens"] > 0
+    usage = next(e["usage"] for e in events if e.get("usage"))
+    assert usage["completion_tokens"] == 800  # not cut short by the shutdown
+    assert any(e["choices"] and e["choices"][0]["finish_reason"] == "length" for e in events)

@@ -80,3 +80,10 @@ def test_presets_use_the_configured_gpu():
     settings = Settings(_env_file=None, device_map="low-vram", gpu_device="cuda:1")
     components = resolve_placement(settings, cuda_available=True).components
     assert components["language_model"] == "cuda:1" and components["visual"] == "offload"
+
+
+def test_byte_limits_follow_a_copy():
+    settings = Settings(_env_file=None)
+    assert settings.max_file_bytes == 512 * 1024 * 1024  # read once, as a cached property would keep it
+    copy = settings.model_copy(update={"max_file_mb": 0.1, "max_request_mb": 1})
+    assert copy.max_file_bytes == int(0.1 * 1024 * 1024) and copy.max_request_bytes == 1024 * 1024

@@ -1,0 +1,127 @@
+"""Fetching a media URL for /v1, for the hosts MEDIA_URL_HOSTS lists, and nothing else.
+
+Bounded every way a remote host could abuse it: the host must be listed, the port allowed
+(MEDIA_URL_PORTS), the address actually connected to must be public (checked on the socket,
+after DNS, so a listed name that resolves, or rebinds, to loopback, link-local or a private
+range is refused unless MEDIA_URL_ALLOW_PRIVATE), no redirects, no proxies from the environment,
+at most MAX_FILE_MB, and one deadline for the whole fetch (a host that drips its bytes slowly
+cannot hold the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import urllib.parse
+
+import httpcore
+import httpx
+
+from settings import Settings
+
+
+class FetchRefused(Exception):
+    """The URL may not be fetched, or its fetch failed; `status` is the HTTP status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_url(url: str, settings: Settings) -> None:
+    """Refuse a URL whose scheme, host or port is not allowed, before any connection."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise FetchRefused(400, "only data: URLs (or http(s) URLs of allowed hosts) are accepted")
+    if parsed.hostname not in settings.media_url_hosts:
+        raise FetchRefused(
+            400,
+            "remote URLs are refused (the server fetches only from hosts listed in MEDIA_URL_HOSTS); "
+            "send the media as a data URL, or list the host in MEDIA_URL_HOSTS",
+        )
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:
+        raise FetchRefused(400, "the URL's port is not a number") from None
+    if port not in settings.media_url_ports:
+        raise FetchRefused(400, f"port {port} is not allowed (MEDIA_URL_PORTS: {settings.media_url_ports})")
+
+
+def check_address(address: str, allow_private: bool) -> None:
+    """Refuse loopback, link-local, private and other non-public addresses (unless allowed)."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    if allow_private:
+        return
+    if ip.is_loopback or ip.is_link_local or ip.is_private or ip.is_reserved or ip.is_multicast or ip.is_unspecified:
+        raise FetchRefused(
+            400,
+            f"the host resolved to {ip}, a non-public address; refused (MEDIA_URL_ALLOW_PRIVATE allows it)",
+        )
+
+
+class _CheckedBackend(httpcore.AsyncNetworkBackend):
+    """Connects as usual, then checks the peer address of the socket before a byte is sent."""
+
+    def __init__(self, allow_private: bool) -> None:
+        self.inner = httpcore.AnyIOBackend()
+        self.allow_private = allow_private
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        stream = await self.inner.connect_tcp(
+            host, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+        )
+        peer = stream.get_extra_info("server_addr")
+        try:
+            check_address(peer[0], self.allow_private)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream
+
+    async def connect_unix_socket(self, *args, **kwargs):
+        raise FetchRefused(400, "unix sockets are not fetched")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+class _CheckedTransport(httpx.AsyncHTTPTransport):
+    def __init__(self, allow_private: bool) -> None:
+        super().__init__(trust_env=False)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=self._pool._ssl_context, network_backend=_CheckedBackend(allow_private)
+        )
+
+
+async def fetch(url: str, settings: Settings) -> bytes:
+    """The bytes at `url`, within every bound above. Raises FetchRefused."""
+    check_url(url, settings)
+    limit = settings.max_file_bytes
+    seconds = settings.media_url_timeout_seconds
+    transport = _CheckedTransport(settings.media_url_allow_private)
+    try:
+        async with (
+            asyncio.timeout(seconds),
+            httpx.AsyncClient(transport=transport, timeout=seconds, follow_redirects=False, trust_env=False) as client,
+            client.stream("GET", url) as response,
+        ):
+            if response.status_code != 200:
+                raise FetchRefused(400, f"fetching it answered HTTP {response.status_code}")
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise FetchRefused(413, f"over {limit:,} bytes (MAX_FILE_MB)")
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data.extend(chunk)
+                if len(data) > limit:
+                    raise FetchRefused(413, f"over {limit:,} bytes (MAX_FILE_MB)")
+            return bytes(data)
+    except TimeoutError:
+        raise FetchRefused(400, f"fetching it took longer than {seconds:g} s (MEDIA_URL_TIMEOUT_SECONDS)") from None
+    except httpx.HTTPError as error:
+        cause = error.__context__ if isinstance(error.__context__, FetchRefused) else None
+        if cause is not None:
+            raise cause from None
+        raise FetchRefused(400, f"could not be fetched ({type(error).__name__})") from None
