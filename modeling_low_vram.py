@@ -43,6 +43,7 @@ from generation import (
     cut_at_stop,
 )
 from placement import (
+    COMPONENT_PATHS,
     GPU,
     PRESETS,
     SPEECH_COMPONENTS,
@@ -52,11 +53,13 @@ from placement import (
     attention_for,
     build_skeleton,
     check_device,
+    find_component,
     module_device_map,
     on_gpu,
     parse_device_map,
     plan_placement,
 )
+import quantization
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -123,6 +126,7 @@ def resolve_placement(settings: Settings, config=None, cuda_available: bool | No
             audio_output=settings.enable_audio_output,
             context_tokens=settings.max_context_tokens,
             max_visual_patches=largest_visual_patches(settings),
+            quantization=settings.quantization,
         )
         if plan.fits:
             chosen = dict(plan.placement)
@@ -228,6 +232,7 @@ class OmniEngine:
         device_map = module_device_map(
             build_skeleton(config), placement.components, placement.gpu_layers, settings.gpu_device
         )
+        quantization_config = _quantization_config(settings, config, dtype, device_map)
         logger.info("loading %s: %s, dtype %s, attention %s", settings.model_path, device_map, dtype, attention)
         try:
             model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
@@ -236,6 +241,7 @@ class OmniEngine:
                 dtype=dtype,
                 device_map=device_map,
                 attn_implementation=attention,
+                quantization_config=quantization_config,
             ).eval()
             processor = Qwen2_5OmniProcessor.from_pretrained(settings.model_path)
         except (OSError, ValueError) as error:
@@ -263,6 +269,9 @@ class OmniEngine:
         }
         if self.placement.gpu_layers is not None:
             description["language_model_gpu_layers"] = self.placement.gpu_layers
+        scheme = quantization.loaded_scheme(self.model.config, self.settings.quantization)
+        language_model = find_component(self.model, "language_model")
+        description["quantization"] = quantization.describe(self.model, scheme, language_model)
         return description
 
     def memory(self) -> dict[str, int]:
@@ -542,6 +551,21 @@ class OmniEngine:
         return tensors, use_audio_in_video
 
 
+def _quantization_config(settings: Settings, config, dtype: torch.dtype, device_map: dict[str, str]):
+    """QUANTIZATION's BitsAndBytesConfig (None for none); a ConfigError for what cannot load here."""
+    try:
+        quantization.check_prequantized(config, settings.quantization)
+        language_model_device = next(
+            (d for path, d in device_map.items() if path.startswith(COMPONENT_PATHS["language_model"][0])), "cpu"
+        )
+        quantization.check_bitsandbytes(settings.quantization, language_model_device, dtype)
+        return quantization.bitsandbytes_config(
+            settings.quantization, dtype, quantization.kept_module_paths(COMPONENT_PATHS), device_map.values()
+        )
+    except quantization.QuantizationError as error:
+        raise ConfigError(str(error)) from None
+
+
 def _frame_share(frames: int, frame_max: int, total: int, frame_min: int) -> int:
     """Each frame's pixel budget: its share of the video's total (frames go in pairs), as qwen-omni-utils
     computes it, so the budget it is given never exceeds the one it would apply."""
@@ -629,6 +653,12 @@ def _plan_command(argv: list[str]) -> int:
     parser.add_argument("--gpu-gib", type=float, required=True, help="GPU memory budget in GiB")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--audio-output", action="store_true", help="also place the talker and token2wav")
+    parser.add_argument(
+        "--quantization",
+        default="none",
+        choices=quantization.SCHEMES,
+        help="the language model's weights (QUANTIZATION)",
+    )
     settings = Settings()  # the budgets of this server (.env and environment), for the encoders' headroom
     parser.add_argument(
         "--context",
@@ -650,6 +680,7 @@ def _plan_command(argv: list[str]) -> int:
         audio_output=args.audio_output,
         context_tokens=args.context,
         max_visual_patches=largest_visual_patches(settings),
+        quantization=args.quantization,
     )
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
     return 0
@@ -659,7 +690,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["plan"]:
         sys.exit(
             "usage: python modeling_low_vram.py plan --model PATH_OR_CONFIG_JSON --gpu-gib N "
-            "[--dtype D] [--audio-output] [--context N] [--json]"
+            "[--dtype D] [--audio-output] [--quantization none|int8|nf4] [--context N] [--json]"
         )
     from transformers.utils import logging as transformers_logging
 

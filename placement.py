@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from quantization import dequantize_workspace_bytes, planning_scheme, quantized_parameter_bytes
+
 logger = logging.getLogger(__name__)
 
 GiB = 1024**3
@@ -180,6 +182,7 @@ class Plan:
     dtype: str = "float16"
     context_tokens: int = 8192
     notes: list[str] = field(default_factory=list)
+    quantization: str = "none"  # the language model's weights: none, int8, nf4 (QUANTIZATION) or gptq (checkpoint)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -200,22 +203,33 @@ class Plan:
         verdict = "fits" if self.fits else "DOES NOT FIT"
         rows.append(
             f"predicted peak GPU memory: {self.predicted_gpu_bytes / GiB:.2f} GiB of "
-            f"{self.budget_bytes / GiB:.2f} GiB ({self.dtype}): {verdict}"
+            f"{self.budget_bytes / GiB:.2f} GiB ({self.dtype}{_quantized(self.quantization)}): {verdict}"
         )
         rows += [f"note: {note}" for note in self.notes]
         return "\n".join(rows)
 
 
-def component_sizes(skeleton: torch.nn.Module, dtype: torch.dtype) -> dict[str, ComponentSize]:
-    """Parameters and bytes of each component present; token2wav always runs in float32."""
+def _quantized(scheme: str) -> str:
+    return "" if scheme == "none" else f", language model {scheme}"
+
+
+def component_sizes(
+    skeleton: torch.nn.Module, dtype: torch.dtype, quantization: str = "none", group_size: int = 128
+) -> dict[str, ComponentSize]:
+    """Parameters and bytes of each component present; token2wav always runs in float32, and the
+    language model's decoder layers at their quantized bytes (see quantization.py)."""
     sizes = {}
     for component in COMPONENTS:
         path = find_component(skeleton, component)
         if path is None:
             continue
-        params = sum(p.numel() for p in skeleton.get_submodule(path).parameters())
+        module = skeleton.get_submodule(path)
+        params = sum(p.numel() for p in module.parameters())
         element = 4 if component == "token2wav" else torch.finfo(dtype).bits // 8
-        sizes[component] = ComponentSize(params=params, bytes=params * element)
+        size = params * element
+        if component == "language_model" and quantization != "none":
+            size = quantized_parameter_bytes(module, quantization, dtype, group_size)
+        sizes[component] = ComponentSize(params=params, bytes=size)
     return sizes
 
 
@@ -253,19 +267,25 @@ def plan_placement(
     context_tokens: int = 8192,
     skeleton: torch.nn.Module | None = None,
     max_visual_patches: int | None = None,
+    quantization: str = "none",
 ) -> Plan:
-    """Fit the model into `budget_bytes` of GPU memory (see the module docstring)."""
+    """Fit the model into `budget_bytes` of GPU memory (see the module docstring). `quantization` is
+    QUANTIZATION; a pre-quantized checkpoint's own scheme (its config's) wins."""
+    scheme, group_size = planning_scheme(config, quantization)
     if skeleton is None:
         config.enable_audio_output = audio_output
         skeleton = build_skeleton(config)
-    sizes = component_sizes(skeleton, dtype)
+    sizes = component_sizes(skeleton, dtype, scheme, group_size)
+    workspace = dequantize_workspace_bytes(
+        skeleton.get_submodule(find_component(skeleton, "language_model")), scheme, dtype
+    )
     if not audio_output:
         sizes = {c: s for c, s in sizes.items() if c not in SPEECH_COMPONENTS}
     placement = dict.fromkeys(sizes, GPU)
 
     def gpu_bytes() -> int:
         weights = sum(s.bytes for c, s in sizes.items() if placement[c] == GPU)
-        return weights + headroom_bytes(config, context_tokens, dtype, placement, max_visual_patches)
+        return weights + workspace + headroom_bytes(config, context_tokens, dtype, placement, max_visual_patches)
 
     for component in OFFLOAD_ORDER:
         if gpu_bytes() <= budget_bytes:
@@ -281,10 +301,11 @@ def plan_placement(
         fits=True,
         dtype=str(dtype).removeprefix("torch."),
         context_tokens=context_tokens,
+        quantization=scheme,
     )
     if gpu_bytes() > budget_bytes:
-        _split_language_model(plan, skeleton, config, dtype, gpu_bytes())
-    plan.headroom_bytes = headroom_bytes(config, context_tokens, dtype, placement, max_visual_patches)
+        _split_language_model(plan, skeleton, config, dtype, gpu_bytes(), group_size)
+    plan.headroom_bytes = workspace + headroom_bytes(config, context_tokens, dtype, placement, max_visual_patches)
     if plan.language_model_layers is None:
         plan.predicted_gpu_bytes = gpu_bytes()
     plan.fits = plan.predicted_gpu_bytes <= budget_bytes
@@ -293,12 +314,11 @@ def plan_placement(
     return plan
 
 
-def _split_language_model(plan: Plan, skeleton, config, dtype: torch.dtype, needed: int) -> None:
+def _split_language_model(plan: Plan, skeleton, config, dtype: torch.dtype, needed: int, group_size: int = 128) -> None:
     """Keep as many decoder layers on the GPU as fit; the rest run on the CPU (slower, but it runs)."""
-    element = torch.finfo(dtype).bits // 8
     path = find_component(skeleton, "language_model")
     layers = next(c for c in skeleton.get_submodule(path).children() if isinstance(c, torch.nn.ModuleList))
-    layer_bytes = sum(p.numel() for p in layers[0].parameters()) * element
+    layer_bytes = quantized_parameter_bytes(layers[0], plan.quantization, dtype, group_size)
     total_layers = len(layers)
     all_layers_bytes = layer_bytes * total_layers
     fixed = needed - all_layers_bytes  # everything on the GPU but the decoder layers

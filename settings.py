@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="Weights dtype: 'auto' is bf16 on GPUs that support it, else fp16; fp32 on CPU."
     )
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none",
+        description="Language model weights: 'none' (DTYPE), 'int8' or 'nf4' (4-bit, double quant; compute in DTYPE) "
+        "with bitsandbytes. The encoders, lm_head, talker and token2wav stay in DTYPE. A pre-quantized (GPTQ) "
+        "checkpoint needs 'none'.",
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 only where installed (falls back to sdpa)."
     )
