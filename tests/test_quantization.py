@@ -274,6 +274,11 @@ def test_a_cpu_without_avx2_gets_a_clear_message(scheme):
     quantization.check_bitsandbytes(scheme, "cpu", torch.float32)  # this CPU can
 
 
+def test_a_device_where_the_quantized_product_fails_is_refused_with_one_line():
+    with pytest.raises(quantization.QuantizationError, match=r"^QUANTIZATION=nf4: bitsandbytes cannot run on meta"):
+        quantization.check_bitsandbytes("nf4", "meta", torch.float32)
+
+
 # ---------------------------------------------------------------- pre-quantized (GPTQ) checkpoints
 
 
