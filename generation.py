@@ -1,5 +1,6 @@
-"""What a generation is: the request (text and media, or a whole conversation), its result,
-the errors it may end in, and how it streams its text and stops early."""
+"""What a generation is: the request (text and media, or a whole conversation), its result and the
+errors it may end in. Plain data, no torch: the HTTP modules import these types; `streaming.py`
+holds the parts that plug into the model's generate()."""
 
 from __future__ import annotations
 
@@ -8,10 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image
-from transformers import StoppingCriteria
-from transformers.generation.streamers import BaseStreamer
 
 
 class InputRejected(ValueError):
@@ -59,8 +57,9 @@ class GenerationRequest:
     max_pixels: int | None = None  # per-request pixel budget for each image and video frame
     stop: threading.Event | None = None  # set it to end the generation at the next token
     turns: list[ChatTurn] | None = None  # a whole conversation; else text and media make one user turn
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
+    temperature: float | None = 0.0  # 0: greedy; None: the checkpoint's generation_config (as vLLM does)
+    top_p: float | None = None  # None: the checkpoint's
+    top_k: int | None = None  # None: the checkpoint's; 0: off
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
     on_text: Callable[[str], None] | None = None  # receives the answer's text as it is generated
@@ -77,62 +76,10 @@ class GenerationResult:
     prompt_tokens_by_modality: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     finish_reason: str = "stop"  # or "length"
+    inputs: dict[str, list[dict]] = field(default_factory=dict)  # per file, what the model got (prompts.py)
 
 
 def cut_at_stop(text: str, stop_strings: list[str]) -> tuple[str, bool]:
     """The text up to the first stop string (excluded, as OpenAI does), and whether one was found."""
     cuts = [text.find(stop) for stop in stop_strings if stop and stop in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
-
-
-class TextDeltas(BaseStreamer):
-    """Hands the answer's new text to `on_text` token by token (generate() calls put/end on the model thread).
-
-    Text is held back while it ends in an incomplete UTF-8 sequence, or could be the start of a stop
-    string, so what was streamed is always a prefix of the final answer.
-    """
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None], stop_strings: list[str]) -> None:
-        self.tokenizer = tokenizer
-        self.on_text = on_text
-        self.stop_strings = [s for s in stop_strings if s]
-        self.hold = max((len(s) for s in self.stop_strings), default=1) - 1
-        self.tokens: list[int] = []
-        self.sent = 0
-        self.prompt_seen = False
-        self.done = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        self.tokens.extend(value.reshape(-1).tolist())
-        self._flush(final=False)
-
-    def end(self) -> None:
-        self._flush(final=True)
-
-    def _flush(self, final: bool) -> None:
-        if self.done:
-            return
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        text, stopped = cut_at_stop(text, self.stop_strings)
-        if stopped or final:
-            ready, self.done = text, True
-        else:
-            ready = text[: len(text) - self.hold] if self.hold else text
-            if ready.endswith("\ufffd"):
-                return
-        if len(ready) > self.sent:
-            self.on_text(ready[self.sent :])
-            self.sent = len(ready)
-
-
-class _StopWhenSet(StoppingCriteria):
-    """Ends generation at the next token once the event is set (a thread cannot be killed)."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

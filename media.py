@@ -54,11 +54,12 @@ class DecodedAudio:
 
 @dataclass
 class DecodedVideo:
-    frames: list[Image.Image]  # RGB, evenly spaced at `fps`
-    fps: float
+    frames: list[Image.Image]  # RGB, sampled at about `fps`
+    fps: float  # the real rate between the kept frames, from their own timestamps
     seconds: float  # from the decoded timestamps, not the container's claim
     audio: DecodedAudio | None  # the audio track, when there is one and it was asked for
     warnings: list[str] = field(default_factory=list)
+    frame_times: list[float] = field(default_factory=list)  # each kept frame's time, from the first frame
 
 
 # ---------------------------------------------------------------- images
@@ -262,10 +263,9 @@ class _Resampler:
         if frame is not None:
             self.input_samples += frame.samples
             if self.input_samples <= self._TINY:
+                samples = _as_float(frame.to_ndarray())
                 self._raw.append(
-                    frame.to_ndarray().astype(np.float32).reshape(frame.samples, -1).mean(axis=1)
-                    if frame.format.is_packed
-                    else frame.to_ndarray().astype(np.float32).mean(axis=0)
+                    samples.reshape(frame.samples, -1).mean(axis=1) if frame.format.is_packed else samples.mean(axis=0)
                 )
                 self._raw_rate = frame.sample_rate
         for out in self._resampler.resample(frame):
@@ -282,6 +282,15 @@ class _Resampler:
             length = max(1, round(raw.size * SAMPLE_RATE / self._raw_rate))
             return np.interp(np.linspace(0, raw.size - 1, length), np.arange(raw.size), raw).astype(np.float32)
         return np.zeros(0, np.float32)
+
+
+def _as_float(samples: np.ndarray) -> np.ndarray:
+    """PCM samples of any sample format as float32 in [-1, 1] (8-bit PCM is unsigned, centred on 128)."""
+    if samples.dtype == np.uint8:
+        return (samples.astype(np.float32) - 128.0) / 128.0
+    if np.issubdtype(samples.dtype, np.integer):
+        return samples.astype(np.float32) / float(-np.iinfo(samples.dtype).min)
+    return samples.astype(np.float32)
 
 
 def resample_to_mono_16k(channels: np.ndarray, rate: int) -> np.ndarray:
@@ -350,10 +359,14 @@ def load_video(
 ) -> DecodedVideo:
     """Sample frames at `fps` (and the audio track) in one pass over the file.
 
+    The rate returned is the real one between the kept frames (from their timestamps), which is lower
+    than `fps` for a source with fewer frames per second, and varies with a variable-rate source.
+
     Only the sampled frames are kept, each scaled to at most `frame_max_pixels`. When a video is
     longer than `max_frames / fps`, the sampling rate halves as often as needed, so memory stays
-    bounded whatever the length and the frames stay evenly spaced. Times come from each frame's
-    own timestamp, so variable frame rates and lying container durations are handled.
+    bounded whatever the length and the frames stay as evenly spaced as the source allows. Times
+    come from each frame's own timestamp, so variable frame rates and lying container durations
+    are handled.
     """
     container, stream = _open_video(source)
     with container:
@@ -403,13 +416,23 @@ def load_video(
             if max_audio_seconds is not None and samples.size > max_audio_seconds * SAMPLE_RATE:
                 raise _audio_too_long(samples.size / SAMPLE_RATE, max_audio_seconds)
             audio = DecodedAudio(samples) if samples.size else None
+        times = [time for time, _ in frames]
         return DecodedVideo(
             frames=[image for _, image in frames],
-            fps=1.0 / interval,
+            fps=real_rate(times, 1.0 / interval),
             seconds=seconds,
             audio=audio,
             warnings=warnings,
+            frame_times=times,
         )
+
+
+def real_rate(times: list[float], nominal: float) -> float:
+    """Frames per second between frames kept at `times` (seconds); `nominal` when fewer than two frames
+    (or no time between them) say nothing. A 1 fps source sampled "at 2 fps" keeps frames 1 s apart: 1.0."""
+    if len(times) < 2 or times[-1] <= times[0]:
+        return nominal
+    return (len(times) - 1) / (times[-1] - times[0])
 
 
 def extract_audio_track(source: Source, *, max_seconds: float, timeout: float | None = None) -> DecodedAudio | None:

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -26,22 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import StoppingCriteriaList
 
-from generation import (
-    Cancelled,
-    ChatTurn,
-    GenerationRequest,
-    GenerationResult,
-    InputRejected,
-    PromptTooLong,
-    SpeechError,
-    TextDeltas,
-    VideoInput,
-    _StopWhenSet,
-    cut_at_stop,
-)
+from generation import Cancelled, GenerationRequest, GenerationResult, SpeechError, cut_at_stop
 from placement import (
     COMPONENT_PATHS,
     GPU,
@@ -59,18 +47,38 @@ from placement import (
     parse_device_map,
     plan_placement,
 )
+from prompts import OFFICIAL_SYSTEM_PROMPT  # noqa: F401 - where the speech side has always found it
+from prompts import IMAGE_PATCH_SIZE, MediaTokenIds, PromptBuilder
 import quantization
 from settings import Settings
+from streaming import StopWhenSet, TextDeltas
 
 logger = logging.getLogger(__name__)
 
-# The official system prompt: the talker only speaks under it.
-OFFICIAL_SYSTEM_PROMPT = (
-    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
-    "auditory and visual inputs, as well as generating text and speech."
-)
-IMAGE_PATCH_SIZE = 14
+# Sampling fields of a checkpoint's generation_config that apply when a request leaves them unset (as vLLM).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
+# What an unset field means when the checkpoint does not set it either (OpenAI's and vLLM's defaults).
+SAMPLING_FALLBACKS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 SPEECH_SAMPLE_RATE = 24_000  # token2wav's output rate
+
+
+class TalkerTokenIdNotes(logging.Filter):
+    """Drops transformers' "<name> must be `None` or an integer within the vocabulary" notes about the talker
+    config's text-side token ids, which are wrong: the validation (configuration_utils.validate_token_ids)
+    checks every `*_token_id` against the config's own vocabulary, the talker's 8448 codec codes, but these
+    ids index the thinker's vocabulary: the talker embeds tts_text_* with the thinker's embedding table and
+    finds vision/audio starts in the thinker's input_ids. Any other such note still shows."""
+
+    TALKER_TEXT_IDS = re.compile(
+        r"Model config: (tts_text_(start|end|pad)|(vision|audio)_(start|end))_token_id must be `None` or an "
+        r"integer within the vocabulary"
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.TALKER_TEXT_IDS.match(record.getMessage())
+
+
+logging.getLogger("transformers.configuration_utils").addFilter(TalkerTokenIdNotes())
 
 
 class ModelLoadError(RuntimeError):
@@ -201,17 +209,10 @@ class OmniEngine:
         self.placement = placement
         self.dtype = dtype
         tokenizer = processor.tokenizer
-        self._stop_ids = sorted(
-            {
-                i
-                for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-                if isinstance(i, int) and i >= 0
-            }
-        )
+        self._stop_ids = stop_token_ids(tokenizer)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._stop_ids[0]
-        # "clip": audio features are padded to the longest clip, so their cost
-        # follows the clip's length; "whisper": the feature extractor's default 300 s (benchmarks).
-        self.audio_padding = "clip"
+        self.prompts = PromptBuilder(processor, MediaTokenIds.of(model.config.thinker_config), settings)
+        self.sampling_defaults = sampling_defaults(getattr(model, "generation_config", None))
         self._description = self._describe()
 
     @classmethod
@@ -320,9 +321,13 @@ class OmniEngine:
             raise Cancelled("the request was cancelled before it started")
         try:
             started = time.perf_counter()
-            inputs, use_audio_in_video = self._prepare(request)
-            by_modality = self.count_by_modality(inputs["input_ids"])
-            max_new_tokens, warnings = self._fit_context(by_modality, request)
+            prompt = self.prompts.build(request)
+            inputs = self._on_device(prompt.inputs)
+            use_audio_in_video, by_modality = prompt.use_audio_in_video, prompt.by_modality
+            described, warnings = prompt.described, list(prompt.warnings)
+            del prompt  # its tensors are in `inputs` now
+            max_new_tokens, fitted = self.prompts.fit_context(by_modality, request.max_new_tokens)
+            warnings += fitted
             request = dataclasses.replace(request, max_new_tokens=max_new_tokens)
             prepared = time.perf_counter()
             audio = None
@@ -358,6 +363,7 @@ class OmniEngine:
                 prompt_tokens_by_modality=by_modality,
                 warnings=warnings,
                 finish_reason="stop" if ended or generated.numel() < max_new_tokens else "length",
+                inputs=described,
             )
         finally:
             if self.settings.empty_cuda_cache and torch.cuda.is_available():
@@ -365,44 +371,28 @@ class OmniEngine:
 
     def _decoding(self, request: GenerationRequest) -> dict[str, Any]:
         """Sampling, stop strings, the cooperative stop and the streamer, as generate() arguments."""
-        decoding: dict[str, Any] = {"do_sample": request.temperature > 0}
-        if request.temperature > 0:
-            decoding.update(temperature=request.temperature, top_p=request.top_p, top_k=0)
+        sampling = self.sampling(request)
+        decoding: dict[str, Any] = {"do_sample": sampling["temperature"] > 0}
+        if sampling["temperature"] > 0:
+            decoding.update(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
+            if "min_p" in sampling:
+                decoding["min_p"] = sampling["min_p"]
+        if "repetition_penalty" in sampling:
+            decoding["repetition_penalty"] = sampling["repetition_penalty"]
         if request.stop_strings:
             decoding.update(stop_strings=request.stop_strings, tokenizer=self.processor.tokenizer)
         if request.stop is not None:
-            decoding["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(request.stop)])
+            decoding["stopping_criteria"] = StoppingCriteriaList([StopWhenSet(request.stop)])
         if request.on_text is not None:
             decoding["streamer"] = TextDeltas(self.processor.tokenizer, request.on_text, request.stop_strings)
         return decoding
 
-    def count_by_modality(self, input_ids: torch.Tensor) -> dict[str, int]:
-        """Prompt tokens by modality; the audio of a video counts as audio."""
-        config = self.model.config.thinker_config
-        ids = input_ids[0]
-        counts = {
-            "image": int((ids == config.image_token_index).sum()),
-            "audio": int((ids == config.audio_token_index).sum()),
-            "video": int((ids == config.video_token_index).sum()),
-        }
-        return {"text": int(ids.numel()) - sum(counts.values()), **counts}
-
-    def _fit_context(self, by_modality: dict[str, int], request: GenerationRequest) -> tuple[int, list[str]]:
-        """Refuse a prompt over MAX_CONTEXT_TOKENS; shorten the answer bound to what is left."""
-        context = self.settings.max_context_tokens
-        prompt = sum(by_modality.values())
-        if prompt >= context:
-            counts = ", ".join(f"{name} {count}" for name, count in by_modality.items() if count)
-            raise PromptTooLong(
-                f"the prompt is {prompt} tokens ({counts}), over MAX_CONTEXT_TOKENS={context}. "
-                f"{_how_to_fit(max(by_modality, key=by_modality.get))}"
-            )
-        room = context - prompt
-        if request.max_new_tokens <= room:
-            return request.max_new_tokens, []
-        return room, [
-            f"max_new_tokens lowered from {request.max_new_tokens} to {room} to fit MAX_CONTEXT_TOKENS={context}"
-        ]
+    def sampling(self, request: GenerationRequest) -> dict[str, float]:
+        """The request's sampling values; each one it leaves unset comes from the checkpoint's generation_config."""
+        given = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
+        values = {**SAMPLING_FALLBACKS, **self.sampling_defaults}
+        values.update({name: value for name, value in given.items() if value is not None})
+        return values
 
     def _generate_speech(
         self, inputs: dict[str, Any], use_audio_in_video: bool, request: GenerationRequest, speaker: str
@@ -422,124 +412,8 @@ class OmniEngine:
         )
         return sequences, waveform.reshape(-1).float().cpu().numpy()
 
-    def _turns(self, request: GenerationRequest) -> list[ChatTurn]:
-        """The conversation, system turn first. Speech needs the official system prompt: a custom one
-        (the model authors' workaround) moves into the first user turn, ahead of its media and text."""
-        turns = (
-            list(request.turns)
-            if request.turns
-            else [ChatTurn("user", [*request.images, *request.audios, *request.videos, *filter(None, [request.text])])]
-        )
-        given = [part for turn in turns if turn.role == "system" for part in turn.parts if isinstance(part, str)]
-        if not given and request.system_prompt is not None:
-            given = [request.system_prompt]
-        system = "\n".join(given) if given else self.settings.default_system_prompt
-        dialogue = [turn for turn in turns if turn.role != "system"]
-        if request.return_audio:
-            if given and system.strip() and system != OFFICIAL_SYSTEM_PROMPT:
-                first_user = next((i for i, turn in enumerate(dialogue) if turn.role == "user"), None)
-                persona = system.strip() + "\n"
-                if first_user is None:
-                    dialogue.insert(0, ChatTurn("user", [persona]))
-                else:
-                    dialogue[first_user] = ChatTurn("user", [persona, *dialogue[first_user].parts])
-            system = OFFICIAL_SYSTEM_PROMPT
-        return [ChatTurn("system", [system]), *dialogue]
-
-    def _prepare(self, request: GenerationRequest) -> tuple[dict[str, Any], bool]:
-        """The processor's tensors for `request`, on the thinker's input device."""
-        from qwen_omni_utils.v2_5.vision_process import fetch_image, fetch_video
-
-        s = self.settings
-        image_max = request.max_pixels or s.image_max_pixels
-        frame_max = min(request.max_pixels, s.video_max_pixels) if request.max_pixels else s.video_max_pixels
-        turns = self._turns(request)
-        all_videos = [part for turn in turns for part in turn.parts if isinstance(part, VideoInput)]
-        same_rate = iter(_common_rate(all_videos))
-        # The model interleaves a video's audio with its frames only when every video has audio.
-        use_audio_in_video = bool(all_videos) and all(v.audio is not None for v in all_videos)
-        conversation: list[dict[str, Any]] = []
-        images: list[Image.Image] = []
-        audios: list[np.ndarray] = []
-        audio_slots: list[int | None] = []  # per audio, in prompt order: None, or the video it belongs to
-        videos: list[VideoInput] = []
-        for turn in turns:
-            content: list[dict[str, Any]] = []
-            for part in turn.parts:
-                if isinstance(part, str):
-                    content.append({"type": "text", "text": part})
-                elif isinstance(part, Image.Image):
-                    content.append({"type": "image"})
-                    images.append(part)
-                elif isinstance(part, np.ndarray):
-                    content.append({"type": "audio"})
-                    audios.append(part)
-                    audio_slots.append(None)
-                else:
-                    video = next(same_rate)
-                    content.append({"type": "video"})
-                    videos.append(video)
-                    if video.audio is not None:
-                        audios.append(video.audio)
-                        if use_audio_in_video:
-                            audio_slots.append(len(videos) - 1)
-                        else:  # mixed silent and sounding videos: each track follows its video as plain audio
-                            content.append({"type": "audio"})
-                            audio_slots.append(None)
-            conversation.append({"role": turn.role, "content": content})
-        prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        try:
-            images = [
-                fetch_image(
-                    {"image": image, "min_pixels": min(s.image_min_pixels, image_max), "max_pixels": image_max},
-                    image_patch_size=IMAGE_PATCH_SIZE,
-                )
-                for image in images
-            ]
-            video_tensors = [
-                fetch_video(
-                    {
-                        "video": v.frames,
-                        "sample_fps": v.fps,
-                        "min_pixels": min(s.video_min_pixels, frame_max),
-                        "max_pixels": _frame_share(
-                            len(v.frames), frame_max, s.video_total_pixels, min(s.video_min_pixels, frame_max)
-                        ),
-                        "total_pixels": s.video_total_pixels,
-                    },
-                    image_patch_size=IMAGE_PATCH_SIZE,
-                )
-                for v in videos
-            ]
-        except ValueError as error:  # qwen-omni-utils refuses e.g. aspect ratios over 200:1
-            raise InputRejected(f"a picture cannot be given to the model: {error}") from None
-        kwargs: dict[str, Any] = {}
-        if audios and self.audio_padding == "clip":
-            # Whisper pads every clip to 300 s by default; pad only to the longest clip (whole 10 ms frames).
-            extractor = self.processor.feature_extractor
-            longest = max(len(a) for a in audios)
-            fitted = -(-max(longest, extractor.n_fft) // extractor.hop_length) * extractor.hop_length
-            kwargs["audio_kwargs"] = {"max_length": fitted}  # at least one STFT window
-        if images:
-            kwargs["images_kwargs"] = {"do_resize": False}  # fetch_image already sized them
-        if video_tensors:
-            kwargs["videos_kwargs"] = {
-                "fps": videos[0].fps,
-                "do_resize": False,
-                "do_sample_frames": False,
-                "cap_pixels_per_frame": False,
-            }
-        if use_audio_in_video:
-            kwargs.update(load_audio_from_video=True, audio_from_video_indices=audio_slots)
-        inputs = self.processor(
-            text=prompt,
-            images=images or None,
-            audio=audios or None,
-            videos=video_tensors or None,
-            return_tensors="pt",
-            padding=True,
-            **kwargs,
-        )
+    def _on_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The processor's tensors on the thinker's input device, floating ones in the model's dtype."""
         device = self.model.thinker.get_input_embeddings().weight.device
         tensors = {}
         for key, value in inputs.items():
@@ -548,7 +422,7 @@ class OmniEngine:
                 if value.is_floating_point() and key != "feature_attention_mask":
                     value = value.to(self.dtype)
             tensors[key] = value
-        return tensors, use_audio_in_video
+        return tensors
 
 
 def _quantization_config(settings: Settings, config, dtype: torch.dtype, device_map: dict[str, str]):
@@ -566,31 +440,21 @@ def _quantization_config(settings: Settings, config, dtype: torch.dtype, device_
         raise ConfigError(str(error)) from None
 
 
-def _frame_share(frames: int, frame_max: int, total: int, frame_min: int) -> int:
-    """Each frame's pixel budget: its share of the video's total (frames go in pairs), as qwen-omni-utils
-    computes it, so the budget it is given never exceeds the one it would apply."""
-    pairs_of_frames = frames + frames % 2
-    return int(max(min(frame_max, total / pairs_of_frames * 2), frame_min * 1.05))
+def stop_token_ids(tokenizer) -> list[int]:
+    """The tokens that end an answer: <|im_end|> (the chat template's end of turn) whatever the checkpoint's
+    tokenizer names as its eos token, that eos token, and <|endoftext|>."""
+    candidates = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    return sorted(
+        {i for i in (tokenizer.eos_token_id, *candidates) if isinstance(i, int) and i >= 0} - {tokenizer.unk_token_id}
+    )
 
 
-def _how_to_fit(largest: str) -> str:
-    """What would make a prompt fit, for its largest modality."""
-    advice = {
-        "image": "Send smaller or fewer images, a lower `max_pixels`, or lower IMAGE_MAX_PIXELS.",
-        "video": "Send shorter or fewer videos, use extract_video_frame / extract_video_audio, or lower "
-        "VIDEO_TOTAL_PIXELS, VIDEO_MAX_FRAMES or VIDEO_FPS.",
-        "audio": "Send shorter audio (each second costs 25 tokens), or use extract_video_frame for videos.",
-        "text": "Send a shorter text or system_prompt.",
-    }[largest]
-    return f"{advice} Or raise MAX_CONTEXT_TOKENS (the memory plan grows with it)."
-
-
-def _common_rate(videos: list[VideoInput]) -> list[VideoInput]:
-    """Videos resampled to one frame rate (the processor takes one fps per request)."""
-    if not videos:
-        return []
-    rate = min(v.fps for v in videos)
-    return [VideoInput(frames=v.frames[:: max(1, round(v.fps / rate))], fps=rate, audio=v.audio) for v in videos]
+def sampling_defaults(generation_config) -> dict[str, float]:
+    """The sampling values the checkpoint's generation_config sets (vLLM applies them to requests that
+    leave them unset); empty when it sets none."""
+    if generation_config is None:
+        return {}
+    return {name: value for name in SAMPLING_FIELDS if (value := getattr(generation_config, name, None)) is not None}
 
 
 def _config_from_json(path: Path):

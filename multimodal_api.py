@@ -56,6 +56,9 @@ FORM_FIELDS = {
     "response_format",
     "max_pixels",
     "stream",
+    "temperature",
+    "top_p",
+    "seed",
     "images",
     "audios",
     "videos",
@@ -134,6 +137,7 @@ def create_app(
                 "GET /": "this page",
                 "GET /docs": "OpenAPI UI",
             },
+            "decoding": decoding(state.engine),
             "limits": {
                 "max_file_bytes": settings.max_file_bytes,
                 "max_request_bytes": settings.max_request_bytes,
@@ -193,6 +197,15 @@ def create_app(
         stream: Annotated[
             bool, Form(description="Stream the answer as Server-Sent Events (chat.completion.chunk).")
         ] = False,
+        temperature: Annotated[
+            float | None,
+            Form(ge=0, le=2, description="Unset or 0: greedy decoding; above 0: sampling at this temperature."),
+        ] = None,
+        top_p: Annotated[
+            float | None,
+            Form(gt=0, le=1, description="Nucleus sampling when temperature > 0; unset: the checkpoint's value."),
+        ] = None,
+        seed: Annotated[int | None, Form(description="Seed for sampling, for reproducible sampled answers.")] = None,
         response_format: Annotated[
             Literal["json", "wav"],
             Form(description="json (default), or wav: the spoken answer as audio/wav, its text in X-Text."),
@@ -233,6 +246,9 @@ def create_app(
             return_audio=return_audio,
             speaker=speaker,
             max_pixels=max_pixels,
+            temperature=0.0 if temperature is None else temperature,  # /multimodal is greedy unless asked
+            top_p=top_p,
+            seed=seed,
         )
         if stream:
             events = await openai_api.stream_events(
@@ -301,6 +317,18 @@ def check_form(
         raise HTTPException(422, "response_format=wav returns the spoken answer: also send return_audio=true")
 
 
+def decoding(engine: Any | None) -> dict[str, Any]:
+    """How each route decodes when a request leaves sampling unset: the checkpoint's generation_config values."""
+    defaults = getattr(engine, "sampling_defaults", None) or {}
+    return {
+        "checkpoint_sampling": defaults if engine is not None else None,
+        "/v1/chat/completions": "temperature, top_p and top_k a request leaves unset take the checkpoint's "
+        "generation_config values (as vLLM does); temperature 1, top_p 1 and no top_k where it sets none",
+        "/multimodal": "greedy unless `temperature` > 0; then top_p (unset: the checkpoint's) and the "
+        "checkpoint's top_k; `seed` makes sampled answers reproducible",
+    }
+
+
 def json_answer(
     result: GenerationResult, inputs: MediaInputs, model: str, decode_ms: float, total_ms: float
 ) -> dict[str, Any]:
@@ -314,7 +342,7 @@ def json_answer(
             "total_tokens": result.prompt_tokens + result.completion_tokens,
             "prompt_tokens_by_modality": result.prompt_tokens_by_modality,
         },
-        "inputs": {"images": len(inputs.images), "audios": len(inputs.audios), "videos": len(inputs.videos)},
+        "inputs": result.inputs,
         "warnings": inputs.warnings + result.warnings,
         "timings_ms": {
             "preprocess": round(decode_ms + result.timings_ms.get("prepare", 0.0), 1),

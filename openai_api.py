@@ -119,8 +119,9 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, description="unset: the checkpoint's generation_config")
+    top_p: float | None = Field(None, gt=0, le=1, description="unset: the checkpoint's generation_config")
+    top_k: int | None = Field(None, ge=-1, description="as vLLM: -1 or 0 is off; unset: the checkpoint's")
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -367,6 +368,7 @@ async def chat_completions(
         speaker=voice,
         temperature=body.temperature,
         top_p=body.top_p,
+        top_k=None if body.top_k is None else max(0, body.top_k),
         seed=body.seed,
         stop_strings=stops,
     )

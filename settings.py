@@ -81,7 +81,9 @@ class Settings(BaseSettings):
 
     # Generation
     default_system_prompt: str = Field(
-        "You are a helpful AI assistant.", max_length=20_000, description="System prompt when a request sends none."
+        "You are a helpful assistant.",
+        max_length=20_000,
+        description="System prompt when a request sends none (the default is the chat template's own).",
     )
     default_max_new_tokens: int = Field(512, ge=1, le=32768, description="max_new_tokens when a request sends none.")
     max_new_tokens_limit: int = Field(2048, ge=1, le=32768, description="Largest max_new_tokens a request may ask for.")

@@ -151,9 +151,9 @@ def bench_audio_features() -> None:
         extractor, [clip], sampling_rate=16000, padding="max_length", max_length=len(clip), repeat=5
     )
     request = GenerationRequest("What do you hear?", None, audios=[clip])
-    fitted_time, (fitted, _) = timed(engine._prepare, request, repeat=5)
-    engine.audio_padding = "whisper"
-    whisper_time, (padded, _) = timed(engine._prepare, request, repeat=5)
+    fitted_time, fitted = timed(lambda: engine.prompts.build(request).inputs, repeat=5)
+    engine.prompts.audio_padding = "whisper"
+    whisper_time, padded = timed(lambda: engine.prompts.build(request).inputs, repeat=5)
     print("4. audio preprocessing of a 5 s clip (the real Whisper feature extractor configuration)")
     print(
         f"   feature extraction: padded to 300 s {whisper_features * 1000:.1f} ms, to the clip "

@@ -73,7 +73,8 @@ def measure(engine: OmniEngine, settings: Settings, kind: str, path: Path) -> di
             with_audio=False,
         )
         request = GenerationRequest("Describe.", None, videos=[VideoInput(video.frames, video.fps)])
-    inputs, _ = engine._prepare(request)
+    prompt = engine.prompts.build(request)
+    inputs = engine._on_device(prompt.inputs)
     prepared = time.perf_counter()
     with torch.inference_mode():
         if kind == "image":
@@ -81,7 +82,7 @@ def measure(engine: OmniEngine, settings: Settings, kind: str, path: Path) -> di
         else:
             engine.model.thinker.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
     encoded = time.perf_counter()
-    tokens = engine.count_by_modality(inputs["input_ids"])[kind]
+    tokens = prompt.by_modality[kind]
     return {"tokens": tokens, "preprocess": prepared - started, "encode": encoded - prepared}
 
 

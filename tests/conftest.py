@@ -96,7 +96,17 @@ class FakeEngine:
             timings_ms={"prepare": 1.0, "generate": 2.0},
             audio=audio,
             prompt_tokens_by_modality={"text": 10, "image": 0, "audio": 0, "video": 0},
+            inputs={
+                "images": [{"width": image.width, "height": image.height} for image in request.images],
+                "audios": [{"seconds": len(samples) / 16_000} for samples in request.audios],
+                "videos": [{"frames": len(video.frames), "fps": video.fps} for video in request.videos],
+            },
         )
+
+
+def input_counts(body: dict) -> dict[str, int]:
+    """How many files of each kind a /multimodal JSON answer says the model got."""
+    return {kind: len(files) for kind, files in body["inputs"].items()}
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import upload
+from conftest import input_counts, upload
 
 
 def ask(client, data=None, files=None, status=200):
@@ -16,7 +16,7 @@ def ask(client, data=None, files=None, status=200):
 def test_text_only(tiny_client):
     body = ask(tiny_client, {"text": "Hello, who are you?"})
     assert isinstance(body["text"], str) and 1 <= body["usage"]["completion_tokens"] <= 6
-    assert body["inputs"] == {"images": 0, "audios": 0, "videos": 0}
+    assert input_counts(body) == {"images": 0, "audios": 0, "videos": 0}
 
 
 def test_greedy_answers_are_reproducible(tiny_client):
@@ -34,20 +34,20 @@ def test_system_prompt_reaches_the_prompt(tiny_client):
 def test_image(tiny_client, media_dir, name):
     text_only = ask(tiny_client, {"text": "What is this?"})
     body = ask(tiny_client, {"text": "What is this?"}, [("images", upload(media_dir / name))])
-    assert body["inputs"]["images"] == 1
+    assert input_counts(body)["images"] == 1
     assert body["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"] + 4  # image tokens were added
 
 
 @pytest.mark.parametrize("name", ["audio.wav", "audio.mp3", "audio.flac"])
 def test_audio_without_text(tiny_client, media_dir, name):
     body = ask(tiny_client, files=[("audios", upload(media_dir / name))])
-    assert body["inputs"]["audios"] == 1 and body["usage"]["prompt_tokens"] > 30
+    assert input_counts(body)["audios"] == 1 and body["usage"]["prompt_tokens"] > 30
 
 
 def test_video_as_video_brings_its_audio(tiny_client, media_dir):
     with_sound = ask(tiny_client, {"text": "What happens?"}, [("videos", upload(media_dir / "video.mp4"))])
     silent = ask(tiny_client, {"text": "What happens?"}, [("videos", upload(media_dir / "silent.mp4"))])
-    assert with_sound["inputs"] == silent["inputs"] == {"images": 0, "audios": 0, "videos": 1}
+    assert input_counts(with_sound) == input_counts(silent) == {"images": 0, "audios": 0, "videos": 1}
     # Same frames; the sounding one also carries its interleaved audio tokens.
     assert with_sound["usage"]["prompt_tokens"] > silent["usage"]["prompt_tokens"]
 
@@ -62,7 +62,7 @@ def test_video_as_video_brings_its_audio(tiny_client, media_dir):
 )
 def test_split_video(tiny_client, media_dir, flags, expected):
     body = ask(tiny_client, {"text": "Describe.", **flags}, [("videos", upload(media_dir / "video.mp4"))])
-    assert body["inputs"] == expected
+    assert input_counts(body) == expected
 
 
 def test_several_files_of_each_kind_at_once(tiny_client, media_dir):
@@ -75,7 +75,7 @@ def test_several_files_of_each_kind_at_once(tiny_client, media_dir):
         ("videos", upload(media_dir / "silent.mp4")),
     ]
     body = ask(tiny_client, {"text": "Compare them all."}, files)
-    assert body["inputs"] == {"images": 2, "audios": 2, "videos": 2}
+    assert input_counts(body) == {"images": 2, "audios": 2, "videos": 2}
 
 
 @pytest.mark.parametrize(
@@ -113,7 +113,7 @@ def test_a_clip_of_a_few_samples_still_answers(tiny_client):
 
     clip = io.BytesIO()
     soundfile.write(clip, np.full(5, 0.1, np.float32), 44100, format="WAV")
-    assert ask(tiny_client, files=[("audios", ("five.wav", clip.getvalue()))])["inputs"]["audios"] == 1
+    assert input_counts(ask(tiny_client, files=[("audios", ("five.wav", clip.getvalue()))]))["audios"] == 1
 
 
 def test_about_describes_the_loaded_model(tiny_client, tiny_model_dir):
@@ -133,10 +133,10 @@ def test_audio_features_padded_to_the_clip_give_the_same_answer(tiny_model_dir, 
     clips = [media.load_audio(str(media_dir / name), max_seconds=60).samples for name in ("audio.wav", "audio.mp3")]
     request = GenerationRequest("What do you hear?", None, audios=clips, max_new_tokens=12)
     fitted = engine.generate(request)
-    features, _ = engine._prepare(request)
-    engine.audio_padding = "whisper"
+    features = engine.prompts.build(request).inputs
+    engine.prompts.audio_padding = "whisper"
     padded = engine.generate(request)
-    full_features, _ = engine._prepare(request)
+    full_features = engine.prompts.build(request).inputs
     assert fitted.completion_ids == padded.completion_ids and fitted.prompt_tokens == padded.prompt_tokens
-    assert features["input_features"].shape[-1] == 150  # the 1.5 s clip in 10 ms frames, not 30000
+    assert features["input_features"].shape[-1] == 150 + 3  # the 1.5 s clip in 10 ms frames and a window, not 30000
     assert full_features["input_features"].shape[-1] == 30000

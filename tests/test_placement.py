@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, tiny_settings, upload
+from conftest import ROOT, input_counts, tiny_settings, upload
 from fastapi.testclient import TestClient
 from modeling_low_vram import OmniEngine, load_config, resolve_placement
 from multimodal_api import create_app
@@ -155,7 +155,7 @@ def test_every_preset_loads_and_serves(tiny_model_dir, media_dir, device_map):
         assert health["status"] == "ok", health
         assert set(health["placement"]) == {"language_model", "lm_head", "visual", "audio_tower"}
         assert health["memory"]["rss_bytes"] > 0
-        assert ask_everything(client, media_dir)["inputs"] == {"images": 1, "audios": 1, "videos": 1}
+        assert input_counts(ask_everything(client, media_dir)) == {"images": 1, "audios": 1, "videos": 1}
 
 
 def test_auto_splits_the_language_model_when_only_part_fits(tiny_model_dir, media_dir):

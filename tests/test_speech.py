@@ -106,13 +106,19 @@ def test_about_lists_voices_and_speech_state(speaking_client, tiny_client):
     assert tiny_client.get("/").json()["model"]["audio_output"] is False
 
 
-def test_speech_uses_the_official_system_prompt_and_moves_a_persona_to_the_user_turn(tiny_engine):
-    plain = tiny_engine._turns(GenerationRequest("Hi", None, return_audio=True))
+def test_speech_uses_the_official_system_prompt_and_gives_a_persona_as_the_authors_advise(tiny_engine):
+    """Qwen2.5-Omni README, "Customization Settings": with speech the persona is a user turn the model
+    acknowledges ("Sure, I got it."), under the official system prompt."""
+    plain = tiny_engine.prompts.turns(GenerationRequest("Hi", None, return_audio=True))
     assert plain[0].parts == [OFFICIAL_SYSTEM_PROMPT] and plain[1].parts == ["Hi"]
-    persona = tiny_engine._turns(GenerationRequest("Hi", "You are a pirate.", return_audio=True))
-    assert persona[0].parts == [OFFICIAL_SYSTEM_PROMPT]
-    assert persona[1].parts[0].startswith("You are a pirate.") and persona[1].parts[1:] == ["Hi"]
-    text_only = tiny_engine._turns(GenerationRequest("Hi", "You are a pirate."))
+    persona = tiny_engine.prompts.turns(GenerationRequest("Hi", "You are a pirate.", return_audio=True))
+    assert [(turn.role, turn.parts) for turn in persona] == [
+        ("system", [OFFICIAL_SYSTEM_PROMPT]),
+        ("user", ["You are a pirate."]),
+        ("assistant", ["Sure, I got it."]),
+        ("user", ["Hi"]),
+    ]
+    text_only = tiny_engine.prompts.turns(GenerationRequest("Hi", "You are a pirate."))
     assert text_only[0].parts == ["You are a pirate."]
 
 
