@@ -40,6 +40,7 @@ METHODS = {
     "int8": "bitsandbytes LLM.int8 (int8 weights, one float32 scale per output row)",
     "nf4": "bitsandbytes 4-bit NF4, double quant (absmax in 8 bits, blocks of 64)",
 }
+INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (BitsAndBytesConfig's default)
 NF4_BLOCK = 64  # weights per absmax (bitsandbytes' 4-bit default)
 NESTED_BLOCK = 256  # double quant: absmax values per second-level float32 absmax
 NF4_CODE = 16 * 4  # the NF4 code table, float32, kept per quantized weight
@@ -246,7 +247,7 @@ def bitsandbytes_config(scheme: str, dtype: torch.dtype, kept_paths: list[str], 
     common = {"llm_int8_skip_modules": list(kept_paths), "llm_int8_enable_fp32_cpu_offload": mixed}
     if scheme == "int8":
         _quiet_int8_casts()
-        return BitsAndBytesConfig(load_in_8bit=True, **common)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD, **common)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -254,6 +255,42 @@ def bitsandbytes_config(scheme: str, dtype: torch.dtype, kept_paths: list[str], 
         bnb_4bit_compute_dtype=dtype,
         **common,
     )
+
+
+def quantize_in_place(model: torch.nn.Module, scheme: str, dtype: torch.dtype, language_model_path: str) -> int:
+    """Quantize, where they are, the linear layers of the language model of a model already built (with
+    random weights, say, as a GPU check builds real-size models without a checkpoint), as loading with
+    `bitsandbytes_config` would: same layers, same bitsandbytes algorithm. Returns how many it replaced."""
+    if scheme == "none":
+        return 0
+    import bitsandbytes as bnb
+
+    if scheme == "int8":
+        _quiet_int8_casts()
+    replaced = 0
+    for parent in list(model.get_submodule(language_model_path).modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            device, weight = child.weight.device, child.weight.data.to(dtype)
+            options = {"bias": child.bias is not None, "device": "meta"}
+            if scheme == "nf4":
+                layer = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, compute_dtype=dtype, quant_type="nf4", **options
+                )
+                layer.weight = bnb.nn.Params4bit(
+                    weight, requires_grad=False, compress_statistics=True, quant_type="nf4", module=layer
+                )._quantize(device)
+            else:
+                layer = bnb.nn.Linear8bitLt(
+                    child.in_features, child.out_features, has_fp16_weights=False, threshold=INT8_THRESHOLD, **options
+                )
+                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)._quantize(device)
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+            setattr(parent, name, layer.train(child.training))
+            replaced += 1
+    return replaced
 
 
 def check_bitsandbytes(scheme: str, device: str, dtype: torch.dtype, cpu_capability: str | None = None) -> None:

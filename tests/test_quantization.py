@@ -157,6 +157,23 @@ def test_language_model_bytes_drop_as_the_planner_predicts(tiny_model_dir, schem
     assert loaded < 0.5 * plain  # the tiny model's embeddings (kept in DTYPE) are 27% of it
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantizing_a_built_model_in_place_matches_loading_quantized(tiny_model_dir, scheme):
+    """What a GPU check with random real-size weights uses (no checkpoint to load through bitsandbytes):
+    the same layers, bytes and logits as QUANTIZATION at load."""
+    loaded = OmniEngine.load(tiny_settings(tiny_model_dir, quantization=scheme))
+    built = OmniEngine.load(tiny_settings(tiny_model_dir))
+    path = find_component(built.model, "language_model")
+    assert quantization.quantize_in_place(built.model, scheme, torch.float32, path) == 14
+    assert quantization.loaded_weight_bytes(language_model(built)) == quantization.loaded_weight_bytes(
+        language_model(loaded)
+    )
+    ids = torch.randint(0, 390, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(built.model.thinker(input_ids=ids).logits, loaded.model.thinker(input_ids=ids).logits)
+    assert {p.dtype for p in built.model.thinker.model.visual.parameters()} == {torch.float32}
+
+
 def test_decoder_layer_bytes_per_weight_at_real_shapes():
     """At 7B shapes (3584 x 18944) the formulas give what bitsandbytes stores: 4.13 bits a weight for
     nf4 with double quant, 8 bits plus a row scale for int8."""
