@@ -244,6 +244,8 @@ class OmniEngine:
                 attn_implementation=attention,
                 quantization_config=quantization_config,
             ).eval()
+            scheme = quantization.loaded_scheme(config, settings.quantization)
+            quantization.check_loaded(model, scheme, find_component(model, "language_model"))
             processor = Qwen2_5OmniProcessor.from_pretrained(settings.model_path)
         except (OSError, ValueError) as error:
             raise ModelLoadError(
@@ -429,6 +431,7 @@ def _quantization_config(settings: Settings, config, dtype: torch.dtype, device_
     """QUANTIZATION's BitsAndBytesConfig (None for none); a ConfigError for what cannot load here."""
     try:
         quantization.check_prequantized(config, settings.quantization)
+        quantization.adapt_prequantized(config, quantization.kept_module_paths(COMPONENT_PATHS))
         language_model_device = next(
             (d for path, d in device_map.items() if path.startswith(COMPONENT_PATHS["language_model"][0])), "cpu"
         )

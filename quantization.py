@@ -3,7 +3,7 @@
 `QUANTIZATION=int8` or `nf4` has bitsandbytes quantize the language model's decoder layers (their
 linear layers) as the checkpoint loads; everything in `KEPT_IN_DTYPE` stays in `DTYPE`. A checkpoint
 that is already quantized (its config carries a `quantization_config`, like the official
-Qwen2.5-Omni-7B-GPTQ-Int4) loads through GPTQModel, from `requirements-gptq.txt`.
+Qwen2.5-Omni-7B-GPTQ-Int4 and -AWQ) loads through GPTQModel, from `requirements-gptq.txt`.
 
 The byte counts here are exact for what bitsandbytes 0.50 and GPTQ keep per linear layer (checked
 against loaded models in tests/test_quantization.py), so the planner sizes quantized layers at
@@ -45,9 +45,9 @@ NF4_BLOCK = 64  # weights per absmax (bitsandbytes' 4-bit default)
 NESTED_BLOCK = 256  # double quant: absmax values per second-level float32 absmax
 NF4_CODE = 16 * 4  # the NF4 code table, float32, kept per quantized weight
 NESTED_STATE = 256 * 4 + 4  # the dynamic 8-bit code table and the absmax offset, per quantized weight
-PREQUANTIZED_METHODS = ("gptq",)  # pre-quantized formats loaded (through GPTQModel) and verified on this stack
+PREQUANTIZED_METHODS = ("gptq", "awq")  # 4-bit formats transformers 5.24 loads through GPTQModel, verified here
 PREQUANTIZED_REQUIREMENTS = "requirements-gptq.txt"
-# transformers 5.x's path of the decoder layers, which GPTQModel must be told (see check_prequantized).
+# transformers 5.x's path of the decoder layers, which GPTQModel must be told (see adapt_prequantized).
 DECODER_LAYERS = "thinker.model.language_model.layers"
 
 
@@ -64,8 +64,9 @@ def linear_weight_bytes(
     """Bytes one linear layer's weight takes once quantized with `scheme` (its bias stays in `dtype`).
 
     nf4: two weights per byte, one 8-bit absmax per 64 weights, one float32 absmax per 256 of those,
-    plus the code tables; int8: one byte per weight and a float32 scale per output row; gptq (4-bit):
-    packed int32 weights and zeros, float16 scales per group, an int32 group index per input."""
+    plus the code tables; int8: one byte per weight and a float32 scale per output row; gptq and awq
+    (4-bit): packed int32 weights and zeros, float16 scales per group (gptq: and an int32 group index
+    per input)."""
     weights = out_features * in_features
     if scheme == "none":
         return weights * _element_size(dtype)
@@ -74,10 +75,10 @@ def linear_weight_bytes(
     if scheme == "nf4":
         blocks = math.ceil(weights / NF4_BLOCK)
         return math.ceil(weights / 2) + blocks + math.ceil(blocks / NESTED_BLOCK) * 4 + NF4_CODE + NESTED_STATE
-    if scheme == "gptq":
+    if scheme in PREQUANTIZED_METHODS:
         groups = math.ceil(in_features / group_size)
         packed = weights // 2 + groups * (out_features // 8) * 4 + groups * out_features * 2
-        return packed + in_features * 4
+        return packed + (in_features * 4 if scheme == "gptq" else 0)
     raise QuantizationError(f"unknown quantization scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
 
 
@@ -160,14 +161,14 @@ def prequantized(config) -> dict[str, Any] | None:
 
 
 def loaded_scheme(config, quantization: str) -> str:
-    """What the language model's weights are: QUANTIZATION's scheme, or 'gptq' for a GPTQ checkpoint."""
+    """What the language model's weights are: QUANTIZATION's scheme, or a GPTQ/AWQ checkpoint's method."""
     own = prequantized(config)
-    return "gptq" if own and _method(own) == "gptq" else quantization
+    return _method(own) if own and _method(own) in PREQUANTIZED_METHODS else quantization
 
 
 def planning_scheme(config, quantization: str) -> tuple[str, int]:
     """The scheme and group size the planner sizes the language model with: a loadable pre-quantized
-    checkpoint's own, else QUANTIZATION's (a checkpoint the server refuses is sized as QUANTIZATION)."""
+    (GPTQ, AWQ) checkpoint's own, else QUANTIZATION's (a checkpoint the server refuses is sized as QUANTIZATION)."""
     own = prequantized(config)
     if own is None or _refusal(own) is not None:
         return quantization, 128
@@ -184,16 +185,13 @@ def _refusal(own: dict[str, Any]) -> str | None:
         return None
     return (
         f"MODEL_PATH's checkpoint is quantized with {_method(own).upper()} ({own.get('bits', '?')}-bit), which this "
-        "server does not load: it loads 4-bit GPTQ (AWQ is not verified on transformers 5.24); use the unquantized "
-        "checkpoint with QUANTIZATION=nf4 or int8"
+        "server does not load: it loads 4-bit GPTQ and AWQ; use the unquantized checkpoint with QUANTIZATION=nf4 "
+        "or int8"
     )
 
 
 def check_prequantized(config, quantization: str, needs: tuple[str, ...] = ("gptqmodel", "optimum")) -> None:
-    """Refuse, with one line, a pre-quantized checkpoint this server cannot load. Points GPTQModel at
-    the decoder layers as transformers 5.x names them (DECODER_LAYERS): under their 4.x name, the one
-    a checkpoint made for transformers 4.x may carry, GPTQModel would leave them randomly initialised,
-    and with no name it finds none."""
+    """Refuse, with one line, a pre-quantized checkpoint this server cannot load."""
     own = prequantized(config)
     if own is None:
         return
@@ -213,7 +211,20 @@ def check_prequantized(config, quantization: str, needs: tuple[str, ...] = ("gpt
             f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
             f"pip install -r {PREQUANTIZED_REQUIREMENTS}, or use the unquantized checkpoint with QUANTIZATION=nf4"
         )
-    _set(config, "block_name_to_quantize", DECODER_LAYERS)
+
+
+def adapt_prequantized(config, kept_paths: list[str]) -> None:
+    """Tell GPTQModel where the quantized layers are under transformers 5.x's names. GPTQ: the decoder
+    layers (DECODER_LAYERS); under their 4.x name, the one a checkpoint made for transformers 4.x may
+    carry, they would load randomly initialised, and with no name none is found. AWQ converts every
+    linear layer not listed as kept: add the 5.x paths of KEPT_IN_DTYPE (`kept_paths`)."""
+    own = prequantized(config)
+    if own is None:
+        return
+    if _method(own) == "gptq":
+        _set(config, "block_name_to_quantize", DECODER_LAYERS)
+    elif _method(own) == "awq":
+        _set(config, "modules_to_not_convert", sorted({*(own.get("modules_to_not_convert") or []), *kept_paths}))
 
 
 def _set(config, key: str, value: Any) -> None:
@@ -349,6 +360,29 @@ def _quiet_int8_casts() -> None:
 
 
 # ---------------------------------------------------------------- description
+
+
+def check_loaded(model: torch.nn.Module, scheme: str, language_model_path: str) -> None:
+    """After loading a GPTQ or AWQ checkpoint: every linear layer of the decoder layers is quantized and
+    none elsewhere is. A checkpoint quantized under other module names loads with no error but with those
+    layers randomly initialised: refuse it, with one line. (QUANTIZATION's own layers need no check;
+    decoder layers a split leaves on the CPU stay unquantized there.)"""
+    if scheme not in PREQUANTIZED_METHODS:
+        return
+    decoder = model.get_submodule(language_model_path)
+    plain = [name for name, m in decoder.named_modules() if type(m) is torch.nn.Linear]
+    if plain:
+        raise QuantizationError(
+            f"{len(plain)} linear layers of the language model were not quantized ({plain[0]}, ...): the "
+            f"checkpoint's quantization_config does not match this model's module names"
+        )
+    inside = {id(m) for m in decoder.modules()}
+    stray = [name for name, m in model.named_modules() if id(m) not in inside and _is_quantized_linear(m)]
+    if stray:
+        raise QuantizationError(
+            f"the checkpoint quantizes {stray[0]} (and {len(stray) - 1} more) outside the language model's decoder "
+            "layers, which this server keeps in DTYPE; use a checkpoint that quantizes the language model only"
+        )
 
 
 def describe(model: torch.nn.Module, scheme: str, language_model_path: str | None) -> dict[str, Any]:

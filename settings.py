@@ -33,8 +33,8 @@ class Settings(BaseSettings):
     quantization: Literal["none", "int8", "nf4"] = Field(
         "none",
         description="Language model weights: 'none' (DTYPE), 'int8' or 'nf4' (4-bit, double quant; compute in DTYPE) "
-        "with bitsandbytes. The encoders, lm_head, talker and token2wav stay in DTYPE. A pre-quantized (GPTQ) "
-        "checkpoint needs 'none'.",
+        "with bitsandbytes. The encoders, lm_head, talker and token2wav stay in DTYPE. A pre-quantized (GPTQ, "
+        "AWQ) checkpoint needs 'none'.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 only where installed (falls back to sdpa)."

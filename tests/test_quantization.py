@@ -300,12 +300,24 @@ def test_a_device_where_the_quantized_product_fails_is_refused_with_one_line():
 
 
 GROUP = 32
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's GEMM format interleaves the 8 nibbles of an int32
 
 
-def write_gptq_checkpoint(source: Path, target: Path, reference: Path, block_name: str | None) -> None:
-    """The tiny checkpoint with its decoder layers' linear weights in 4-bit GPTQ (format v1, symmetric,
-    groups of 32), as GPTQModel writes them; `reference` gets the same weights dequantized, in the plain
-    format, so that the two must answer alike. The keys keep the saved (transformers 4.x) layout."""
+def pack_nibbles(values: torch.Tensor, dim: int, order=tuple(range(8))) -> torch.Tensor:
+    """Eight 4-bit values along `dim` into one int32, the k-th in bits 4k..4k+3 (taken in `order`)."""
+    values = values.movedim(dim, -1)
+    grouped = values.reshape(*values.shape[:-1], -1, 8)
+    packed = torch.zeros(grouped.shape[:-1], dtype=torch.int32)
+    for k, index in enumerate(order):
+        packed |= grouped[..., index] << (4 * k)
+    return packed.movedim(-1, dim).contiguous()
+
+
+def write_quantized_checkpoint(source: Path, target: Path, reference: Path, method: str, **config_extra) -> None:
+    """The tiny checkpoint with its decoder layers' linear weights in 4-bit `method` (gptq: format v1,
+    symmetric; awq: GEMM, with zero points), groups of 32, as GPTQModel / AutoAWQ write them; `reference`
+    gets the same weights dequantized, in the plain format, so that the two must answer alike. The keys
+    keep the saved (transformers 4.x) layout."""
     shutil.copytree(source, target)
     shutil.copytree(source, reference)
     state = load_file(source / "model.safetensors")
@@ -317,33 +329,37 @@ def write_gptq_checkpoint(source: Path, target: Path, reference: Path, block_nam
         base = key.removesuffix(".weight")
         rows, columns = weight.shape
         grouped = weight.float().reshape(rows, columns // GROUP, GROUP)
-        scales = (grouped.abs().amax(-1).clamp(min=1e-8) / 7).half()
-        codes = (torch.round(grouped / scales.float()[..., None]) + 8).clamp(0, 15).to(torch.int32)
-        dequantized[key] = ((codes - 8).float() * scales.float()[..., None]).reshape(rows, columns).to(weight.dtype)
-        by_input = codes.reshape(rows, columns).t().contiguous()
-        qweight = torch.zeros(columns // 8, rows, dtype=torch.int32)
-        qzeros = torch.zeros(columns // GROUP, rows // 8, dtype=torch.int32)
-        for k in range(8):
-            qweight |= by_input[k::8] << (4 * k)
-            qzeros |= torch.full((columns // GROUP, rows // 8), 8 - 1, dtype=torch.int32) << (4 * k)  # v1: zero - 1
-        packed |= {
-            f"{base}.qweight": qweight,
-            f"{base}.qzeros": qzeros,
-            f"{base}.scales": scales.t().contiguous(),
-            f"{base}.g_idx": torch.arange(columns, dtype=torch.int32) // GROUP,
-        }
+        if method == "gptq":
+            scales = (grouped.abs().amax(-1).clamp(min=1e-8) / 7).half()
+            zeros = torch.full(scales.shape, 8, dtype=torch.int32)
+        else:
+            low, high = grouped.amin(-1), grouped.amax(-1)
+            scales = ((high - low).clamp(min=1e-8) / 15).half()
+            zeros = torch.round(-low / scales.float()).clamp(0, 15).to(torch.int32)
+        codes = (torch.round(grouped / scales.float()[..., None]) + zeros[..., None]).clamp(0, 15).to(torch.int32)
+        dequantized[key] = ((codes - zeros[..., None]).float() * scales.float()[..., None]).reshape(rows, columns)
+        by_input = codes.reshape(rows, columns).t()  # [in, out]
+        if method == "gptq":
+            packed |= {
+                f"{base}.qweight": pack_nibbles(by_input, 0),
+                f"{base}.qzeros": pack_nibbles(zeros.t() - 1, 1),  # v1 stores zero - 1
+                f"{base}.scales": scales.t().contiguous(),
+                f"{base}.g_idx": torch.arange(columns, dtype=torch.int32) // GROUP,
+            }
+        else:
+            packed |= {
+                f"{base}.qweight": pack_nibbles(by_input, 1, AWQ_ORDER),
+                f"{base}.qzeros": pack_nibbles(zeros.t(), 1, AWQ_ORDER),
+                f"{base}.scales": scales.t().contiguous(),
+            }
     save_file(packed, target / "model.safetensors", metadata={"format": "pt"})
     save_file(dequantized, reference / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((target / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "gptq",
-        "bits": 4,
-        "group_size": GROUP,
-        "desc_act": False,
-        "sym": True,
-        "checkpoint_format": "gptq",
-        **({"block_name_to_quantize": block_name} if block_name else {}),
-    }
+    config["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": GROUP, **config_extra}
+    if method == "gptq":
+        config["quantization_config"] |= {"desc_act": False, "sym": True, "checkpoint_format": "gptq"}
+    else:
+        config["quantization_config"] |= {"zero_point": True, "version": "gemm"}
     (target / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -365,16 +381,25 @@ def start_quietly(tmp_path: Path, **env) -> subprocess.CompletedProcess:
     not all(__import__("importlib").util.find_spec(m) for m in ("gptqmodel", "optimum")),
     reason="pip install -r requirements-gptq.txt",
 )
-@pytest.mark.parametrize("block_name", [None, "thinker.model.layers"])
-def test_a_gptq_checkpoint_serves_its_own_weights(tiny_model_dir, tmp_path, block_name):
+@pytest.mark.parametrize(
+    ("method", "names"),
+    [
+        ("gptq", {}),
+        ("gptq", {"block_name_to_quantize": "thinker.model.layers"}),
+        ("awq", {}),
+        ("awq", {"modules_to_not_convert": ["thinker.visual", "thinker.audio_tower", "talker", "token2wav"]}),
+    ],
+)
+def test_a_prequantized_checkpoint_serves_its_own_weights(tiny_model_dir, tmp_path, method, names):
     """Through GPTQModel, as its own server process (GPTQModel changes process-wide settings on import).
-    Without a block name, optimum finds no decoder layers; with the 4.x name it used to leave them
-    randomly initialised: the server names transformers 5's, and answers as the dequantized weights do."""
-    gptq, reference = tmp_path / "gptq", tmp_path / "reference"
-    write_gptq_checkpoint(tiny_model_dir, gptq, reference, block_name)
+    GPTQ: without a block name optimum finds no decoder layers; with the 4.x name it left them randomly
+    initialised. AWQ: every linear layer not listed as kept (by any name) was converted, the encoders'
+    too. The server names transformers 5's paths, and answers as the dequantized weights do."""
+    checkpoint, reference = tmp_path / method, tmp_path / "reference"
+    write_quantized_checkpoint(tiny_model_dir, checkpoint, reference, method, **names)
     question = {"text": "Hello, who are you?", "max_new_tokens": "8"}
     server, url = start_server(
-        tmp_path, {"MODEL_PATH": str(gptq), "DEVICE_MAP": "cpu"}, timeout=180, stderr=subprocess.DEVNULL
+        tmp_path, {"MODEL_PATH": str(checkpoint), "DEVICE_MAP": "cpu"}, timeout=180, stderr=subprocess.DEVNULL
     )
     try:
         about = httpx.get(f"{url}/", timeout=10).json()["model"]["quantization"]
@@ -382,29 +407,33 @@ def test_a_gptq_checkpoint_serves_its_own_weights(tiny_model_dir, tmp_path, bloc
     finally:
         server.terminate()
         server.wait(30)
-    assert about["scheme"] == "gptq" and about["quantized"] == "language_model: 14 linear layers of its decoder layers"
+    assert about["scheme"] == method and about["quantized"] == "language_model: 14 linear layers of its decoder layers"
     plain = OmniEngine.load(tiny_settings(reference))
     expected = plain.generate(GenerationRequest(text=question["text"], system_prompt=None, max_new_tokens=8))
     assert answer["text"] == expected.text and answer["usage"]["completion_tokens"] == expected.completion_tokens
 
 
 def test_a_quantized_checkpoint_with_quantization_set_is_refused_at_start(tiny_model_dir, tmp_path):
-    write_gptq_checkpoint(tiny_model_dir, tmp_path / "gptq", tmp_path / "reference", None)
+    write_quantized_checkpoint(tiny_model_dir, tmp_path / "gptq", tmp_path / "reference", "gptq")
     result = start_quietly(tmp_path, MODEL_PATH=str(tmp_path / "gptq"), QUANTIZATION="nf4")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "MODEL_PATH is already quantized (gptq); set QUANTIZATION=none" in result.stderr
     assert "Started server" not in result.stderr
 
 
-def test_an_awq_checkpoint_is_refused_at_start_with_one_line(tiny_model_dir, tmp_path):
-    awq = tmp_path / "awq"
-    shutil.copytree(tiny_model_dir, awq)
-    config = json.loads((awq / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}
-    (awq / "config.json").write_text(json.dumps(config))
-    result = start_quietly(tmp_path, MODEL_PATH=str(awq))
+@pytest.mark.parametrize(("method", "bits"), [("fp8", 8), ("gptq", 8)])
+def test_another_method_or_width_is_refused_at_start_with_one_line(tiny_model_dir, tmp_path, method, bits):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": bits}
+    (other / "config.json").write_text(json.dumps(config))
+    result = start_quietly(tmp_path, MODEL_PATH=str(other))
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "MODEL_PATH's checkpoint is quantized with AWQ (4-bit), which this server does not load" in result.stderr
+    expected = (
+        f"MODEL_PATH's checkpoint is quantized with {method.upper()} ({bits}-bit), which this server does not load"
+    )
+    assert expected in result.stderr
 
 
 def test_a_gptq_checkpoint_without_gptqmodel_is_refused_with_what_to_install(tiny_model_dir):
