@@ -363,6 +363,31 @@ def write_quantized_checkpoint(source: Path, target: Path, reference: Path, meth
     (target / "config.json").write_text(json.dumps(config, indent=2))
 
 
+class Packed(torch.nn.Module):
+    """Stands in for a GPTQ/AWQ layer: what check_loaded looks for is its packed `qweight`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("qweight", torch.zeros(1, dtype=torch.int32))
+
+
+def test_quantized_layers_under_other_names_are_refused_after_loading(tiny_model_dir):
+    skeleton = build_skeleton(load_config(str(tiny_model_dir)))
+    path = find_component(skeleton, "language_model")
+    with pytest.raises(quantization.QuantizationError, match="^14 linear layers of the language model were not"):
+        quantization.check_loaded(skeleton, "gptq", path)
+    for layer in skeleton.get_submodule(path).layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(layer.self_attn, name, Packed())
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(layer.mlp, name, Packed())
+    quantization.check_loaded(skeleton, "awq", path)  # the decoder layers only: as it should be
+    skeleton.thinker.model.visual.blocks[0].mlp.up_proj = Packed()
+    with pytest.raises(quantization.QuantizationError, match="quantizes thinker.model.visual.blocks.0.mlp.up_proj"):
+        quantization.check_loaded(skeleton, "awq", path)
+    quantization.check_loaded(skeleton, "nf4", path)  # QUANTIZATION's own layers are not checked
+
+
 def start_quietly(tmp_path: Path, **env) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "DEVICE_", "QUANTIZATION"))}
     environment.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PORT": "18437", **env})
