@@ -16,7 +16,7 @@ import numpy as np
 import soundfile
 from fastapi import Depends, HTTPException, Request
 
-from generation import GenerationRequest
+from generation import GenerationRequest, OutOfMemory
 from model_worker import ModelWorker, QueueFull
 from modeling_low_vram import ConfigError, ModelLoadError, OmniEngine
 from settings import Settings
@@ -86,6 +86,14 @@ def submit_generation(worker: ModelWorker, engine, generation: GenerationRequest
         raise HTTPException(
             503, f"the server is busy ({error}); retry shortly", headers={"Retry-After": "10"}
         ) from None
+
+
+OUT_OF_MEMORY_RETRY_SECONDS = 10
+
+
+def out_of_memory_error(error: OutOfMemory) -> HTTPException:
+    """A request that ran out of memory: 503, retry later or with less (the message says what to lower)."""
+    return HTTPException(503, str(error), headers={"Retry-After": str(OUT_OF_MEMORY_RETRY_SECONDS)})
 
 
 def abandon(job: Future, generation: GenerationRequest) -> None:

@@ -28,6 +28,10 @@ class SpeechError(ValueError):
     """Speech was asked for and cannot be given (no talker, unknown voice); the message says why."""
 
 
+class OutOfMemory(RuntimeError):
+    """The request ran out of GPU (or host) memory; its memory is freed. The message says what to lower."""
+
+
 @dataclass
 class VideoInput:
     frames: list[Image.Image]

@@ -5,7 +5,7 @@ settings into a placement on this machine, loads the checkpoint with it, and gen
 framework here: the API calls `OmniEngine.generate` through a `ModelWorker`, the single thread
 that owns the model.
 
-    python modeling_low_vram.py plan --model PATH_OR_CONFIG_JSON --gpu-gib 8 [--json]
+    python modeling_low_vram.py plan --model 3b --gpu-gib 8 [--json]    # 3b, 7b, a checkpoint or config.json
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ from transformers import StoppingCriteriaList
 from generation import Cancelled, GenerationRequest, GenerationResult, SpeechError, cut_at_stop
 from placement import (
     COMPONENT_PATHS,
+    CPU,
+    ENCODERS,
     GPU,
+    OFFLOAD,
     PRESETS,
     SPEECH_COMPONENTS,
     ConfigError,
@@ -41,11 +44,20 @@ from placement import (
     attention_for,
     build_skeleton,
     check_device,
-    find_component,
+    honest_placement,
     module_device_map,
-    on_gpu,
+    find_component,
     parse_device_map,
     plan_placement,
+    runs_on_gpu,
+)
+from residency import (
+    cpu_budgets,
+    keep_last_logits,
+    make_resident,
+    recovers_from_out_of_memory,
+    run_on_cpu,
+    warm_up,
 )
 from prompts import OFFICIAL_SYSTEM_PROMPT  # noqa: F401 - where the speech side has always found it
 from prompts import IMAGE_PATCH_SIZE, MediaTokenIds, PromptBuilder
@@ -55,6 +67,11 @@ from streaming import StopWhenSet, TextDeltas
 
 logger = logging.getLogger(__name__)
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
+MODEL_SHORTHANDS = {  # architecture configs carried in the repository: plans need no download
+    "3b": CONFIGS / "qwen2.5-omni-3b.config.json",
+    "7b": CONFIGS / "qwen2.5-omni-7b.derived.config.json",
+}
 # Sampling fields of a checkpoint's generation_config that apply when a request leaves them unset (as vLLM).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
 # What an unset field means when the checkpoint does not set it either (OpenAI's and vLLM's defaults).
@@ -106,7 +123,9 @@ def check_placement_settings(settings: Settings, cuda_available: bool | None = N
     placement = parse_device_map(settings.device_map)
     if placement is None:
         return None
-    needs_cuda = sorted(c for c, d in placement.items() if (settings.gpu_device if d == GPU else d).startswith("cuda"))
+    needs_cuda = sorted(
+        c for c, d in placement.items() if (settings.gpu_device if d in (GPU, OFFLOAD) else d).startswith("cuda")
+    )
     if needs_cuda and not cuda_available:
         raise ConfigError(
             f"DEVICE_MAP={settings.device_map!r} puts {', '.join(needs_cuda)} on cuda, but no CUDA GPU is "
@@ -132,8 +151,7 @@ def resolve_placement(settings: Settings, config=None, cuda_available: bool | No
             budget,
             resolve_dtype(settings, uses_gpu=True),
             audio_output=settings.enable_audio_output,
-            context_tokens=settings.max_context_tokens,
-            max_visual_patches=largest_visual_patches(settings),
+            **planning_budgets(settings),
             quantization=settings.quantization,
         )
         if plan.fits:
@@ -147,8 +165,26 @@ def resolve_placement(settings: Settings, config=None, cuda_available: bool | No
     components = {c: settings.gpu_device if d == GPU else d for c, d in chosen.items()}
     if not settings.enable_audio_output:
         components = {c: d for c, d in components.items() if c not in SPEECH_COMPONENTS}
+    components, notes = honest_placement(components, runs_on_cuda(components, settings))
+    for note in notes:
+        logger.warning("DEVICE_MAP: %s", note)
     gpu_layers = plan.language_model_layers["gpu"] if plan and plan.language_model_layers else None
     return Placement(components, gpu_layers, plan)
+
+
+def runs_on_cuda(components: dict[str, str], settings: Settings) -> bool:
+    """Whether any component computes on a CUDA GPU (offloaded and split ones do)."""
+    return any(d.startswith("cuda") or (runs_on_gpu(d) and uses_gpu_device(settings)) for d in components.values())
+
+
+def planning_budgets(settings: Settings) -> dict[str, Any]:
+    """The largest request the settings allow, as the planner's arguments."""
+    return {
+        "context_tokens": settings.max_context_tokens,
+        "max_visual_patches": largest_visual_patches(settings),
+        "max_audio_seconds": settings.max_audio_seconds * settings.max_files_per_field,
+        "max_speech_seconds": settings.max_speech_seconds,
+    }
 
 
 def largest_visual_patches(settings: Settings) -> int:
@@ -167,15 +203,58 @@ def _gpu_budget(settings: Settings) -> int:
     return int(free)
 
 
-def resolve_dtype(settings: Settings, uses_gpu: bool) -> torch.dtype:
-    """DTYPE as a torch dtype: auto is bf16 where the GPU supports it, else fp16; fp32 on CPU only."""
+def resolve_dtype(settings: Settings, uses_gpu: bool, config=None) -> torch.dtype:
+    """DTYPE as a torch dtype: auto is bf16 where the GPU supports it, else fp16; on the CPU, float32
+    where the whole model fits the free RAM with headroom (see `cpu_dtype`), else bfloat16."""
     if settings.dtype != "auto":
         return getattr(torch, settings.dtype)
     if uses_gpu and torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if uses_gpu:
         return torch.float16
-    return torch.float32
+    if config is None:
+        return torch.float32
+    return cpu_dtype(settings, config)[0]
+
+
+HOST_HEADROOM = 1.15  # what DTYPE=auto leaves free beyond the plan's host RAM, as a factor
+
+
+def cpu_dtype(settings: Settings, config, available_bytes: int | None = None) -> tuple[torch.dtype, str]:
+    """float32 where the all-CPU plan in float32 fits the available RAM with headroom (fast on every
+    CPU), else bfloat16 (half the memory; slow on CPUs without AVX512-BF16/AMX); and why."""
+    available = available_host_bytes() if available_bytes is None else available_bytes
+    needed = cpu_plan(settings, config, torch.float32).host_bytes
+    if needed * HOST_HEADROOM <= available:
+        return torch.float32, f"float32 needs {needed / GiB:.1f} GiB of RAM, {available / GiB:.1f} GiB is available"
+    half = cpu_plan(settings, config, torch.bfloat16).host_bytes
+    return torch.bfloat16, (
+        f"float32 would need {needed / GiB:.1f} GiB of RAM, only {available / GiB:.1f} GiB is available: "
+        f"bfloat16 needs {half / GiB:.1f} GiB (slower on CPUs without AVX512-BF16/AMX; set DTYPE to choose)"
+    )
+
+
+def cpu_plan(settings: Settings, config, dtype: torch.dtype) -> Plan:
+    """The all-CPU placement's costs, host RAM included."""
+    config = copy.deepcopy(config)
+    return plan_placement(
+        config,
+        0,
+        dtype,
+        audio_output=settings.enable_audio_output,
+        placement=dict(PRESETS["cpu"]),
+        **planning_budgets(settings),
+        quantization=settings.quantization,
+    )
+
+
+def available_host_bytes() -> int:
+    """MemAvailable from /proc/meminfo (free RAM the kernel can hand out), else the total."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as meminfo:
+            line = next(line for line in meminfo if line.startswith("MemAvailable:"))
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def memory_in_use() -> dict[str, int]:
@@ -214,12 +293,15 @@ class OmniEngine:
         self.prompts = PromptBuilder(processor, MediaTokenIds.of(model.config.thinker_config), settings)
         self.sampling_defaults = sampling_defaults(getattr(model, "generation_config", None))
         self._description = self._describe()
+        self.startup: dict[str, float] = {}  # load and warm-up seconds, set by `load`
 
     @classmethod
     def load(cls, settings: Settings) -> OmniEngine:
-        """Load MODEL_PATH with the configured placement and dtype (weights from disk or the hub)."""
+        """Load MODEL_PATH with the configured placement and dtype (weights from disk or the hub), copy
+        the weights into memory and warm every component up: loaded means ready to serve at full pace."""
         from transformers import Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniProcessor
 
+        started = time.perf_counter()
         if settings.cpu_threads:
             torch.set_num_threads(settings.cpu_threads)
         config = load_config(settings.model_path)
@@ -227,8 +309,12 @@ class OmniEngine:
         placement = resolve_placement(settings, config)
         if placement.plan is not None:
             logger.info("DEVICE_MAP=auto planned:\n%s", placement.plan.table())
-        uses_gpu = any(on_gpu(d) for d in placement.components.values())
-        dtype = resolve_dtype(settings, uses_gpu)
+        uses_gpu = runs_on_cuda(placement.components, settings)
+        if uses_gpu or settings.dtype != "auto":
+            dtype = resolve_dtype(settings, uses_gpu)
+        else:
+            dtype, why = cpu_dtype(settings, config)
+            logger.info("DTYPE=auto on the CPU: %s (%s)", str(dtype).removeprefix("torch."), why)
         attention = attention_for(settings.attn_implementation, placement.components)
         device_map = module_device_map(
             build_skeleton(config), placement.components, placement.gpu_layers, settings.gpu_device
@@ -251,13 +337,32 @@ class OmniEngine:
             raise ModelLoadError(
                 f"could not load the checkpoint at MODEL_PATH={settings.model_path!r}: {error}"
             ) from error
-        return cls(model, processor, settings, placement, dtype)
+        for encoder in ENCODERS:
+            if uses_gpu and placement.components.get(encoder) == CPU:
+                run_on_cpu(model.get_submodule(find_component(model, encoder)))
+        keep_last_logits(model.thinker.lm_head)
+        resident = make_resident(model)
+        if not uses_gpu:
+            updates, cost = cpu_budgets(settings, model, dtype)
+            logger.info("on the CPU: %s", cost)
+            settings = settings.model_copy(update=updates) if updates else settings
+        engine = cls(model, processor, settings, placement, dtype)
+        loaded = time.perf_counter()
+        engine.startup = {
+            "load_seconds": round(loaded - started, 2),
+            "warmup_seconds": round(warm_up(engine), 2),
+            "resident_bytes": resident,
+        }
+        logger.info(
+            "loaded in %.1f s, warmed up in %.1f s", engine.startup["load_seconds"], engine.startup["warmup_seconds"]
+        )
+        return engine
 
     # -- description
 
     def describe(self) -> dict[str, Any]:
         """What runs where: the model, dtype, devices, and the placement actually used."""
-        return dict(self._description)
+        return {**self._description, **({"startup": dict(self.startup)} if self.startup else {})}
 
     def _describe(self) -> dict[str, Any]:
         """The description, worked out once: placement does not change after loading."""
@@ -316,6 +421,7 @@ class OmniEngine:
 
     # -- generation
 
+    @recovers_from_out_of_memory
     def generate(self, request: GenerationRequest) -> GenerationResult:
         """Build the prompt, run the processor and the thinker; returns the decoded answer."""
         speaker = self.check_speech(request.speaker) if request.return_audio else None
@@ -516,9 +622,14 @@ def _plan_command(argv: list[str]) -> int:
         prog="python modeling_low_vram.py plan",
         description="Plan where Qwen2.5-Omni runs for a GPU memory budget (no GPU needed).",
     )
-    parser.add_argument("--model", required=True, help="checkpoint folder, hub id, or a config.json file")
+    parser.add_argument(
+        "--model", required=True, help="3b or 7b (the configs in configs/), a checkpoint folder, hub id, or config.json"
+    )
     parser.add_argument("--gpu-gib", type=float, required=True, help="GPU memory budget in GiB")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument(
+        "--device-map", default="auto", help="auto (plan), or a preset / JSON map to cost (see DEVICE_MAP)"
+    )
     parser.add_argument("--audio-output", action="store_true", help="also place the talker and token2wav")
     parser.add_argument(
         "--quantization",
@@ -536,17 +647,20 @@ def _plan_command(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.model)
-    except ModelLoadError as error:
+        config = load_config(str(MODEL_SHORTHANDS.get(args.model.lower(), args.model)))
+        chosen = parse_device_map(args.device_map)
+    except (ModelLoadError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if chosen is not None:
+        chosen, _ = honest_placement(chosen, any(runs_on_gpu(d) for d in chosen.values()))
     plan = plan_placement(
         config,
         int(args.gpu_gib * GiB),
         getattr(torch, args.dtype),
         audio_output=args.audio_output,
-        context_tokens=args.context,
-        max_visual_patches=largest_visual_patches(settings),
+        placement=chosen,
+        **{**planning_budgets(settings), "context_tokens": args.context},
         quantization=args.quantization,
     )
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
@@ -556,8 +670,8 @@ def _plan_command(argv: list[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] != ["plan"]:
         sys.exit(
-            "usage: python modeling_low_vram.py plan --model PATH_OR_CONFIG_JSON --gpu-gib N "
-            "[--dtype D] [--audio-output] [--quantization none|int8|nf4] [--context N] [--json]"
+            "usage: python modeling_low_vram.py plan --model 3b|7b|PATH_OR_CONFIG_JSON --gpu-gib N "
+            "[--dtype D] [--device-map M] [--audio-output] [--quantization none|int8|nf4] [--context N] [--json]"
         )
     from transformers.utils import logging as transformers_logging
 

@@ -27,9 +27,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import openai_api
-from deps import EngineDep, ModelState, SettingsDep, WorkerDep, run_generation, wav_bytes
+from deps import EngineDep, ModelState, SettingsDep, WorkerDep, out_of_memory_error, run_generation, wav_bytes
 from middleware import ApiKey, BodySizeLimit, RequestId, RequestIdFilter
-from generation import GenerationRequest, GenerationResult, InputRejected, PromptTooLong, SpeechError
+from generation import GenerationRequest, GenerationResult, InputRejected, OutOfMemory, PromptTooLong, SpeechError
 from model_worker import ModelWorker
 from modeling_low_vram import (
     SPEECH_SAMPLE_RATE,
@@ -116,6 +116,10 @@ def create_app(
         if request.url.path.startswith("/v1/"):
             return openai_api.error_response(error.status_code, str(error.detail), error.headers)
         return JSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)
+
+    @app.exception_handler(OutOfMemory)
+    async def out_of_memory(request: Request, error: OutOfMemory) -> JSONResponse:
+        return await http_error(request, out_of_memory_error(error))
 
     @app.exception_handler(openai_api.OpenAIError)
     async def openai_error(request: Request, error: openai_api.OpenAIError) -> JSONResponse:

@@ -26,12 +26,22 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 import media
-from deps import EngineDep, SettingsDep, WorkerDep, abandon, run_generation, submit_generation, wav_bytes
+from deps import (
+    EngineDep,
+    SettingsDep,
+    WorkerDep,
+    abandon,
+    out_of_memory_error,
+    run_generation,
+    submit_generation,
+    wav_bytes,
+)
 from generation import (
     ChatTurn,
     GenerationRequest,
     GenerationResult,
     InputRejected,
+    OutOfMemory,
     PromptTooLong,
     SpeechError,
 )
@@ -309,8 +319,11 @@ async def stream_events(
             yield chunk(completion_id, model, {}, finish_reason=result.finish_reason, warnings=result.warnings)
             if include_usage:
                 yield chunk(completion_id, model, None, usage=usage_of(result))
-        except (OpenAIError, InputRejected, SpeechError) as error:
-            if not isinstance(error, OpenAIError):
+        except (OpenAIError, InputRejected, SpeechError, OutOfMemory) as error:
+            if isinstance(error, OutOfMemory):  # the status is sent already: the event carries it
+                http = out_of_memory_error(error)
+                error = OpenAIError(http.status_code, http.detail, kind="server_error", code="out_of_memory")
+            elif not isinstance(error, OpenAIError):
                 error = OpenAIError(
                     400, str(error), code="context_length_exceeded" if isinstance(error, PromptTooLong) else None
                 )

@@ -6,9 +6,12 @@ so a device map keeps working when transformers moves modules (5.x turned `think
 into `thinker.model.visual`, which silently broke hard-coded maps).
 
 The planner sizes every component from the config alone (the architecture is built on the meta
-device: no weights, no GPU), reserves headroom for the KV cache and activations of the planning
-context, and fills the GPU budget: encoders leave the GPU first, then the speech modules, and
-the language model last, split by decoder layers when even it does not fit.
+device: no weights, no GPU), sizes the activations of the largest request the budgets allow (the
+KV cache for the whole context, the encoders on the most pixels and the longest audio, the talker's
+inputs), and fills the GPU budget: encoders are offloaded first (weights cross PCIe once per
+request), then run on the CPU, then the speech modules are offloaded, and the language model is
+split last (offloaded layers cross PCIe for every token). Each plan says what crosses PCIe, the
+host RAM it needs, and which parts will be slow.
 """
 
 from __future__ import annotations
@@ -39,14 +42,19 @@ COMPONENT_PATHS: dict[str, tuple[str, ...]] = {
 COMPONENTS = tuple(COMPONENT_PATHS)
 SPEECH_COMPONENTS = ("talker", "token2wav")
 GPU = "gpu"  # placeholder in presets, replaced by the configured GPU device (GPU_DEVICE)
+# Where a component can be: on the GPU; `offload`: weights in host RAM, run on the GPU (accelerate
+# streams the weights in at every call); `cpu`: run on the CPU (for an encoder in a GPU plan, only its
+# output embeddings move to the GPU); `split`: a language model with some decoder layers offloaded.
+OFFLOAD = "offload"
+CPU = "cpu"
+SPLIT = "split"
+ENCODERS = ("visual", "audio_tower")
 PRESETS: dict[str, dict[str, str]] = {
     "gpu": dict.fromkeys(COMPONENTS, GPU),
-    "low-vram": {**dict.fromkeys(COMPONENTS, GPU), "visual": "cpu", "audio_tower": "cpu"},
-    "cpu": dict.fromkeys(COMPONENTS, "cpu"),
+    "low-vram": {**dict.fromkeys(COMPONENTS, GPU), "visual": OFFLOAD, "audio_tower": OFFLOAD},
+    "low-vram-cpu": {**dict.fromkeys(COMPONENTS, GPU), "visual": CPU, "audio_tower": CPU},
+    "cpu": dict.fromkeys(COMPONENTS, CPU),
 }
-# Leaving the GPU first to last; the language model (with lm_head) is only ever split, last.
-OFFLOAD_ORDER = ("audio_tower", "visual", "token2wav", "talker")
-SPLIT = "split"  # placement of a language model whose decoder layers straddle GPU and CPU
 WORKSPACE_BYTES = 256 * 1024**2  # CUDA kernels' scratch space, allocator fragmentation
 
 
@@ -85,19 +93,35 @@ def check_device(what: str, device: Any) -> str:
     """A device string torch understands, of a kind we support (cpu, cuda[:N])."""
     if not isinstance(device, str):
         raise ConfigError(f"{what}: the device must be a string like 'cpu' or 'cuda:0'")
-    if device == GPU:
+    if device in (GPU, OFFLOAD):
         return device
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"{what} -> {device!r} is not a device (use 'cpu', 'cuda' or 'cuda:N')") from None
+        raise ConfigError(
+            f"{what} -> {device!r} is not a device (use 'cpu', 'offload', 'gpu', 'cuda' or 'cuda:N')"
+        ) from None
     if parsed.type not in ("cpu", "cuda"):
         raise ConfigError(f"{what} -> {device!r}: only cpu and cuda devices are supported")
     return device
 
 
 def on_gpu(device: str) -> bool:
+    """Whether a component placed on `device` keeps weights on the GPU (a split language model, some)."""
     return device in (GPU, SPLIT) or device.startswith("cuda")
+
+
+def honest_placement(placement: dict[str, str], gpu_used: bool) -> tuple[dict[str, str], list[str]]:
+    """In a placement that uses a GPU, a non-encoder component on `cpu` would run on the GPU with its
+    weights streamed in (accelerate offloads it): call it `offload`. Only the encoders run on the CPU."""
+    if not gpu_used:
+        return dict(placement), []
+    renamed = {c: OFFLOAD if d == CPU and c not in ENCODERS else d for c, d in placement.items()}
+    changed = sorted(c for c in placement if renamed[c] != placement[c])
+    notes = (
+        [f"{', '.join(changed)}: 'cpu' in a GPU placement is offloaded (weights on CPU, run on GPU)"] if changed else []
+    )
+    return renamed, notes
 
 
 def attention_for(wanted: str, placement: dict[str, str]) -> str:
@@ -107,7 +131,7 @@ def attention_for(wanted: str, placement: dict[str, str]) -> str:
     if importlib.util.find_spec("flash_attn") is None:
         logger.warning("ATTN_IMPLEMENTATION=flash_attention_2, but flash-attn is not installed: using sdpa")
         return "sdpa"
-    on_cpu = sorted(c for c, d in placement.items() if d == "cpu" or d == SPLIT)
+    on_cpu = sorted(c for c, d in placement.items() if d == CPU)
     if on_cpu:
         logger.warning("flash_attention_2 cannot run %s on the CPU: using sdpa", ", ".join(on_cpu))
         return "sdpa"
@@ -141,7 +165,7 @@ def module_device_map(
         if path is None:
             continue
         if device != SPLIT:
-            device_map[path] = gpu_device if device == GPU else device
+            device_map[path] = gpu_device if device == GPU else "cpu" if device == OFFLOAD else device
             continue
         for name, child in model.get_submodule(path).named_children():
             if isinstance(child, torch.nn.ModuleList):
@@ -163,50 +187,56 @@ def build_skeleton(config) -> torch.nn.Module:
 
 # ---------------------------------------------------------------- the planner
 
+PCIE_BYTES_PER_SECOND = 25e9  # a PCIe 4.0 x16 link in practice: the plan's transfer-time estimates
+HOST_BASE_BYTES = 2 * GiB  # Python, torch, the processor and the CUDA context, on the host
+TOKEN2WAV_DIT_CALLS = 36  # token2wav's Runge-Kutta solver calls its DiT 4 times in each of 9 steps
+CODES_PER_SECOND = 50  # the talker's codec tokens per second of speech (24 kHz / 480 samples)
+AUDIO_TOKENS_PER_SECOND = 25
+# When the model does not fit, these moves are tried in order; the language model is split last.
+# `offload` keeps an encoder's speed (its weights cross PCIe once per request); `cpu` frees its
+# activations too but computes on the CPU; an offloaded talker moves its weights for every codec token.
+FIT_STEPS = (
+    ("audio_tower", OFFLOAD),
+    ("visual", OFFLOAD),
+    ("token2wav", OFFLOAD),
+    ("audio_tower", CPU),
+    ("visual", CPU),
+    ("talker", OFFLOAD),
+)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What one request may bring, from the settings: the activations are sized for it."""
+
+    context_tokens: int = 8192
+    max_visual_patches: int | None = None  # vision patches of one request; None: all the context admits
+    max_audio_seconds: float = 300  # audio of one request, all clips together
+    max_speech_seconds: float = 180  # the longest spoken answer
+
 
 @dataclass
 class ComponentSize:
     params: int
     bytes: int
+    largest_module_bytes: int = 0  # what an offload hook moves in at once (one module's own weights)
 
 
 @dataclass
-class Plan:
-    placement: dict[str, str]
-    components: dict[str, ComponentSize]
-    headroom_bytes: int
-    predicted_gpu_bytes: int
-    budget_bytes: int
-    fits: bool
-    language_model_layers: dict[str, int] | None = None  # {"gpu": n, "cpu": m} when split
-    dtype: str = "float16"
-    context_tokens: int = 8192
-    notes: list[str] = field(default_factory=list)
-    quantization: str = "none"  # the language model's weights: none, int8, nf4 (QUANTIZATION) or gptq (checkpoint)
+class Cost:
+    """One component in a plan: where its weights live, where it runs, and what crosses PCIe."""
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    device: str  # gpu, offload, cpu or split
+    gpu_bytes: int  # weights resident on the GPU
+    host_bytes: int  # weights in host RAM
+    moved_per_request: int = 0
+    moved_per_token: int = 0  # per new text token (talker: per codec token)
+    slow: str = ""
 
-    def table(self) -> str:
-        """The plan as a table a person can read."""
-        rows = [f"{'component':<15} {'params':>8} {'size':>10}  device"]
-        for name, size in self.components.items():
-            device = self.placement[name]
-            if device == SPLIT and self.language_model_layers:
-                layers = self.language_model_layers
-                device = f"split: {layers['gpu']} layers on GPU, {layers['cpu']} on CPU"
-            rows.append(f"{name:<15} {size.params / 1e9:>7.2f}B {size.bytes / GiB:>6.2f} GiB  {device}")
-        rows.append(
-            f"{'headroom':<15} {'':>8} {self.headroom_bytes / GiB:>6.2f} GiB  "
-            f"(KV cache and activations for {self.context_tokens} tokens, workspace)"
-        )
-        verdict = "fits" if self.fits else "DOES NOT FIT"
-        rows.append(
-            f"predicted peak GPU memory: {self.predicted_gpu_bytes / GiB:.2f} GiB of "
-            f"{self.budget_bytes / GiB:.2f} GiB ({self.dtype}{_quantized(self.quantization)}): {verdict}"
-        )
-        rows += [f"note: {note}" for note in self.notes]
-        return "\n".join(rows)
+
+def bytes_per_param(component: str, dtype: torch.dtype) -> float:
+    """The stored size of one weight of `component` (token2wav always runs in float32)."""
+    return 4 if component == "token2wav" else torch.finfo(dtype).bits // 8
 
 
 def _quantized(scheme: str) -> str:
@@ -216,47 +246,289 @@ def _quantized(scheme: str) -> str:
 def component_sizes(
     skeleton: torch.nn.Module, dtype: torch.dtype, quantization: str = "none", group_size: int = 128
 ) -> dict[str, ComponentSize]:
-    """Parameters and bytes of each component present; token2wav always runs in float32, and the
-    language model's decoder layers at their quantized bytes (see quantization.py)."""
+    """Parameters and bytes of each component present: the one place weights are sized (the language
+    model's decoder layers at their quantized bytes, see quantization.py)."""
     sizes = {}
     for component in COMPONENTS:
         path = find_component(skeleton, component)
         if path is None:
             continue
         module = skeleton.get_submodule(path)
+        element = bytes_per_param(component, dtype)
         params = sum(p.numel() for p in module.parameters())
-        element = 4 if component == "token2wav" else torch.finfo(dtype).bits // 8
-        size = params * element
+        largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
+        size = int(params * element)
         if component == "language_model" and quantization != "none":
             size = quantized_parameter_bytes(module, quantization, dtype, group_size)
-        sizes[component] = ComponentSize(params=params, bytes=size)
+        sizes[component] = ComponentSize(params, size, int(largest * element))
     return sizes
 
 
-def headroom_bytes(
-    config, context_tokens: int, dtype: torch.dtype, placement: dict[str, str], max_visual_patches: int | None = None
-) -> int:
-    """GPU memory beyond the weights: the KV cache and one layer's activations for the context,
-    plus the encoders' activations for the largest input they may see, where they are on the GPU.
+def _decoder_layers(skeleton: torch.nn.Module) -> torch.nn.ModuleList:
+    path = find_component(skeleton, "language_model")
+    return next(c for c in skeleton.get_submodule(path).children() if isinstance(c, torch.nn.ModuleList))
 
-    The vision encoder sees at most `max_visual_patches` (what the pixel budgets allow), and never
-    more than the context admits: a longer prompt is refused before it reaches the model."""
+
+def activation_bytes(config, budgets: Budgets, dtype: torch.dtype, audio_output: bool) -> dict[str, int]:
+    """Peak memory beyond the weights, by what holds it, for the largest request the budgets allow.
+
+    vision: the vision encoder on every patch one request may bring (never more than the context
+    admits); audio: the audio encoder on the longest audio allowed; kv_cache: the thinker's cache for
+    the whole context; prefill: one decoder layer's activations over the prompt (logits for its last
+    position only); talker_states: the thinker's hidden states of every layer, which the talker reads;
+    talker and token2wav: the longest spoken answer."""
     element = torch.finfo(dtype).bits // 8
-    text = config.thinker_config.text_config
+    thinker = config.thinker_config
+    text, vision, audio = thinker.text_config, thinker.vision_config, thinker.audio_config
+    tokens = budgets.context_tokens
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_cache = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * context_tokens * element
-    prefill = context_tokens * (2 * text.intermediate_size + 4 * text.hidden_size) * element
-    total = kv_cache + prefill + WORKSPACE_BYTES
-    if on_gpu(placement.get("visual", "cpu")):
-        vision = config.thinker_config.vision_config
-        patches = context_tokens * vision.spatial_merge_size**2  # more would not fit the context
-        if max_visual_patches is not None:
-            patches = min(patches, max_visual_patches)
-        total += patches * (2 * vision.intermediate_size + 4 * vision.hidden_size) * element
-    if on_gpu(placement.get("audio_tower", "cpu")):
-        audio = config.thinker_config.audio_config
-        total += audio.max_source_positions * (2 * audio.encoder_ffn_dim + 4 * audio.d_model) * element
-    return total
+    patches = tokens * vision.spatial_merge_size**2
+    if budgets.max_visual_patches is not None:
+        patches = min(patches, budgets.max_visual_patches)
+    pixels_per_patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    seconds = min(budgets.max_audio_seconds, tokens / AUDIO_TOKENS_PER_SECOND)
+    positions = int(seconds * 2 * AUDIO_TOKENS_PER_SECOND)  # after the encoder's stride-2 convolution
+    acts = {
+        "vision": patches * (2 * vision.intermediate_size + 6 * vision.hidden_size + pixels_per_patch) * element,
+        "audio": positions * (2 * audio.encoder_ffn_dim + 6 * audio.d_model + 2 * audio.num_mel_bins) * element,
+        "kv_cache": 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * tokens * element,
+        "prefill": tokens * (3 * text.intermediate_size + 7 * text.hidden_size) * element + text.vocab_size * 8,
+        "talker_states": 0,
+        "talker": 0,
+        "token2wav": 0,
+    }
+    if audio_output:
+        talker = config.talker_config
+        codes = int(budgets.max_speech_seconds * CODES_PER_SECOND)
+        talker_head = getattr(talker, "head_dim", None) or talker.hidden_size // talker.num_attention_heads
+        acts["talker_states"] = (text.num_hidden_layers + 2) * tokens * text.hidden_size * element
+        acts["talker"] = (
+            2 * talker.num_hidden_layers * talker.num_key_value_heads * talker_head * (tokens + codes) * element
+            + tokens * (3 * talker.intermediate_size + 7 * talker.hidden_size + talker.embedding_size) * element
+        )
+        dit, bigvgan = config.token2wav_config.dit_config, config.token2wav_config.bigvgan_config
+        frames = codes * dit.repeats
+        # The DiT runs guided and unguided together (batch 2) with a frame-by-frame block mask.
+        dit_bytes = (2 * frames * dit.hidden_size * (2 * dit.ff_mult + 6) + frames * frames) * 4
+        length, channels, stage = frames, bigvgan.upsample_initial_channel, 0
+        for rate in bigvgan.upsample_rates:
+            length, channels = length * rate, channels // 2
+            stage = max(stage, length * channels * 4)
+        acts["token2wav"] = max(dit_bytes, 4 * stage)  # input, output, a residual block's and its upsampled copy
+    acts["vision_patches"] = patches
+    acts["audio_seconds"] = int(seconds)
+    return acts
+
+
+def runs_on_gpu(device: str) -> bool:
+    """Whether a component placed on `device` computes on the GPU (offloaded ones do)."""
+    return device in (OFFLOAD, SPLIT) or on_gpu(device)
+
+
+@dataclass
+class Plan:
+    placement: dict[str, str]
+    components: dict[str, ComponentSize]
+    headroom_bytes: int  # GPU memory beyond resident weights: activations, KV cache, offload buffers, workspace
+    predicted_gpu_bytes: int
+    budget_bytes: int
+    fits: bool
+    language_model_layers: dict[str, int] | None = None  # {"gpu": n, "cpu": m} when split
+    dtype: str = "float16"
+    context_tokens: int = 8192
+    notes: list[str] = field(default_factory=list)
+    quantization: str = "none"  # the language model's weights: none, int8, nf4 (QUANTIZATION), gptq or awq
+    costs: dict[str, Cost] = field(default_factory=dict)
+    activations: dict[str, int] = field(default_factory=dict)
+    host_bytes: int = 0  # host RAM the placement needs: weights kept there, CPU-side activations, the process
+    moved_per_token: int = 0
+    moved_per_request: int = 0
+
+    @property
+    def slow(self) -> list[str]:
+        return [f"{name}: {cost.slow}" for name, cost in self.costs.items() if cost.slow]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "slow": self.slow}
+
+    def table(self) -> str:
+        """The plan as a table a person can read."""
+        rows = [
+            f"{'component':<15} {'params':>7} {'weights':>9}  {'device':<8} {'GPU':>9} {'host':>9} "
+            f"{'moved/request':>13} {'moved/token':>11}  note"
+        ]
+        for name, size in self.components.items():
+            cost = self.costs[name]
+            device = cost.device
+            if device == SPLIT and self.language_model_layers:
+                device = f"split {self.language_model_layers['gpu']}/{sum(self.language_model_layers.values())}"
+            rows.append(
+                f"{name:<15} {size.params / 1e9:>6.2f}B {_gib(size.bytes):>9}  {device:<8} {_gib(cost.gpu_bytes):>9} "
+                f"{_gib(cost.host_bytes):>9} {_gib(cost.moved_per_request, '-'):>13} "
+                f"{_gib(cost.moved_per_token, '-'):>11}  {cost.slow}"
+            )
+        a = self.activations
+        rows.append(
+            f"activations: KV cache {_gib(a['kv_cache'])} ({self.context_tokens} tokens), prefill {_gib(a['prefill'])}, "
+            f"vision {_gib(a['vision'])} ({a['vision_patches']} patches), audio {_gib(a['audio'])} "
+            f"({a['audio_seconds']} s)"
+            + (
+                f", talker states {_gib(a['talker_states'])}, talker {_gib(a['talker'])}, "
+                f"token2wav {_gib(a['token2wav'])}"
+                if a.get("talker")
+                else ""
+            )
+        )
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        rows.append(
+            f"predicted peak GPU memory: {self.predicted_gpu_bytes / GiB:.2f} GiB of "
+            f"{self.budget_bytes / GiB:.2f} GiB ({self.dtype}{_quantized(self.quantization)}): {verdict}"
+        )
+        rows.append(f"host RAM needed: {self.host_bytes / GiB:.2f} GiB")
+        rows.append("speed: " + ("; ".join(self.slow) if self.slow else "nothing crosses PCIe per token"))
+        rows += [f"note: {note}" for note in self.notes]
+        return "\n".join(row.rstrip() for row in rows)
+
+
+def _gib(value: int, zero: str = "0") -> str:
+    return f"{value / GiB:.2f} GiB" if value else zero
+
+
+def headroom_bytes(
+    config,
+    context_tokens: int,
+    dtype: torch.dtype,
+    placement: dict[str, str],
+    max_visual_patches: int | None = None,
+    audio_output: bool = False,
+    budgets: Budgets | None = None,
+) -> int:
+    """GPU memory beyond the weights for `placement`: see `activation_bytes` and `_peak_activations`."""
+    budgets = budgets or Budgets(context_tokens, max_visual_patches)
+    acts = activation_bytes(config, budgets, dtype, audio_output)
+    return _peak_activations(acts, placement, on_gpu_side=True) + WORKSPACE_BYTES
+
+
+def _peak_activations(acts: dict[str, int], placement: dict[str, str], on_gpu_side: bool) -> int:
+    """The largest phase of a request, counting what runs on the GPU (or on the host): the encoders
+    run one after the other before the prefill; the thinker's cache and hidden states live on while
+    the talker and token2wav speak."""
+
+    def here(component: str) -> bool:
+        device = placement.get(component)
+        return device is not None and runs_on_gpu(device) == on_gpu_side
+
+    encode = max(acts["vision"] if here("visual") else 0, acts["audio"] if here("audio_tower") else 0)
+    thinker = acts["kv_cache"] + acts["talker_states"] if here("language_model") else 0
+    phases = [
+        encode,
+        thinker + (acts["prefill"] if here("language_model") else 0),
+        thinker + (acts["talker"] if here("talker") else 0),
+        thinker + (acts["token2wav"] if here("token2wav") else 0),
+    ]
+    return max(phases)
+
+
+def evaluate_placement(
+    config,
+    sizes: dict[str, ComponentSize],
+    placement: dict[str, str],
+    budget_bytes: int,
+    dtype: torch.dtype,
+    budgets: Budgets,
+    layer: ComponentSize | None = None,
+    gpu_layers: int | None = None,
+    dequantize_bytes: int = 0,
+    host_layer_bytes: int | None = None,
+) -> Plan:
+    """What `placement` costs: GPU peak, host RAM, bytes over PCIe, and which parts will be slow.
+
+    A `split` language model keeps `gpu_layers` decoder layers (`layer` is one of them) on the GPU
+    and offloads the rest: their weights cross PCIe for every token."""
+    audio_output = "talker" in placement
+    acts = activation_bytes(config, budgets, dtype, audio_output)
+    costs: dict[str, Cost] = {}
+    for name, size in sizes.items():
+        device = placement[name]
+        if device == SPLIT:
+            layers = _layer_count(config)
+            # bitsandbytes leaves the layers on the CPU unquantized: they are held and moved in `dtype`.
+            cpu_bytes = (layers - gpu_layers) * (host_layer_bytes or layer.bytes)
+            seconds = cpu_bytes / PCIE_BYTES_PER_SECOND
+            costs[name] = Cost(
+                device,
+                size.bytes - (layers - gpu_layers) * layer.bytes,
+                cpu_bytes,
+                moved_per_token=cpu_bytes,
+                slow=f"{layers - gpu_layers} of {layers} layers cross PCIe every token (~{seconds:.2f} s/token)",
+            )
+        elif device == OFFLOAD:
+            per_token = name in ("language_model", "lm_head", "talker")
+            calls = TOKEN2WAV_DIT_CALLS if name == "token2wav" else 1
+            cost = Cost(device, 0, size.bytes)
+            if per_token:
+                cost.moved_per_token = size.bytes
+                cost.slow = f"its weights cross PCIe every token (~{size.bytes / PCIE_BYTES_PER_SECOND:.2f} s/token)"
+            else:
+                cost.moved_per_request = size.bytes * calls
+                seconds = cost.moved_per_request / PCIE_BYTES_PER_SECOND
+                cost.slow = f"~{seconds:.1f} s over PCIe per request" if seconds >= 1 else ""
+            costs[name] = cost
+        elif runs_on_gpu(device):
+            costs[name] = Cost(device, size.bytes, 0)
+        else:
+            costs[name] = Cost(device, 0, size.bytes)
+    gpu_used = any(runs_on_gpu(d) for d in placement.values())
+    if gpu_used:
+        for name in ("visual", "audio_tower", "language_model", "talker", "token2wav"):
+            if placement.get(name) == CPU:
+                costs[name].slow = "computes on the CPU (bfloat16 is slow on CPUs without AVX512-BF16/AMX)"
+    offload_buffer = max(
+        [sizes[n].largest_module_bytes for n, d in placement.items() if d == OFFLOAD]
+        + [layer.largest_module_bytes if layer and placement.get("language_model") == SPLIT else 0]
+    )
+    headroom = _peak_activations(acts, placement, on_gpu_side=True) + offload_buffer + WORKSPACE_BYTES
+    if runs_on_gpu(placement.get("language_model", CPU)):
+        headroom += dequantize_bytes  # a quantized product's transient copy of one weight (prefill)
+    headroom = headroom if gpu_used else 0
+    weights = sum(c.gpu_bytes for c in costs.values())
+    host = HOST_BASE_BYTES + sum(c.host_bytes for c in costs.values())
+    host += _peak_activations(acts, placement, on_gpu_side=False)
+    plan = Plan(
+        placement=dict(placement),
+        components=sizes,
+        headroom_bytes=headroom,
+        predicted_gpu_bytes=weights + headroom,
+        budget_bytes=budget_bytes,
+        fits=weights + headroom <= budget_bytes,
+        dtype=str(dtype).removeprefix("torch."),
+        context_tokens=budgets.context_tokens,
+        costs=costs,
+        activations=acts,
+        host_bytes=host,
+        moved_per_token=sum(c.moved_per_token for c in costs.values()),
+        moved_per_request=sum(c.moved_per_request for c in costs.values()),
+    )
+    if gpu_layers is not None:
+        plan.language_model_layers = {"gpu": gpu_layers, "cpu": _layer_count(config) - gpu_layers}
+    return plan
+
+
+def _layer_count(config) -> int:
+    return config.thinker_config.text_config.num_hidden_layers
+
+
+def _layer_size(
+    skeleton: torch.nn.Module, dtype: torch.dtype, quantization: str = "none", group_size: int = 128
+) -> ComponentSize:
+    """One decoder layer: its bytes on the GPU (quantized), and its largest module in `dtype`, as the
+    layers a split leaves on the CPU stay (bitsandbytes does not quantize those)."""
+    layer = _decoder_layers(skeleton)[0]
+    element = bytes_per_param("language_model", dtype)
+    params = sum(p.numel() for p in layer.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in layer.modules())
+    size = quantized_parameter_bytes(layer, quantization, dtype, group_size)
+    return ComponentSize(params, size, int(largest * element))
 
 
 def plan_placement(
@@ -267,66 +539,60 @@ def plan_placement(
     context_tokens: int = 8192,
     skeleton: torch.nn.Module | None = None,
     max_visual_patches: int | None = None,
+    max_audio_seconds: float = 300,
+    max_speech_seconds: float = 180,
+    placement: dict[str, str] | None = None,
+    gpu_layers: int | None = None,
     quantization: str = "none",
 ) -> Plan:
-    """Fit the model into `budget_bytes` of GPU memory (see the module docstring). `quantization` is
-    QUANTIZATION; a pre-quantized checkpoint's own scheme (its config's) wins."""
+    """Fit the model into `budget_bytes` of GPU memory, or cost a given `placement`.
+
+    Everything starts on the GPU; while the plan does not fit, the moves of FIT_STEPS are made in
+    order, then the language model is split: as many decoder layers as fit stay on the GPU.
+    `quantization` is QUANTIZATION; a pre-quantized checkpoint's own scheme (its config's) wins."""
     scheme, group_size = planning_scheme(config, quantization)
     if skeleton is None:
         config.enable_audio_output = audio_output
         skeleton = build_skeleton(config)
     sizes = component_sizes(skeleton, dtype, scheme, group_size)
-    workspace = dequantize_workspace_bytes(
-        skeleton.get_submodule(find_component(skeleton, "language_model")), scheme, dtype
-    )
+    dequantize = dequantize_workspace_bytes(_decoder_layers(skeleton)[0], scheme, dtype)
+    unquantized_on_cpu = scheme in ("int8", "nf4")  # bitsandbytes quantizes the GPU side only
     if not audio_output:
         sizes = {c: s for c, s in sizes.items() if c not in SPEECH_COMPONENTS}
-    placement = dict.fromkeys(sizes, GPU)
+    budgets = Budgets(context_tokens, max_visual_patches, max_audio_seconds, max_speech_seconds)
+    layer = _layer_size(skeleton, dtype, scheme, group_size)
+    host_layer = int(layer.params * bytes_per_param("language_model", dtype)) if unquantized_on_cpu else None
 
-    def gpu_bytes() -> int:
-        weights = sum(s.bytes for c, s in sizes.items() if placement[c] == GPU)
-        return weights + workspace + headroom_bytes(config, context_tokens, dtype, placement, max_visual_patches)
+    def cost(chosen: dict[str, str], gpu_layers: int | None = None) -> Plan:
+        plan = evaluate_placement(
+            config, sizes, chosen, budget_bytes, dtype, budgets, layer, gpu_layers, dequantize, host_layer
+        )
+        plan.quantization = scheme
+        return plan
 
-    for component in OFFLOAD_ORDER:
-        if gpu_bytes() <= budget_bytes:
-            break
-        if component in placement:
-            placement[component] = "cpu"
-    plan = Plan(
-        placement=placement,
-        components=sizes,
-        headroom_bytes=0,
-        predicted_gpu_bytes=0,
-        budget_bytes=budget_bytes,
-        fits=True,
-        dtype=str(dtype).removeprefix("torch."),
-        context_tokens=context_tokens,
-        quantization=scheme,
-    )
-    if gpu_bytes() > budget_bytes:
-        _split_language_model(plan, skeleton, config, dtype, gpu_bytes(), group_size)
-    plan.headroom_bytes = workspace + headroom_bytes(config, context_tokens, dtype, placement, max_visual_patches)
-    if plan.language_model_layers is None:
-        plan.predicted_gpu_bytes = gpu_bytes()
-    plan.fits = plan.predicted_gpu_bytes <= budget_bytes
-    if not plan.fits:
-        plan.notes.append("even the language model's embeddings and lm_head do not fit: use DEVICE_MAP=cpu")
-    return plan
-
-
-def _split_language_model(plan: Plan, skeleton, config, dtype: torch.dtype, needed: int, group_size: int = 128) -> None:
-    """Keep as many decoder layers on the GPU as fit; the rest run on the CPU (slower, but it runs)."""
-    path = find_component(skeleton, "language_model")
-    layers = next(c for c in skeleton.get_submodule(path).children() if isinstance(c, torch.nn.ModuleList))
-    layer_bytes = quantized_parameter_bytes(layers[0], plan.quantization, dtype, group_size)
-    total_layers = len(layers)
-    all_layers_bytes = layer_bytes * total_layers
-    fixed = needed - all_layers_bytes  # everything on the GPU but the decoder layers
-    gpu_layers = max(0, min(total_layers, (plan.budget_bytes - fixed) // layer_bytes)) if layer_bytes else 0
-    plan.placement["language_model"] = SPLIT
-    plan.language_model_layers = {"gpu": int(gpu_layers), "cpu": int(total_layers - gpu_layers)}
-    plan.predicted_gpu_bytes = int(fixed + gpu_layers * layer_bytes)
+    if placement is not None:  # cost this placement (`gpu_layers` on the GPU when the language model is split)
+        return cost({c: placement[c] for c in sizes}, gpu_layers if placement.get("language_model") == SPLIT else None)
+    chosen = dict.fromkeys(sizes, GPU)
+    plan = cost(chosen)
+    for component, mode in FIT_STEPS:
+        if plan.fits:
+            return plan
+        if component in chosen:
+            chosen[component] = mode
+            plan = cost(chosen)
+    if plan.fits:
+        return plan
+    chosen["language_model"] = SPLIT
+    for gpu_layers in range(_layer_count(config) - 1, -1, -1):
+        plan = cost(chosen, gpu_layers)
+        if plan.fits:
+            plan.notes.append(
+                f"the language model does not fit whole: {gpu_layers} of {_layer_count(config)} decoder layers on "
+                "the GPU, the rest offloaded (their weights cross PCIe for every token: slow)"
+            )
+            return plan
     plan.notes.append(
-        f"the language model does not fit whole: {gpu_layers} of {total_layers} decoder layers on the GPU, "
-        "the rest on the CPU (slower)"
+        "even the language model's embeddings, lm_head and cache do not fit: use DEVICE_MAP=cpu, or lower "
+        "MAX_CONTEXT_TOKENS and the pixel budgets"
     )
+    return plan

@@ -24,11 +24,14 @@ class Settings(BaseSettings):
     device_map: str = Field(
         "auto",
         description="Where each component runs: 'auto' (planned for the GPU's memory; cpu without a GPU), 'gpu', "
-        "'low-vram' (encoders on CPU, the rest on GPU), 'cpu', or a JSON object mapping components "
-        "(language_model, lm_head, visual, audio_tower, talker, token2wav) to devices.",
+        "'low-vram' (encoders offloaded: weights in RAM, run on the GPU), 'low-vram-cpu' (encoders run on the "
+        "CPU), 'cpu', or a JSON object mapping components (language_model, lm_head, visual, audio_tower, talker, "
+        "token2wav) to a device or 'offload'.",
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="Weights dtype: 'auto' is bf16 on GPUs that support it, else fp16; fp32 on CPU."
+        "auto",
+        description="Weights dtype: 'auto' is bf16 on GPUs that support it, else fp16; on the CPU fp32 where it "
+        "fits the free RAM with headroom, else bf16.",
     )
     quantization: Literal["none", "int8", "nf4"] = Field(
         "none",

@@ -1,94 +1,453 @@
-"""GPU check: the tiny model in low-VRAM float16 (encoders on CPU, the rest on CUDA) against all-CPU float32.
+"""GPU check at real size: does the planner's prediction hold, and how fast is the engine?
 
-    scripts/gpu_check.sh
+    scripts/gpu_check.sh                      # on a CUDA machine: 3B and 7B, budgets 4 6 8 12 24 GiB
+    scripts/gpu_check.sh --models 3b --budgets 8
+    scripts/gpu_check.sh --dry-run            # anywhere: every budget's plan and prediction, same table
 
-Builds the tiny model, sends one image + audio + video request through the server code with
-each placement, prints both answers' tokens, where they first differ (fp16 rounding on a random
-model can flip a near-tie), the devices actually used, and the peak GPU memory.
+No weights are needed: the real architectures (configs/) are built with random weights directly on
+the GPU and saved once as a checkpoint with a tokenizer made here; random weights answer nonsense but
+hold the real memory and take the real time. For each budget (enforced with
+torch.cuda.set_per_process_memory_fraction) the engine loads it as the server does (DEVICE_MAP=auto,
+GPU_MEMORY_GIB=budget: planned, resident, warmed up) and answers, through `OmniEngine.generate`: a
+text; a ~1 MP image; 30 s of audio; a 15 s 720p video with its audio (all made with numpy and PIL).
+Each row: the prediction for that request (the plan's costs at that request's size), the measured peak
+(max_memory_allocated / max_memory_reserved), time to first token, decode tokens/s, the bytes the
+offload hooks moved per token, whether it ran out of memory, and bare `model.thinker.generate` on the
+same inputs for a tokens/s ratio (ours / bare). The JSON report holds the rows and every plan's table.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import gc
+import importlib
+import json
 import sys
 import tempfile
+import time
+import types
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from fastapi.testclient import TestClient  # noqa: E402
 
-import make_media  # noqa: E402
-import tiny_model  # noqa: E402
-from modeling_low_vram import OmniEngine  # noqa: E402
-from multimodal_api import create_app  # noqa: E402
+def stand_in_for_unused_audio_libraries() -> None:
+    """qwen-omni-utils imports librosa, audioread and av at the top of its package, though the engine
+    only calls its vision helpers; where they are not installed (the GPU machine carries no such
+    wheels), empty modules stand in so that import succeeds."""
+    for name in ("librosa", "audioread", "av"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            sys.modules[name] = types.ModuleType(name)
+
+
+stand_in_for_unused_audio_libraries()
+
+from generation import GenerationRequest, OutOfMemory, VideoInput  # noqa: E402
+from modeling_low_vram import (  # noqa: E402
+    MODEL_SHORTHANDS,
+    OmniEngine,
+    load_config,
+    planning_budgets,
+    resolve_placement,
+)
+from placement import SPLIT, GiB, build_skeleton, plan_placement  # noqa: E402
 from settings import Settings  # noqa: E402
 
+BUDGETS_GIB = (4, 6, 8, 12, 24)
+DTYPE = torch.bfloat16
+NEW_TOKENS = 16
+PROMPT = "Describe what you see and hear, in detail."
+IMAGE_SIZE = (1280, 800)  # ~1 MP
+AUDIO_SECONDS = 30
+VIDEO_SECONDS, VIDEO_SIZE = 15, (1280, 720)
+# Expected prompt tokens of each input at the default budgets (the dry run has no processor).
+EXPECTED_TOKENS = {
+    "text": {"text": 58},
+    "image": {"text": 58, "image": 1260},
+    "audio": {"text": 58, "audio": AUDIO_SECONDS * 25},
+    "video": {"text": 60, "video": 3960, "audio": VIDEO_SECONDS * 25},
+}
+COLUMNS = (
+    ("model", 5),
+    ("budget", 6),
+    ("placement", 28),
+    ("input", 6),
+    ("prompt", 6),
+    ("predicted", 9),
+    ("allocated", 9),
+    ("reserved", 9),
+    ("ok", 4),
+    ("ttft_s", 7),
+    ("tok/s", 7),
+    ("bare", 7),
+    ("ratio", 5),
+    ("moved/tok", 9),
+    ("oom", 4),
+)
 
-def run(model_dir: Path, files: list, **overrides) -> dict:
-    settings = Settings(_env_file=None, model_path=str(model_dir), **overrides)
-    engine = OmniEngine.load(settings)
-    answers: list = []
-    original = engine.generate
 
-    def recording(request):
-        answers.append(original(request))
-        return answers[-1]
+# ---------------------------------------------------------------- inputs, made here
 
-    engine.generate = recording
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    with TestClient(create_app(settings, engine=engine)) as client:
-        response = client.post("/multimodal", data={"text": "Describe all of it.", "max_new_tokens": "24"}, files=files)
-        response.raise_for_status()
-        health = client.get("/health").json()
+
+def make_inputs() -> dict[str, GenerationRequest]:
+    rng = np.random.default_rng(0)
+    x, y = np.meshgrid(np.linspace(0, 1, IMAGE_SIZE[0]), np.linspace(0, 1, IMAGE_SIZE[1]))
+    picture = np.stack([x * 255, y * 255, (x * y) * 255], axis=-1).astype(np.uint8)
+    t = np.arange(AUDIO_SECONDS * 16_000) / 16_000
+    speech_like = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    frames = []
+    for index in range(VIDEO_SECONDS * 2):  # VIDEO_FPS frames a second
+        frame = np.full((VIDEO_SIZE[1], VIDEO_SIZE[0], 3), (index * 8) % 256, dtype=np.uint8)
+        frame[:, (index * 40) % VIDEO_SIZE[0] :][:, :80] = rng.integers(0, 255, 3, dtype=np.uint8)
+        frames.append(Image.fromarray(frame))
+    track = speech_like[: VIDEO_SECONDS * 16_000].copy()
+
+    def ask(**media) -> GenerationRequest:
+        return GenerationRequest(text=PROMPT, system_prompt=None, max_new_tokens=NEW_TOKENS, **media)
+
     return {
-        "body": response.json(),
-        "ids": answers[0].completion_ids,
-        "describe": engine.describe(),
-        "memory": health["memory"],
+        "text": ask(),
+        "image": ask(images=[Image.fromarray(picture)]),
+        "audio": ask(audios=[speech_like]),
+        "video": ask(videos=[VideoInput(frames=frames, fps=2.0, audio=track)]),
     }
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("no CUDA device: this check needs a GPU")
-        return 2
-    print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    with tempfile.TemporaryDirectory() as folder:
-        model_dir = tiny_model.build(Path(folder) / "tiny")
-        files = [
-            ("images", ("image.jpg", make_media.image_bytes("JPEG", (320, 240)), "image/jpeg")),
-            ("audios", ("audio.mp3", make_media.audio_bytes("mp3", 2.0), "audio/mpeg")),
-            ("videos", ("video.mp4", make_media.video_bytes(2.0), "video/mp4")),
-        ]
-        reference = run(model_dir, files, device_map="cpu", dtype="float32")
-        low_vram = run(model_dir, files, device_map="low-vram", dtype="float16")
-    for name, result in (("cpu float32", reference), ("low-vram float16", low_vram)):
-        print(f"\n== {name}")
-        print("placement:", result["describe"]["placement"], "devices:", result["describe"]["devices"])
-        print("prompt tokens:", result["body"]["usage"]["prompt_tokens"], "inputs:", result["body"]["inputs"])
-        print("completion ids:", result["ids"])
-        print("timings_ms:", result["body"]["timings_ms"], "memory:", result["memory"])
-    same_prompt = reference["body"]["usage"]["prompt_tokens"] == low_vram["body"]["usage"]["prompt_tokens"]
-    first_difference = next((i for i, (a, b) in enumerate(zip(reference["ids"], low_vram["ids"])) if a != b), None)
-    placement = low_vram["describe"]["placement"]
-    layout_ok = placement["visual"] == placement["audio_tower"] == "cpu" and placement["language_model"].startswith(
-        "cuda"
+# ---------------------------------------------------------------- a random checkpoint at real size
+
+
+def build_checkpoint(model: str, folder: Path, device: str = "cuda") -> Path:
+    """The real architecture with random weights, built on the GPU, saved with a tokenizer made here
+    (the config's special-token ids are mapped onto it)."""
+    import tiny_model
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+
+    tokenizer = tiny_model.build_tokenizer()
+    first = 151643  # the released tokenizer's id of the first special token
+    real_ids = {first + i: tokenizer.convert_tokens_to_ids(t) for i, t in enumerate(tiny_model.SPECIAL_TOKENS)}
+
+    def remap(value, key=""):
+        if isinstance(value, dict):
+            return {k: remap(v, k) for k, v in value.items()}
+        if isinstance(value, int) and key.endswith(("_id", "_index")) and value in real_ids:
+            return real_ids[value]
+        return value
+
+    data = remap(json.loads(Path(MODEL_SHORTHANDS[model]).read_text()))
+    config = Qwen2_5OmniConfig.from_dict(data)
+    config.enable_audio_output = False
+    torch.manual_seed(0)
+    with torch.device(device):
+        network = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=DTYPE)
+    network.save_pretrained(folder)
+    del network
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    tiny_model.build_processor(tokenizer).save_pretrained(folder)
+    torch.save(tiny_model.build_speakers(config, tokenizer), folder / "spk_dict.pt")
+    return folder
+
+
+def release() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- measuring one request
+
+
+class Stopwatch:
+    """Times every lm_head call (one per token; the first ends the prefill) and counts the bytes
+    accelerate's offload hooks bring to the GPU."""
+
+    def __init__(self, model) -> None:
+        self.times: list[float] = []
+        self.moved_at_token: list[int] = []
+        self.moved = 0
+        self.handles = [model.thinker.lm_head.register_forward_hook(self._token)]
+        for module in model.modules():
+            hook = getattr(module, "_hf_hook", None)
+            if getattr(hook, "offload", False):
+                size = sum(
+                    hook.weights_map[name].numel() * hook.weights_map[name].element_size()
+                    for name, _ in module.named_parameters(recurse=False)
+                    if name in hook.weights_map
+                )
+                self.handles.append(module.register_forward_pre_hook(lambda *_a, size=size: self._count(size)))
+
+    def _count(self, size: int) -> None:
+        self.moved += size
+
+    def _token(self, *_args) -> None:
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        self.moved_at_token.append(self.moved)
+
+    def result(self, started: float) -> dict:
+        for handle in self.handles:
+            handle.remove()
+        steps = len(self.times) - 1
+        span = self.times[-1] - self.times[0] if steps > 0 else 0
+        return {
+            "ttft_s": self.times[0] - started if self.times else None,
+            "tokens": len(self.times),
+            "decode_tokens_per_s": steps / span if span > 0 else None,
+            "moved_per_token": (self.moved_at_token[-1] - self.moved_at_token[0]) // steps if steps > 0 else 0,
+        }
+
+
+def run_request(engine: OmniEngine, request: GenerationRequest, bare_too: bool = True) -> dict:
+    """Ours through the engine, then (with `bare_too`) bare thinker.generate on the inputs the engine
+    passed it."""
+    thinker = engine.model.thinker
+    original = thinker.generate
+    recorded: dict = {}
+
+    def recording(**kwargs):
+        recorded.update(kwargs)
+        return original(**kwargs)
+
+    thinker.generate = recording
+    release()
+    torch.cuda.reset_peak_memory_stats()
+    watch = Stopwatch(engine.model)
+    row: dict = {"oom": False}
+    started = time.perf_counter()
+    try:
+        result = engine.generate(request)
+        row.update(prompt_tokens=result.prompt_tokens, by_modality=result.prompt_tokens_by_modality)
+    except OutOfMemory as error:
+        row.update(oom=True, error=str(error)[:200])
+    finally:
+        thinker.generate = original
+    row.update(watch.result(started))
+    row["allocated"] = torch.cuda.max_memory_allocated()
+    row["reserved"] = torch.cuda.max_memory_reserved()
+    if bare_too and not row["oom"] and recorded:
+        bare_args = {k: v for k, v in recorded.items() if k not in ("streamer", "stopping_criteria")}
+        bare = Stopwatch(engine.model)
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                original(**bare_args)
+            row["bare"] = bare.result(started)
+        except torch.OutOfMemoryError:
+            bare.result(started)
+            row["bare"] = {"oom": True}
+        del bare_args
+    recorded.clear()
+    release()
+    return row
+
+
+def request_prediction(config, skeleton, plan, tokens: dict[str, int]) -> int:
+    """The plan's placement costed for this request's size: its prompt plus the answer, its patches
+    (four per image or video token) and its seconds of audio (25 tokens each)."""
+    costed = plan_placement(
+        config,
+        plan.budget_bytes,
+        DTYPE,
+        skeleton=skeleton,
+        placement=plan.placement,
+        gpu_layers=plan.language_model_layers["gpu"] if plan.language_model_layers else None,
+        context_tokens=sum(tokens.values()) + NEW_TOKENS,
+        max_visual_patches=4 * (tokens.get("image", 0) + tokens.get("video", 0)),
+        max_audio_seconds=tokens.get("audio", 0) / 25,
+        max_speech_seconds=0,
     )
-    print(f"\nsame prompt length: {same_prompt}")
-    print(f"encoders on CPU, language model on CUDA: {layout_ok}")
+    return costed.predicted_gpu_bytes
+
+
+def placement_summary(plan) -> str:
+    if plan is None:
+        return "does not fit: cpu"
+    lm = plan.placement["language_model"]
+    if lm == SPLIT:
+        lm = f"split {plan.language_model_layers['gpu']}/{sum(plan.language_model_layers.values())}"
+    return f"lm {lm}, enc {plan.placement['visual']}/{plan.placement['audio_tower']}"
+
+
+# ---------------------------------------------------------------- the table
+
+
+def gib(value) -> str:
+    return "-" if value is None else f"{value / GiB:.2f}"
+
+
+def number(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table_row(row: dict) -> str:
+    bare = row.get("bare") or {}
+    ours_rate, bare_rate = row.get("decode_tokens_per_s"), bare.get("decode_tokens_per_s")
+    ratio = ours_rate / bare_rate if ours_rate and bare_rate else None
+    measured = row.get("allocated")
+    holds = None
+    if measured and row.get("predicted") and not row.get("oom"):
+        holds = measured <= row["predicted"] <= 1.15 * measured
+    cells = [
+        row["model"],
+        f"{row['budget']}G",
+        row["placement"],
+        row["input"],
+        str(row.get("prompt_tokens") or row.get("expected_prompt_tokens") or "-"),
+        gib(row.get("predicted")),
+        gib(measured),
+        gib(row.get("reserved")),
+        "-" if holds is None else ("yes" if holds else "NO"),
+        number(row.get("ttft_s")),
+        number(ours_rate, 1),
+        number(bare_rate, 1),
+        number(ratio),
+        gib(row.get("moved_per_token")) if "moved_per_token" in row else gib(row.get("predicted_moved_per_token")),
+        "-" if "oom" not in row else ("OOM" if row["oom"] else "no"),
+    ]
+    return "  ".join(f"{cell:<{width}}" for cell, (_name, width) in zip(cells, COLUMNS))
+
+
+def print_table(rows: list[dict]) -> None:
+    print("  ".join(f"{name:<{width}}" for name, width in COLUMNS))
+    for row in rows:
+        print(table_row(row))
     print(
-        "tokens identical"
-        if first_difference is None
-        else f"tokens agree for the first {first_difference} of {len(reference['ids'])} "
-        "(fp16 rounding on random weights)"
+        "predicted/allocated/reserved in GiB (predicted: the plan costed at this request's size); ok: allocated <= "
+        "predicted <= 1.15 x allocated; tok/s: decode, ours and bare thinker.generate; moved/tok: GiB the offload "
+        "hooks moved per token (dry run: predicted)"
     )
-    print(f"peak GPU memory: {low_vram['memory'].get('gpu_peak_bytes', 0) / 2**20:.1f} MiB")
-    return 0 if same_prompt and layout_ok else 1
+
+
+# ---------------------------------------------------------------- the runs
+
+
+def settings_for(model_path: str, budget: float) -> Settings:
+    return Settings(_env_file=None, model_path=model_path, device_map="auto", gpu_memory_gib=budget, dtype="bfloat16")
+
+
+def dry_run(models: list[str], budgets: list[float], report: dict) -> list[dict]:
+    rows = []
+    for model in models:
+        config = load_config(str(MODEL_SHORTHANDS[model]))
+        config.enable_audio_output = False
+        skeleton = build_skeleton(config)
+        for budget in budgets:
+            settings = settings_for(str(MODEL_SHORTHANDS[model]), budget)
+            plan = plan_placement(config, int(budget * GiB), DTYPE, skeleton=skeleton, **planning_budgets(settings))
+            report["plans"][f"{model}@{budget}"] = plan.table()
+            for kind, tokens in EXPECTED_TOKENS.items():
+                rows.append(
+                    {
+                        "model": model,
+                        "budget": budget,
+                        "placement": placement_summary(plan if plan.fits else None),
+                        "input": kind,
+                        "expected_prompt_tokens": sum(tokens.values()),
+                        "predicted": request_prediction(config, skeleton, plan, tokens) if plan.fits else None,
+                        "plan_predicted": plan.predicted_gpu_bytes,
+                        "plan_fits": plan.fits,
+                        "predicted_moved_per_token": plan.moved_per_token,
+                    }
+                )
+    return rows
+
+
+def gpu_run(models: list[str], budgets: list[float], report: dict, out: Path) -> list[dict]:
+    rows: list[dict] = []
+    total = torch.cuda.get_device_properties(0).total_memory
+    inputs = make_inputs()
+    for model in models:
+        with tempfile.TemporaryDirectory(prefix=f"qwen-omni-{model}-") as folder:
+            started = time.perf_counter()
+            try:
+                path = str(build_checkpoint(model, Path(folder)))
+            except Exception as error:  # noqa: BLE001 - the report says why, and the next model still runs
+                rows.append({"model": model, "budget": 0, "placement": "-", "input": "build", "error": repr(error)})
+                print(f"{model}: could not build the checkpoint: {error!r}", flush=True)
+                continue
+            report["build_seconds"][model] = time.perf_counter() - started
+            config = load_config(path)
+            config.enable_audio_output = False
+            skeleton = build_skeleton(config)
+            for budget in budgets:
+                settings = settings_for(path, budget)
+                placement = resolve_placement(settings, copy.deepcopy(config))
+                plan = placement.plan
+                base = {"model": model, "budget": budget, "placement": placement_summary(plan)}
+                if plan is None:
+                    rows.append({**base, "input": "-", "note": "the plan does not fit: the server would use the CPU"})
+                    continue
+                report["plans"][f"{model}@{budget}"] = plan.table()
+                torch.cuda.set_per_process_memory_fraction(min(1.0, budget * GiB / total))
+                engine = None
+                try:
+                    engine = OmniEngine.load(settings)
+                    report["startup"][f"{model}@{budget}"] = engine.describe().get("startup")
+                    for kind, request in inputs.items():
+                        # Bare generate where nothing crosses PCIe per token (the ratio's goal); elsewhere
+                        # both run the same offload hooks and only double the time.
+                        row = {**base, "input": kind, **run_request(engine, request, plan.moved_per_token == 0)}
+                        if "by_modality" in row:
+                            row["predicted"] = request_prediction(config, skeleton, plan, row["by_modality"])
+                        rows.append(row)
+                        print(table_row(row), flush=True)
+                except torch.OutOfMemoryError as error:  # loading or warming up ran out
+                    rows.append({**base, "input": "load", "oom": True, "error": str(error)[:200]})
+                except Exception as error:  # noqa: BLE001 - recorded; the next budget still runs
+                    rows.append({**base, "input": "error", "error": repr(error)[:400]})
+                    print(f"{model} at {budget} GiB failed: {error!r}", flush=True)
+                finally:
+                    del engine
+                    release()
+                    torch.cuda.set_per_process_memory_fraction(1.0)
+                out.write_text(json.dumps({**report, "rows": rows}, indent=2, default=str))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="plans on the meta device only (no GPU needed)")
+    parser.add_argument("--models", default="3b,7b", help="comma-separated: 3b, 7b")
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS_GIB)), help="GPU budgets in GiB")
+    parser.add_argument("--out", default="gpu_check_report.json", help="the JSON report")
+    args = parser.parse_args(argv)
+    models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    unknown = sorted(set(models) - set(MODEL_SHORTHANDS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODEL_SHORTHANDS)}")
+    report: dict = {"dry_run": args.dry_run, "plans": {}, "startup": {}, "build_seconds": {}}
+    out = Path(args.out)
+    if args.dry_run:
+        rows = dry_run(models, budgets, report)
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: run with --dry-run for the plans alone")
+            return 2
+        report["device"] = torch.cuda.get_device_name(0)
+        report["versions"] = {
+            "torch": torch.__version__,
+            "transformers": importlib.import_module("transformers").__version__,
+        }
+        print(f"GPU: {report['device']}, {report['versions']}", flush=True)
+        rows = gpu_run(models, budgets, report, out)
+    print_table(rows)
+    out.write_text(json.dumps({**report, "rows": rows}, indent=2, default=str))
+    print(f"report: {out}")
+    failed = [r for r in rows if r.get("predicted") and r.get("allocated") and r["allocated"] > r["predicted"]]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
     sys.exit(main())

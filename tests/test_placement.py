@@ -1,8 +1,10 @@
-"""Low-VRAM placement: the planner on the real 3B architecture, and every preset on the tiny model."""
+"""Low-VRAM placement: the planner on the real 3B and 7B architectures (meta device), and every preset
+on the tiny model."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,30 +14,50 @@ import torch
 
 from conftest import ROOT, input_counts, tiny_settings, upload
 from fastapi.testclient import TestClient
-from modeling_low_vram import OmniEngine, load_config, resolve_placement
+from modeling_low_vram import OmniEngine, load_config, planning_budgets, resolve_placement
 from multimodal_api import create_app
 from placement import (
     COMPONENTS,
+    CPU,
     GPU,
-    GiB,
+    OFFLOAD,
+    PRESETS,
     SPLIT,
+    Budgets,
+    GiB,
+    activation_bytes,
     build_skeleton,
     component_sizes,
     headroom_bytes,
     module_device_map,
     plan_placement,
 )
+from settings import Settings
 
-CONFIG_3B = ROOT.parent / "shared" / "model-configs" / "qwen2.5-omni-3b.config.json"
-needs_3b_config = pytest.mark.skipif(not CONFIG_3B.exists(), reason=f"{CONFIG_3B} is absent")
+CONFIGS = {
+    "3b": ROOT / "configs" / "qwen2.5-omni-3b.config.json",
+    "7b": ROOT / "configs" / "qwen2.5-omni-7b.derived.config.json",
+}
+BUDGETS_GIB = [2, 4, 6, 8, 12, 24]
 
 
 @pytest.fixture(scope="module")
 def config_3b():
-    return load_config(str(CONFIG_3B))
+    return load_config(str(CONFIGS["3b"]))
 
 
-@needs_3b_config
+@pytest.fixture(scope="module")
+def skeletons():
+    """The 3B and 7B architectures on the meta device, with and without the speech modules."""
+    built = {}
+    for name, path in CONFIGS.items():
+        for speech in (False, True):
+            config = load_config(str(path))
+            config.enable_audio_output = speech
+            built[name, speech] = (config, build_skeleton(config))
+    return built
+
+
 def test_3b_component_sizes_match_the_released_model(config_3b):
     sizes = component_sizes(build_skeleton(config_3b), torch.float16)
     params = {name: round(size.params / 1e9, 2) for name, size in sizes.items()}
@@ -50,72 +72,128 @@ def test_3b_component_sizes_match_the_released_model(config_3b):
     assert sizes["token2wav"].bytes == sizes["token2wav"].params * 4  # always float32
 
 
-@needs_3b_config
-@pytest.mark.parametrize("gib", [4, 6, 8, 12, 24])
-@pytest.mark.parametrize("audio_output", [False, True])
-def test_3b_plans_are_sane(config_3b, gib, audio_output):
-    plan = plan_placement(config_3b, gib * GiB, torch.float16, audio_output=audio_output)
-    on_gpu = {c for c, d in plan.placement.items() if d == GPU}
-    if plan.fits:
-        assert plan.predicted_gpu_bytes <= gib * GiB  # nothing placed on a GPU it does not fit
-    # The language model is the last thing moved off: if anything else is on the GPU, all of it is.
-    if on_gpu - {"lm_head"}:
-        assert plan.placement["language_model"] == GPU
-    # Encoders go first: an encoder on the GPU means everything but the other encoder is there too.
-    if {"visual", "audio_tower"} & on_gpu:
-        assert plan.placement["language_model"] == GPU
-        assert not audio_output or {"talker", "token2wav"} <= on_gpu
-    if plan.placement["visual"] == GPU:
-        assert plan.placement["audio_tower"] == GPU or audio_output  # audio_tower leaves before visual
-    # Room for every component that is on the GPU, its headroom included.
-    weights = sum(plan.components[c].bytes for c in on_gpu)
-    if plan.language_model_layers is None:
-        assert plan.predicted_gpu_bytes == weights + plan.headroom_bytes
+def default_budgets() -> dict:
+    return planning_budgets(Settings(_env_file=None))
 
 
-@needs_3b_config
-def test_3b_fits_8_gib_with_the_encoders_on_cpu(config_3b):
-    plan = plan_placement(config_3b, 8 * GiB, torch.float16)
-    assert plan.fits and plan.placement == {
-        "language_model": GPU,
-        "lm_head": GPU,
-        "visual": "cpu",
-        "audio_tower": "cpu",
+@pytest.mark.parametrize("model", ["3b", "7b"])
+@pytest.mark.parametrize("speech", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_plan_never_says_fits_for_a_budget_it_exceeds(skeletons, model, speech, dtype):
+    config, skeleton = skeletons[model, speech]
+    for gib in BUDGETS_GIB:
+        plan = plan_placement(config, gib * GiB, dtype, audio_output=speech, skeleton=skeleton, **default_budgets())
+        resident = sum(cost.gpu_bytes for cost in plan.costs.values())
+        assert plan.predicted_gpu_bytes == resident + plan.headroom_bytes
+        assert plan.fits == (plan.predicted_gpu_bytes <= gib * GiB), plan.table()
+        acts = plan.activations
+        assert plan.headroom_bytes >= acts["kv_cache"] + acts["prefill"] + acts["talker_states"]
+        for encoder, activation in (("visual", "vision"), ("audio_tower", "audio")):
+            if plan.placement[encoder] != CPU:  # gpu or offload: it computes on the GPU
+                assert plan.headroom_bytes >= acts[activation]
+        # The language model is split only when nothing else can leave the GPU.
+        if plan.placement["language_model"] == SPLIT:
+            assert plan.placement["visual"] == plan.placement["audio_tower"] == CPU
+            assert plan.moved_per_token >= plan.language_model_layers["cpu"] * (
+                plan.costs["language_model"].host_bytes // max(1, plan.language_model_layers["cpu"])
+            )
+        verdict = next(line for line in plan.table().splitlines() if line.startswith("predicted peak"))
+        assert verdict.endswith(": fits") == plan.fits
+
+
+def test_3b_text_image_and_audio_fit_8_gib_with_the_whole_language_model_on_the_gpu(config_3b):
+    """The goal: bf16, a 1 MP image and 30 s of audio (the defaults allow far more), text answer."""
+    settings = Settings(_env_file=None)
+    assert settings.image_max_pixels >= 1_000_000 and settings.max_audio_seconds >= 30
+    plan = plan_placement(config_3b, 8 * GiB, torch.bfloat16, **default_budgets())
+    assert plan.fits and plan.placement["language_model"] == GPU and plan.placement["lm_head"] == GPU
+    assert plan.moved_per_token == 0 and not plan.language_model_layers
+    assert plan.placement["visual"] == plan.placement["audio_tower"] == OFFLOAD
+    assert plan.costs["visual"].moved_per_request == plan.components["visual"].bytes
+
+
+def test_offload_and_cpu_encoders_are_costed_honestly(config_3b):
+    budgets = default_budgets()
+    plans = {
+        preset: plan_placement(config_3b, 24 * GiB, torch.bfloat16, placement=PRESETS[preset], **budgets)
+        for preset in ("gpu", "low-vram", "low-vram-cpu")
     }
+    on_gpu, offload, cpu = plans["gpu"], plans["low-vram"], plans["low-vram-cpu"]
+    visual = on_gpu.components["visual"].bytes + on_gpu.components["audio_tower"].bytes
+    # offload: the weights leave the GPU, but cross PCIe once per request; the activations stay on the GPU.
+    assert offload.costs["visual"].gpu_bytes == 0 and offload.costs["visual"].host_bytes > 0
+    assert offload.moved_per_request == visual and offload.moved_per_token == 0
+    assert offload.headroom_bytes >= on_gpu.activations["vision"]
+    assert on_gpu.predicted_gpu_bytes - visual < offload.predicted_gpu_bytes < on_gpu.predicted_gpu_bytes
+    # cpu: nothing of the encoders on the GPU, nothing moved but embeddings; slow, and said so.
+    assert cpu.moved_per_request == 0 and cpu.predicted_gpu_bytes < offload.predicted_gpu_bytes
+    assert "CPU" in cpu.costs["visual"].slow and "visual" in cpu.table()
+    assert cpu.host_bytes > offload.host_bytes  # the encoders' activations live on the host
+    assert not on_gpu.slow and not offload.slow
 
 
-@needs_3b_config
-@pytest.mark.parametrize("gib", [4, 6])
-def test_3b_below_the_language_models_size_splits_it_by_layers(config_3b, gib):
-    plan = plan_placement(config_3b, gib * GiB, torch.float16)
-    assert plan.placement["language_model"] == SPLIT and plan.fits
+def test_a_split_language_model_moves_its_offloaded_layers_every_token(config_3b):
+    plan = plan_placement(config_3b, 4 * GiB, torch.bfloat16, **default_budgets())
+    assert plan.fits and plan.placement["language_model"] == SPLIT
     layers = plan.language_model_layers
     assert layers["gpu"] + layers["cpu"] == 36 and 0 < layers["gpu"] < 36
-    assert "decoder layers on the GPU" in plan.table()
-    assert plan_placement(config_3b, 2 * GiB, torch.float16).fits is False
+    layer = build_skeleton(config_3b).thinker.model.language_model.layers[0]
+    assert plan.moved_per_token == layers["cpu"] * sum(p.numel() for p in layer.parameters()) * 2
+    assert "cross PCIe every token" in plan.table() and plan.slow
+    assert plan_placement(config_3b, 1 * GiB, torch.bfloat16).fits is False
 
 
-@needs_3b_config
-def test_plan_command_prints_json(tmp_path):
+def test_activations_follow_the_budgets(config_3b):
+    base = activation_bytes(config_3b, Budgets(8192, 4096, 30, 60), torch.bfloat16, audio_output=False)
+    assert activation_bytes(config_3b, Budgets(8192, 4096, 300, 60), torch.bfloat16, False)["audio"] > base["audio"]
+    assert activation_bytes(config_3b, Budgets(16384, 4096, 30, 60), torch.bfloat16, False)["kv_cache"] == (
+        2 * base["kv_cache"]
+    )
+    assert activation_bytes(config_3b, Budgets(8192, 8192, 30, 60), torch.bfloat16, False)["vision"] > base["vision"]
+    # Audio is bounded by what the context admits (25 tokens a second), not only by MAX_AUDIO_SECONDS.
+    assert activation_bytes(config_3b, Budgets(2048, 4096, 300, 60), torch.bfloat16, False)["audio_seconds"] == 81
+    speech = activation_bytes(config_3b, Budgets(8192, 4096, 30, 60), torch.bfloat16, audio_output=True)
+    text = config_3b.thinker_config.text_config
+    assert speech["talker_states"] >= (text.num_hidden_layers + 1) * 8192 * text.hidden_size * 2
+    assert speech["talker"] > 0 and speech["token2wav"] > 0
+    # Logits for the last position only: the prefill holds far less than a [8192, vocab] tensor.
+    assert base["prefill"] < 8192 * text.vocab_size * 2 / 3
+
+
+def test_host_ram_of_a_cpu_plan(config_3b):
+    plan = plan_placement(config_3b, 0, torch.float32, placement=PRESETS["cpu"], **default_budgets())
+    weights = sum(size.bytes for size in plan.components.values())
+    assert weights > 18 * 10**9  # the 3B thinker in float32, as the issue measured
+    assert plan.host_bytes > weights and plan.predicted_gpu_bytes == 0
+    half = plan_placement(config_3b, 0, torch.bfloat16, placement=PRESETS["cpu"], **default_budgets())
+    assert half.host_bytes < plan.host_bytes * 0.6
+
+
+@pytest.mark.parametrize("model", ["3b", "7b"])
+def test_plan_command_needs_no_download(tmp_path, model):
+    """`plan --model 3b` reads the configs the repository carries, from any folder."""
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "modeling_low_vram.py"),
-            "plan",
-            "--model",
-            str(CONFIG_3B),
-            "--gpu-gib",
-            "8",
-            "--json",
-        ],
+        [sys.executable, str(ROOT / "modeling_low_vram.py"), "plan", "--model", model, "--gpu-gib", "8", "--json"],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     plan = json.loads(result.stdout)
-    assert plan["fits"] is True and plan["placement"]["visual"] == "cpu"
-    assert plan["components"]["language_model"]["params"] == 3085938688
-    assert 7 * GiB < plan["predicted_gpu_bytes"] < 8 * GiB
+    assert plan["fits"] is True and plan["host_bytes"] > 0
+    expected = {"3b": 3085938688, "7b": 7070619136}[model]
+    assert abs(plan["components"]["language_model"]["params"] - expected) < 10**7
+    if model == "3b":
+        assert plan["placement"]["visual"] == "offload" and 7 * GiB < plan["predicted_gpu_bytes"] <= 8 * GiB
+    text = subprocess.run(
+        [sys.executable, str(ROOT / "modeling_low_vram.py"), "plan", "--model", model, "--gpu-gib", "8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    ).stdout
+    assert "host RAM needed" in text and "moved/token" in text
 
 
 def test_headroom_grows_with_the_context(tiny_model_dir):
@@ -146,7 +224,9 @@ def ask_everything(client, media_dir):
     return response.json()
 
 
-@pytest.mark.parametrize("device_map", ["gpu", "low-vram", "cpu", "auto", '{"visual": "cpu", "lm_head": "gpu"}'])
+@pytest.mark.parametrize(
+    "device_map", ["gpu", "low-vram", "low-vram-cpu", "cpu", "auto", '{"visual": "cpu", "lm_head": "gpu"}']
+)
 def test_every_preset_loads_and_serves(tiny_model_dir, media_dir, device_map):
     settings = tiny_settings(tiny_model_dir, device_map=device_map, gpu_device="cpu", gpu_memory_gib=4)
     with TestClient(create_app(settings)) as client:
@@ -201,3 +281,17 @@ def test_talker_is_loaded_only_with_speech_output(tiny_model_dir, enabled):
     engine = OmniEngine.load(tiny_settings(tiny_model_dir, enable_audio_output=enabled))
     assert hasattr(engine.model, "talker") is enabled and hasattr(engine.model, "token2wav") is enabled
     assert ("talker" in engine.describe()["placement"]) is enabled
+
+
+def test_cpu_beside_a_gpu_means_offload_except_for_the_encoders():
+    """accelerate runs a `cpu` module of a GPU map on the GPU (offload hooks): only the encoders
+    really compute on the CPU, so anything else on `cpu` is called what it is."""
+    settings = Settings(_env_file=None, device_map='{"language_model": "cuda", "visual": "cpu"}')
+    components = resolve_placement(settings, cuda_available=True).components
+    assert components["language_model"] == "cuda" and components["visual"] == CPU
+    assert components["lm_head"] == OFFLOAD and components["audio_tower"] == CPU
+    assert resolve_placement(
+        Settings(_env_file=None, device_map="cpu"), cuda_available=True
+    ).components == dict.fromkeys(["language_model", "lm_head", "visual", "audio_tower"], CPU)
+    low_vram_cpu = resolve_placement(Settings(_env_file=None, device_map="low-vram-cpu"), cuda_available=True)
+    assert low_vram_cpu.components["visual"] == CPU and low_vram_cpu.components["language_model"] == "cuda"

@@ -26,8 +26,7 @@ from placement import COMPONENT_PATHS, GiB, build_skeleton, component_sizes, fin
 from servers import start_server
 
 SCHEMES = ("int8", "nf4")
-CONFIGS = Path(os.environ.get("MODEL_CONFIGS_DIR", ROOT.parent / "shared" / "model-configs"))  # 3B and 7B
-needs_configs = pytest.mark.skipif(not CONFIGS.is_dir(), reason="needs ../shared/model-configs")
+CONFIGS = ROOT / "configs"  # the 3B and derived 7B architectures
 
 
 @pytest.fixture(scope="module")
@@ -141,36 +140,49 @@ def independent_weight_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def load_directly(model_dir: Path, scheme: str) -> torch.nn.Module:
+    """The tiny model as bitsandbytes quantizes it at load, with the server's config, before any product:
+    the engine's warm-up runs one, and on a CPU with AVX512-BF16 bitsandbytes then repacks 4-bit weights
+    for its CPU kernel (absmax un-nested, in bf16). The planner sizes the layout as loaded (the GPU's)."""
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    kept = quantization.kept_module_paths(COMPONENT_PATHS)
+    return Qwen2_5OmniForConditionalGeneration.from_pretrained(
+        str(model_dir),
+        dtype=torch.float32,
+        device_map="cpu",
+        quantization_config=quantization.bitsandbytes_config(scheme, torch.float32, kept, ["cpu"]),
+    ).eval()
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_language_model_bytes_drop_as_the_planner_predicts(tiny_model_dir, scheme):
-    """As loaded, before any product: on a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for
-    its CPU kernel at the first product (absmax un-nested, in bf16); the planner sizes the GPU layout."""
-    engine = OmniEngine.load(tiny_settings(tiny_model_dir, quantization=scheme))
-    plain_engine = OmniEngine.load(tiny_settings(tiny_model_dir))
+def test_language_model_bytes_drop_as_the_planner_predicts(engines, tiny_model_dir, scheme):
     skeleton = build_skeleton(load_config(str(tiny_model_dir)))
     predicted = component_sizes(skeleton, torch.float32, scheme)["language_model"].bytes
     plain = component_sizes(skeleton, torch.float32)["language_model"].bytes
-    loaded = independent_weight_bytes(language_model(engine))
-    assert independent_weight_bytes(language_model(plain_engine)) == plain
-    assert loaded == predicted == quantization.loaded_weight_bytes(language_model(engine))
-    assert engine.describe()["quantization"]["language_model_bytes"] == loaded
+    model = load_directly(tiny_model_dir, scheme)
+    loaded = independent_weight_bytes(model.get_submodule(find_component(model, "language_model")))
+    assert independent_weight_bytes(language_model(engines["none"])) == plain
+    assert loaded == predicted == quantization.loaded_weight_bytes(model.thinker.model.language_model)
+    assert engines[scheme].describe()["quantization"]["language_model_bytes"] == loaded  # measured before warm-up
     assert loaded < 0.5 * plain  # the tiny model's embeddings (kept in DTYPE) are 27% of it
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_quantizing_a_built_model_in_place_matches_loading_quantized(tiny_model_dir, scheme):
+def test_quantizing_a_built_model_in_place_matches_loading_quantized(engines, tiny_model_dir, scheme):
     """What a GPU check with random real-size weights uses (no checkpoint to load through bitsandbytes):
     the same layers, bytes and logits as QUANTIZATION at load."""
-    loaded = OmniEngine.load(tiny_settings(tiny_model_dir, quantization=scheme))
     built = OmniEngine.load(tiny_settings(tiny_model_dir))
     path = find_component(built.model, "language_model")
     assert quantization.quantize_in_place(built.model, scheme, torch.float32, path) == 14
+    loaded = load_directly(tiny_model_dir, scheme)
     assert quantization.loaded_weight_bytes(language_model(built)) == quantization.loaded_weight_bytes(
-        language_model(loaded)
+        loaded.thinker.model.language_model
     )
     ids = torch.randint(0, 390, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        assert torch.equal(built.model.thinker(input_ids=ids).logits, loaded.model.thinker(input_ids=ids).logits)
+        expected = engines[scheme].model.thinker(input_ids=ids).logits
+        assert torch.equal(built.model.thinker(input_ids=ids).logits, expected)
     assert {p.dtype for p in built.model.thinker.model.visual.parameters()} == {torch.float32}
 
 
@@ -185,7 +197,6 @@ def test_decoder_layer_bytes_per_weight_at_real_shapes():
     assert quantization.linear_weight_bytes(3584, 18944, "none", torch.bfloat16) == 2 * weights
 
 
-@needs_configs
 @pytest.mark.parametrize(
     ("config", "budget_gib", "context"),
     [("qwen2.5-omni-7b.derived.config.json", 8, 8192), ("qwen2.5-omni-3b.config.json", 4, 8192)],
@@ -201,7 +212,6 @@ def test_goals_fit_with_nf4_where_they_do_not_without(config, budget_gib, contex
     assert plain.placement["language_model"] == "split"
 
 
-@needs_configs
 def test_a_split_keeps_more_quantized_layers_on_the_gpu():
     config = CONFIGS / "qwen2.5-omni-7b.derived.config.json"
     layers = {}
@@ -211,7 +221,6 @@ def test_a_split_keeps_more_quantized_layers_on_the_gpu():
     assert layers["none"] < layers["int8"] < layers["nf4"]
 
 
-@needs_configs
 def test_plan_command_takes_the_quantization():
     result = subprocess.run(
         [
@@ -247,9 +256,13 @@ def test_next_token_choices_stay_close(engines, scheme, max_error, min_agreement
     (its logits' spread is about 0.16), so some greedy choices flip under any rounding; where the plain
     model's margin exceeds twice the largest logit deviation, the choice must be the same."""
     ids = torch.randint(0, 390, (1, 40), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        plain = engines["none"].model.thinker(input_ids=ids).logits[0].float()
-        quantized = engines[scheme].model.thinker(input_ids=ids).logits[0].float()
+    with torch.inference_mode():  # every position's logits (the engine's lm_head hook keeps the last one only)
+        plain, quantized = (
+            torch.nn.functional.linear(
+                language_model(engine)(input_ids=ids).last_hidden_state[0], engine.model.thinker.lm_head.weight
+            ).float()
+            for engine in (engines["none"], engines[scheme])
+        )
     error = ((quantized - plain).norm(dim=-1) / plain.norm(dim=-1)).mean()
     assert error < max_error
     agree = quantized.argmax(-1) == plain.argmax(-1)

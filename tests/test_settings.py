@@ -42,7 +42,10 @@ def test_invalid_values_are_refused_naming_the_variable(monkeypatch):
 
 def test_presets_and_json_maps():
     assert parse_device_map("auto") is None
-    assert parse_device_map("low-vram")["visual"] == "cpu" and parse_device_map("low-vram")["language_model"] == "gpu"
+    assert (
+        parse_device_map("low-vram")["visual"] == "offload" and parse_device_map("low-vram")["language_model"] == "gpu"
+    )
+    assert parse_device_map("low-vram-cpu")["visual"] == "cpu"
     assert set(parse_device_map("gpu").values()) == {"gpu"}
     custom = parse_device_map('{"visual": "cuda:1", "talker": "cuda"}')
     assert custom["visual"] == "cuda:1" and custom["talker"] == "cuda" and custom["language_model"] == "cpu"
@@ -76,4 +79,4 @@ def test_placement_without_a_gpu():
 def test_presets_use_the_configured_gpu():
     settings = Settings(_env_file=None, device_map="low-vram", gpu_device="cuda:1")
     components = resolve_placement(settings, cuda_available=True).components
-    assert components["language_model"] == "cuda:1" and components["visual"] == "cpu"
+    assert components["language_model"] == "cuda:1" and components["visual"] == "offload"

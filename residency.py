@@ -1,0 +1,230 @@
+"""What makes a loaded model ready and keeps it serving: weights resident in memory, encoders that run
+on the CPU for real, logits for the last position only, a warm-up, and recovery from out-of-memory.
+
+- `make_resident`: transformers maps checkpoint files into memory and reads them on first use, so a
+  server that says ready would pay for the disk on its first request; every weight is copied in.
+- `run_on_cpu`: accelerate runs a module mapped to `cpu` in a GPU map *on the GPU*, streaming its
+  weights in at each call; this puts an encoder's weights back on the CPU and computes there, so only
+  its inputs and output embeddings cross PCIe.
+- `keep_last_logits`: the thinker's forward has no `logits_to_keep`, so the prefill would build logits
+  for every prompt position (8192 x 151936 in bf16 is 2.3 GiB); generation reads only the last.
+- `recovers_from_out_of_memory`: a request that runs out of memory fails alone, with advice, and
+  leaves nothing allocated behind it.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from generation import GenerationRequest, OutOfMemory
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- weights in memory
+
+
+def make_resident(model: torch.nn.Module) -> int:
+    """Copy every host-side weight into ordinary (or, with CUDA, pinned) memory, away from the
+    memory-mapped checkpoint; returns the bytes copied. Tied weights stay tied."""
+    copied = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if id(tensor) in seen or tensor.device.type != "cpu":
+                continue
+            seen.add(id(tensor))
+            tensor.data = tensor.data.clone()
+            copied += tensor.numel() * tensor.element_size()
+    # Offloaded weights live in accelerate's hooks; pinned memory also speeds their copies to the GPU.
+    stores = {id(store): store for store in _offload_stores(model)}
+    pin = torch.cuda.is_available()
+    for store in stores.values():
+        copies: dict[int, torch.Tensor] = {}
+        for key, tensor in store.items():
+            if tensor.device.type != "cpu":
+                continue
+            pointer = tensor.data_ptr()
+            if pointer not in copies:
+                copies[pointer] = tensor.pin_memory() if pin else tensor.clone()
+                copied += tensor.numel() * tensor.element_size()
+            store[key] = copies[pointer]
+    return copied
+
+
+def _offload_stores(model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    """The dicts of offloaded weights behind accelerate's hooks (dispatch_model keeps them in an
+    OffloadedWeightsLoader's state_dict, cpu_offload in a plain dict)."""
+    stores = []
+    for module in model.modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        dataset = getattr(weights, "dataset", None)
+        store = dataset if isinstance(dataset, dict) else getattr(dataset, "state_dict", None)
+        if isinstance(store, dict):
+            stores.append(store)
+    return stores
+
+
+def run_on_cpu(module: torch.nn.Module) -> None:
+    """Make `module` compute on the CPU: its weights come back from accelerate's offload hooks, its
+    inputs move to the CPU and its outputs back to the device its inputs came from."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
+
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        weights = getattr(hook, "weights_map", None)
+        if weights is None:
+            continue
+        for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+            if name in weights:
+                set_module_tensor_to_device(sub, name, "cpu", value=weights[name])
+            elif tensor.device.type != "cpu":
+                set_module_tensor_to_device(sub, name, "cpu", value=tensor.to("cpu"))
+    remove_hook_from_module(module, recurse=True)
+    module.to("cpu")
+    add_hook_to_module(module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+
+
+# ---------------------------------------------------------------- logits of the last position
+
+
+def keep_last_logits(lm_head: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Give `lm_head` only the last position of a multi-position input (the prefill): generation
+    reads nothing else (`logits[:, -1, :]`), and the speech path reads hidden states, not logits."""
+
+    def last_position(_module, args):
+        hidden = args[0]
+        if hidden.dim() == 3 and hidden.shape[1] > 1:
+            return (hidden[:, -1:, :], *args[1:])
+        return None
+
+    return lm_head.register_forward_pre_hook(last_position)
+
+
+# ---------------------------------------------------------------- warm-up
+
+
+def warm_up(engine) -> float:
+    """Run a short request through every loaded component (both encoders and the thinker; with speech,
+    the talker and token2wav too); returns its seconds. A failed speech warm-up is logged, not fatal:
+    text answers still work."""
+    started = time.perf_counter()
+    request = GenerationRequest(
+        text="Hi.",
+        system_prompt=None,
+        images=[Image.new("RGB", (56, 56), (128, 96, 64))],
+        audios=[np.zeros(16_000, dtype=np.float32)],
+        max_new_tokens=2,
+    )
+    engine.generate(request)
+    if engine.settings.enable_audio_output and engine.voices:
+        settings = engine.settings
+        engine.settings = settings.model_copy(update={"max_speech_seconds": 1.0})  # a few codec tokens suffice
+        try:
+            engine.generate(GenerationRequest(text="Hi.", system_prompt=None, max_new_tokens=2, return_audio=True))
+        except Exception as error:  # noqa: BLE001 - the server still answers in text; the log says why
+            logger.warning("the speech warm-up failed (%s: %s); spoken answers may fail", type(error).__name__, error)
+        finally:
+            engine.settings = settings
+    return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------- out of memory
+
+
+def release_cached_memory() -> None:
+    """Drop what a failed request left: unreachable tensors, then the CUDA allocator's cache."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def out_of_memory_advice(settings, placement: dict[str, str]) -> str:
+    """What to lower so that the next request fits, in the settings' own names."""
+    preset = (
+        "DEVICE_MAP=low-vram-cpu (the encoders run on the CPU)"
+        if placement.get("visual") == "offload"
+        else "DEVICE_MAP=low-vram (the encoders' weights leave the GPU)"
+    )
+    return (
+        f"lower IMAGE_MAX_PIXELS (now {settings.image_max_pixels}), VIDEO_TOTAL_PIXELS (now "
+        f"{settings.video_total_pixels}) or MAX_CONTEXT_TOKENS (now {settings.max_context_tokens}), send smaller "
+        f"or fewer files, or use {preset} or a lower GPU_MEMORY_GIB so the plan leaves more room"
+    )
+
+
+def recovers_from_out_of_memory(generate: Callable) -> Callable:
+    """Turn torch.OutOfMemoryError in `generate` into OutOfMemory, after the failed request's tensors
+    are gone and the allocator's cache is freed, so that the next request is served."""
+
+    @functools.wraps(generate)
+    def guarded(engine, request: GenerationRequest):
+        try:
+            return generate(engine, request)
+        except torch.OutOfMemoryError as error:
+            reason = (str(error).splitlines() or ["out of memory"])[0]
+        # Outside the except block: the traceback, and the request's tensors its frames held, are gone.
+        release_cached_memory()
+        logger.warning("a request ran out of memory (%s); the cache was freed", reason)
+        raise OutOfMemory(
+            "the model ran out of memory on this request; retry with smaller inputs, or "
+            f"{out_of_memory_advice(engine.settings, engine.placement.components)}"
+        )
+
+    return guarded
+
+
+# ---------------------------------------------------------------- the CPU's pace
+
+
+def cpu_matmul_flops(dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """Measured multiply-add throughput of this CPU in `dtype` (FLOP/s), on a decoder-sized product."""
+    a = torch.randn(256, 2048).to(dtype)
+    b = torch.randn(2048, 2048).to(dtype)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    with torch.inference_mode():
+        while time.perf_counter() < deadline or best == float("inf"):
+            started = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - started)
+    return 2 * 256 * 2048 * 2048 / best
+
+
+def cpu_image_seconds(model: torch.nn.Module, pixels: int, flops: float) -> float:
+    """About how long the CPU takes to encode one image of `pixels` and read it into the thinker
+    (two FLOPs per weight per patch in the vision encoder, per token in the language model)."""
+    thinker = model.thinker
+    patches = pixels / 14**2
+    vision = sum(p.numel() for p in thinker.model.visual.parameters())
+    language = sum(p.numel() for p in thinker.model.language_model.layers.parameters())
+    return (2 * vision * patches + 2 * language * patches / 4) / flops
+
+
+def cpu_budgets(settings, model: torch.nn.Module, dtype: torch.dtype) -> tuple[dict[str, int], str]:
+    """What an image and a video cost on this CPU at the current budgets, and, for budgets left at
+    their defaults, smaller ones that finish within half of REQUEST_TIMEOUT_SECONDS."""
+    flops = cpu_matmul_flops(dtype)
+    limit = settings.request_timeout_seconds / 2
+    updates: dict[str, int] = {}
+    said = [f"the CPU multiplies {str(dtype).removeprefix('torch.')} at {flops / 1e9:.0f} GFLOP/s"]
+    for name in ("image_max_pixels", "video_total_pixels"):
+        pixels = getattr(settings, name)
+        seconds = cpu_image_seconds(model, pixels, flops)
+        said.append(f"{name.upper()}={pixels} costs about {seconds:.0f} s")
+        if seconds > limit:
+            fitted = max(28 * 28, int(pixels * limit / seconds) // (28 * 28) * (28 * 28))
+            if name in settings.model_fields_set:
+                said.append(f"over half of REQUEST_TIMEOUT_SECONDS={settings.request_timeout_seconds:g}: set {fitted}")
+            else:
+                updates[name] = fitted
+                said.append(f"lowered to {fitted} to finish within REQUEST_TIMEOUT_SECONDS")
+    return updates, "; ".join(said)
