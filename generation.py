@@ -67,6 +67,7 @@ class GenerationRequest:
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
     on_text: Callable[[str], None] | None = None  # receives the answer's text as it is generated
+    on_audio: Callable[[np.ndarray], None] | None = None  # receives the spoken answer's samples as they are made
 
 
 @dataclass

@@ -1,29 +1,34 @@
-"""A Gradio web UI for the Qwen2.5-Omni server: a client of its HTTP API, it loads no model.
+"""A Gradio chat for the Qwen2.5-Omni server: a client of its OpenAI-compatible API, it loads no model.
 
     pip install -r requirements-ui.txt
     MULTIMODAL_API_URL=http://localhost:8000 python gradio_multimodal_app.py   # port: GRADIO_SERVER_PORT (7860)
 
-Text, a system prompt, images, audio and video (uploads, microphone, webcam), the two video
-flags, the answer length, and (when the server speaks) a voice and "speak the answer". The
-answer streams in as the model writes it; errors from the API are shown as readable messages.
+A conversation with history (every turn goes to `/v1/chat/completions` with the turns before it,
+pictures, sounds and videos in any turn), the answer streaming in as the model writes it, and,
+when the server speaks, the voice playing as it is made. "Start over" clears the conversation.
+Errors from the API are shown as readable messages.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import json
+import mimetypes
 import os
-import tempfile
 import time
-from contextlib import ExitStack
+import wave
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gradio as gr
 import httpx
 
 API_URL = os.environ.get("MULTIMODAL_API_URL", "http://localhost:8000").rstrip("/")
 API_KEY = os.environ.get("MULTIMODAL_API_KEY") or os.environ.get("API_KEY")
+SAMPLE_RATE = 24_000  # the server's spoken answers: PCM16 mono
+PART_TYPES = {"image": "image_url", "audio": "audio_url", "video": "video_url"}
 
 
 def _headers() -> dict[str, str]:
@@ -61,94 +66,148 @@ def _error_text(response: httpx.Response) -> str:
     return f"HTTP {response.status_code}: {detail}"
 
 
-def _paths(files: Any) -> list[str]:
-    if not files:
-        return []
-    files = files if isinstance(files, list) else [files]
-    return [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files]
+def user_turn(message: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+    """The chat box's text and files as an OpenAI user message (media as data URLs), the files' paths,
+    and the message part each file became (to name the file in an error)."""
+    parts: list[dict[str, Any]] = []
+    names: dict[str, str] = {}
+    files = [f if isinstance(f, str) else f.get("path", "") for f in message.get("files") or []]
+    for path in files:
+        mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        kind = mime.split("/")[0] if mime.split("/")[0] in PART_TYPES else "image"
+        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        names[f"content[{len(parts)}]"] = Path(path).name
+        parts.append({"type": PART_TYPES[kind], PART_TYPES[kind]: {"url": f"data:{mime};base64,{data}"}})
+    if (message.get("text") or "").strip():
+        parts.append({"type": "text", "text": message["text"]})
+    return {"role": "user", "content": parts}, files, names
 
 
-def ask(
-    text: str,
+# The voice plays as it arrives: each PCM16 piece reaches the page through a hidden textbox, and this
+# schedules it right after the previous one with the Web Audio API (Gradio's own streaming player
+# needs an ffmpeg binary on the UI's machine).
+PLAY_PIECE = """(piece) => {
+  if (!piece) return;
+  const bytes = Uint8Array.from(atob(piece.slice(piece.indexOf(":") + 1)), (c) => c.charCodeAt(0));
+  const pcm = new Int16Array(bytes.buffer, 0, bytes.length >> 1);
+  const voice = (window.omniVoice ||= {context: new AudioContext({sampleRate: RATE}), next: 0, pieces: 0, seconds: 0});
+  const buffer = voice.context.createBuffer(1, Math.max(1, pcm.length), RATE);
+  const samples = buffer.getChannelData(0);
+  for (let i = 0; i < pcm.length; i++) samples[i] = pcm[i] / 32768;
+  const source = voice.context.createBufferSource();
+  source.buffer = buffer;
+  source.connect(voice.context.destination);
+  voice.next = Math.max(voice.next, voice.context.currentTime);
+  source.start(voice.next);
+  voice.next += buffer.duration;
+  voice.pieces += 1;
+  voice.seconds += buffer.duration;
+}""".replace("RATE", str(SAMPLE_RATE))
+SILENCE = "() => { if (window.omniVoice) { window.omniVoice.context.close(); window.omniVoice = null; } }"
+
+
+def wav_file(pcm16: bytes) -> bytes:
+    """The whole spoken answer as a WAV file, to play again or download."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(SAMPLE_RATE)
+        writer.writeframes(pcm16)
+    return out.getvalue()
+
+
+def stream_answer(body: dict[str, Any]) -> Iterator[tuple[str, str, bytes | None, dict]]:
+    """POST a streamed chat completion; yield (kind, text, audio, usage) as events arrive. Raises
+    RuntimeError with a readable message on an HTTP or stream error."""
+    with (
+        httpx.Client(timeout=600, headers=_headers()) as client,
+        client.stream("POST", f"{API_URL}/v1/chat/completions", json=body) as response,
+    ):
+        if response.status_code != 200:
+            response.read()
+            raise RuntimeError(_error_text(response))
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if event.get("usage"):
+                yield "usage", "", None, event["usage"]
+            for choice in event.get("choices") or []:
+                delta = choice.get("delta") or {}
+                audio = delta.get("audio") or {}
+                text = delta.get("content") or audio.get("transcript") or ""
+                if text:
+                    yield "text", text, None, {}
+                if audio.get("data"):
+                    yield "audio", "", base64.b64decode(audio["data"]), {}
+            if event.get("warnings"):
+                yield "warnings", "; ".join(event["warnings"]), None, {}
+
+
+def respond(
+    message: dict[str, Any],
+    chat: list[dict],
+    conversation: list[dict],
     system_prompt: str,
-    images: Any,
-    audios: Any,
-    videos: Any,
-    microphone: str | None,
-    webcam: str | None,
-    extract_audio: bool,
-    extract_frame: bool,
-    max_new_tokens: float,
+    max_tokens: float,
     speak: bool,
     voice: str | None,
-) -> Iterator[tuple[str, str | None, str, str]]:
-    """Send the request with stream=true; yield (answer so far, spoken answer file, timings, error)."""
-    data = {
-        "text": text or "",
-        "max_new_tokens": str(int(max_new_tokens)),
-        "stream": "true",
-        "extract_video_audio": str(bool(extract_audio)).lower(),
-        "extract_video_frame": str(bool(extract_frame)).lower(),
-    }
-    if system_prompt and system_prompt.strip():
-        data["system_prompt"] = system_prompt
-    if speak:
-        data["return_audio"] = "true"
-        if voice:
-            data["speaker"] = voice
-    uploads = [("images", p) for p in _paths(images)] + [("audios", p) for p in _paths(audios) + _paths(microphone)]
-    uploads += [("videos", p) for p in _paths(videos) + _paths(webcam)]
-    started = time.perf_counter()
-    answer, first_token, usage, spoken = "", None, {}, None
-    try:
-        with ExitStack() as files, httpx.Client(timeout=600, headers=_headers()) as client:
-            parts = [(field, (Path(path).name, files.enter_context(open(path, "rb")))) for field, path in uploads]
-            with client.stream("POST", f"{API_URL}/multimodal", data=data, files=parts) as response:
-                if response.status_code != 200:
-                    response.read()
-                    yield "", None, "", f"⚠️ {_error_text(response)}"
-                    return
-                for line in response.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        yield answer, None, "", f"⚠️ {event['error']['message']}"
-                        return
-                    usage = event.get("usage") or usage
-                    delta = event["choices"][0]["delta"] if event.get("choices") else {}
-                    if delta.get("audio"):
-                        spoken = _save_wav(delta["audio"]["data"])
-                    if delta.get("content"):
-                        first_token = first_token or time.perf_counter()
-                        answer += delta["content"]
-                        yield answer, None, "", ""
-    except httpx.HTTPError as error:
-        yield (
-            answer,
-            None,
-            "",
-            f"⚠️ the server could not be reached ({type(error).__name__}): is it running at {API_URL}?",
-        )
+) -> Iterator[tuple]:
+    """One turn: send the conversation so far plus this message; stream the answer (and its voice) in.
+    Yields (chat box, chat, conversation, voice piece, whole voice, timings, error)."""
+    turn, files, names = user_turn(message)
+    if not turn["content"]:
+        yield gr.skip(), chat, conversation, gr.skip(), gr.skip(), gr.skip(), "⚠️ write something or attach a file"
         return
-    total = time.perf_counter() - started
-    timings = (
-        f"first token {((first_token or time.perf_counter()) - started) * 1000:.0f} ms · total {total * 1000:.0f} ms"
-    )
+    chat = [*chat, *({"role": "user", "content": {"path": f}} for f in files)]
+    if (message.get("text") or "").strip():
+        chat.append({"role": "user", "content": message["text"]})
+    chat.append({"role": "assistant", "content": ""})
+    system = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
+    body: dict[str, Any] = {
+        "messages": [*system, *conversation, turn],
+        "max_tokens": int(max_tokens),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if speak:
+        body.update(modalities=["text", "audio"], audio={"voice": voice, "format": "pcm16"})
+    yield {"text": "", "files": []}, chat, conversation, "", None, "", ""
+    started, first, usage, notes, answer, voice_pieces = time.perf_counter(), None, {}, "", "", []
+    try:
+        for kind, text, audio, extra in stream_answer(body):
+            first = first or time.perf_counter()
+            if kind == "text":
+                answer += text
+                chat[-1] = {"role": "assistant", "content": answer}
+            usage, notes = extra or usage, text if kind == "warnings" else notes
+            piece = gr.skip()
+            if audio:
+                voice_pieces.append(audio)
+                piece = f"{len(voice_pieces)}:{base64.b64encode(audio).decode('ascii')}"
+            yield gr.skip(), chat, conversation, piece, gr.skip(), gr.skip(), ""
+    except (RuntimeError, httpx.HTTPError) as error:
+        detail = str(error) if isinstance(error, RuntimeError) else f"the server could not be reached ({error})"
+        for part, name in names.items():  # which file a message part was
+            detail = detail.replace(f"messages[{len(system) + len(conversation)}].{part}", f"{part} ({name})")
+        yield gr.skip(), chat, conversation, gr.skip(), gr.skip(), "", f"⚠️ {detail}"
+        return
+    conversation = [*conversation, turn, {"role": "assistant", "content": answer}]
+    timings = f"first token {((first or time.perf_counter()) - started) * 1000:.0f} ms · total "
+    timings += f"{(time.perf_counter() - started) * 1000:.0f} ms"
     if usage:
+        by_modality = usage.get("prompt_tokens_details", {}).get("by_modality", {})
         timings += (
-            f" · prompt {usage['prompt_tokens']} tokens "
-            f"({', '.join(f'{k} {v}' for k, v in usage['prompt_tokens_details']['by_modality'].items() if v)})"
-            f" · answer {usage['completion_tokens']} tokens"
+            f" · prompt {usage['prompt_tokens']} tokens ({', '.join(f'{k} {v}' for k, v in by_modality.items() if v)})"
         )
-    yield answer, spoken, timings, ""
-
-
-def _save_wav(data: str) -> str:
-    handle, path = tempfile.mkstemp(prefix="answer-", suffix=".wav")
-    with os.fdopen(handle, "wb") as out:
-        out.write(base64.b64decode(data))
-    return path
+        timings += f" · answer {usage['completion_tokens']} tokens"
+    if voice_pieces:
+        timings += f" · voice {sum(map(len, voice_pieces)) / 2 / SAMPLE_RATE:.1f} s in {len(voice_pieces)} pieces"
+    whole = wav_file(b"".join(voice_pieces)) if voice_pieces else None
+    yield gr.skip(), chat, conversation, gr.skip(), whole, timings + (f" · {notes}" if notes else ""), ""
 
 
 def build() -> gr.Blocks:
@@ -156,50 +215,37 @@ def build() -> gr.Blocks:
     with gr.Blocks(title="Qwen2.5-Omni") as demo:
         gr.Markdown("# Qwen2.5-Omni")
         server_line = gr.Markdown(status, elem_id="server-status")
+        conversation = gr.State([])
         with gr.Row():
-            with gr.Column():
-                text = gr.Textbox(label="Your question", lines=3, elem_id="text")
+            with gr.Column(scale=3):
+                chat = gr.Chatbot(label="Conversation", height=520, elem_id="chat")
+                box = gr.MultimodalTextbox(
+                    placeholder="Ask, and attach pictures, sounds or videos…",
+                    file_count="multiple",
+                    file_types=["image", "audio", "video"],
+                    sources=["upload", "microphone"],
+                    elem_id="message",
+                )
+                error = gr.Markdown(elem_id="error")
+                timings = gr.Markdown(elem_id="timings")
+            with gr.Column(scale=1):
                 system_prompt = gr.Textbox(
                     label="System prompt", placeholder="You are a helpful AI assistant.", elem_id="system-prompt"
                 )
-                with gr.Row():
-                    images = gr.File(label="Images", file_count="multiple", elem_id="images")
-                    audios = gr.File(label="Audio", file_count="multiple", elem_id="audios")
-                    videos = gr.File(label="Videos", file_count="multiple", elem_id="videos")
-                with gr.Row():
-                    microphone = gr.Audio(label="Microphone", sources=["microphone"], type="filepath")
-                    webcam = gr.Video(label="Webcam", sources=["webcam"])
-                with gr.Row():
-                    extract_audio = gr.Checkbox(label="Use each video's audio track")
-                    extract_frame = gr.Checkbox(label="Use each video's last frame")
-                max_new_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max new tokens")
-                with gr.Row(visible=can_speak):
-                    speak = gr.Checkbox(label="Speak the answer", value=False)
+                max_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max new tokens")
+                with gr.Group(visible=can_speak):
+                    speak = gr.Checkbox(label="Speak the answer", value=False, elem_id="speak")
                     voice = gr.Dropdown(choices=voices, value=voices[0] if voices else None, label="Voice")
-                submit = gr.Button("Ask", variant="primary", elem_id="submit")
-            with gr.Column():
-                error = gr.Markdown(elem_id="error")
-                answer = gr.Textbox(label="Answer", lines=12, elem_id="answer")
-                spoken = gr.Audio(label="Spoken answer", type="filepath", elem_id="spoken")
-                timings = gr.Markdown(elem_id="timings")
-        submit.click(
-            ask,
-            [
-                text,
-                system_prompt,
-                images,
-                audios,
-                videos,
-                microphone,
-                webcam,
-                extract_audio,
-                extract_frame,
-                max_new_tokens,
-                speak,
-                voice,
-            ],
-            [answer, spoken, timings, error],
+                piece = gr.Textbox(visible=False, elem_id="voice-piece")
+                spoken = gr.Audio(label="The last spoken answer", interactive=False, elem_id="spoken")
+                restart = gr.Button("Start over", elem_id="start-over")
+        box.submit(
+            respond,
+            [box, chat, conversation, system_prompt, max_tokens, speak, voice],
+            [box, chat, conversation, piece, spoken, timings, error],
         )
+        piece.change(None, [piece], None, js=PLAY_PIECE)
+        restart.click(lambda: ([], [], None, "", ""), None, [chat, conversation, spoken, timings, error], js=SILENCE)
         demo.load(lambda: server_info()[0], None, server_line)
     return demo
 

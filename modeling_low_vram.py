@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,16 @@ from prompts import OFFICIAL_SYSTEM_PROMPT  # noqa: F401 - where the speech side
 from prompts import IMAGE_PATCH_SIZE, MediaTokenIds, PromptBuilder
 import quantization
 from settings import Settings
+from speech import (
+    NO_SPEECH_WARNING,
+    SPEECH_SAMPLE_RATE,
+    FirstTokens,
+    Stopped,
+    Token2Wav,
+    spoken_token_count,
+    talk,
+    talker_inputs,
+)
 from streaming import StopWhenSet, TextDeltas
 
 logger = logging.getLogger(__name__)
@@ -76,7 +87,6 @@ MODEL_SHORTHANDS = {  # architecture configs carried in the repository: plans ne
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "min_p")
 # What an unset field means when the checkpoint does not set it either (OpenAI's and vLLM's defaults).
 SAMPLING_FALLBACKS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
-SPEECH_SAMPLE_RATE = 24_000  # token2wav's output rate
 
 
 class TalkerTokenIdNotes(logging.Filter):
@@ -406,18 +416,11 @@ class OmniEngine:
             raise SpeechError(f"unknown speaker {speaker!r}; available voices: {', '.join(voices)}")
         return speaker
 
-    def _speech_kwargs(self, speaker: str) -> dict[str, Any]:
-        """The talker's arguments, read from the checkpoint: its end-of-speech codes and a length bound."""
-        talker = self.model.config.talker_config
+    def max_speech_codes(self) -> int:
+        """The talker's length bound: MAX_SPEECH_SECONDS in codes (each code is `repeats` mel frames)."""
         token2wav = self.model.config.token2wav_config
         samples_per_code = token2wav.dit_config.repeats * math.prod(token2wav.bigvgan_config.upsample_rates)
-        codes_per_second = SPEECH_SAMPLE_RATE / samples_per_code
-        return {
-            "generation_mode": "audio",
-            "speaker": speaker,
-            "talker_eos_token_id": [talker.tts_codec_pad_token_id, talker.tts_codec_end_token_id],
-            "talker_max_new_tokens": max(1, int(self.settings.max_speech_seconds * codes_per_second)),
-        }
+        return max(1, int(self.settings.max_speech_seconds * SPEECH_SAMPLE_RATE / samples_per_code))
 
     # -- generation
 
@@ -452,7 +455,10 @@ class OmniEngine:
                         **self._decoding(request),
                     )
                 else:
-                    sequences, audio = self._generate_speech(inputs, use_audio_in_video, request, speaker)
+                    sequences, audio, spoken_warnings = self._generate_speech(
+                        inputs, use_audio_in_video, request, speaker
+                    )
+                    warnings = warnings + spoken_warnings
             prompt_tokens = int(inputs["input_ids"].shape[1])
             generated = sequences[0, prompt_tokens:].cpu()
             del inputs, sequences  # the big tensors go before the next request comes
@@ -504,21 +510,59 @@ class OmniEngine:
 
     def _generate_speech(
         self, inputs: dict[str, Any], use_audio_in_video: bool, request: GenerationRequest, speaker: str
-    ) -> tuple[torch.Tensor, np.ndarray]:
-        """Thinker, talker and token2wav: the answer's tokens and its waveform."""
-        # Pixel inputs belong to the thinker only; the wrapper would hand them to the talker too.
-        thinker_only = {"pixel_values": "thinker_pixel_values", "pixel_values_videos": "thinker_pixel_values_videos"}
-        inputs = {thinker_only.get(key, key): value for key, value in inputs.items()}
-        sequences, waveform = self.model.generate(
+    ) -> tuple[torch.Tensor, np.ndarray | None, list[str]]:
+        """Thinker, then talker and token2wav over the text that is returned: the answer's tokens, its
+        waveform (None when it went to `request.on_audio` chunk by chunk, or when there is no sound),
+        and warnings."""
+        limit = request.max_new_tokens
+        decoding = self._decoding(request)
+        if "streamer" in decoding:
+            decoding["streamer"] = FirstTokens(decoding["streamer"], limit)
+        # One step more than the answer may have: that step computes the last answer token's hidden state.
+        output = self.model.thinker.generate(
             **inputs,
             use_audio_in_video=use_audio_in_video,
-            thinker_max_new_tokens=request.max_new_tokens,
-            thinker_eos_token_id=self._stop_ids,
-            thinker_pad_token_id=self._pad_id,
-            **{f"thinker_{key}": value for key, value in self._decoding(request).items()},
-            **self._speech_kwargs(speaker),
+            max_new_tokens=limit + 1,
+            eos_token_id=self._stop_ids,
+            pad_token_id=self._pad_id,
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+            **decoding,
         )
-        return sequences, waveform.reshape(-1).float().cpu().numpy()
+        prompt = inputs["input_ids"].shape[1]
+        sequences = output.sequences[:, : prompt + limit]
+        generated = sequences[0, prompt:].tolist()
+        tokenizer = self.processor.tokenizer
+        text, _ = cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), request.stop_strings)
+        spoken = min(spoken_token_count(tokenizer, generated, text, self._stop_ids), len(output.hidden_states) - 1)
+        stop = request.stop or threading.Event()
+        if stop.is_set():
+            return sequences, None, []
+        if spoken == 0:
+            return sequences, None, [NO_SPEECH_WARNING]
+        arguments = talker_inputs(
+            self.model, inputs, use_audio_in_video, output, spoken, self.model.speaker_map[speaker]["bos_token"]
+        )
+        del output  # every layer's hidden states of every step: the talker has what it needs
+        max_codes = self.max_speech_codes()
+        synthesis = Token2Wav(self.model, speaker, seed=request.seed, stop=stop)
+        chunked = None
+        if request.on_audio is not None:
+            chunked = synthesis.chunked(self.settings.speech_chunk_blocks, request.on_audio)
+        try:
+            codes = talk(self.model, arguments, max_codes, chunked.add if chunked else lambda codes: None, stop)
+            if codes.dropped:
+                logger.info("the talker sampled %d codes that are not speech; token2wav skipped them", codes.dropped)
+            if stop.is_set():
+                return sequences, None, []
+            if not codes.codes:
+                return sequences, None, [NO_SPEECH_WARNING]
+            if chunked is not None:
+                chunked.finish()
+                return sequences, None, []
+            return sequences, synthesis.whole(codes.codes), []
+        except Stopped:  # given up while token2wav ran: nobody waits for this answer any more
+            return sequences, None, []
 
     def _on_device(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The processor's tensors on the thinker's input device, floating ones in the model's dtype."""

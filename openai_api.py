@@ -20,6 +20,7 @@ import uuid
 from typing import Any, AsyncIterator, Literal
 
 import httpx
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -120,7 +121,7 @@ class StreamOptions(BaseModel):
 
 class AudioOptions(BaseModel):
     voice: str | None = None
-    format: Literal["wav"] = "wav"
+    format: Literal["wav", "pcm16"] = Field("wav", description="wav, or pcm16 (raw 24 kHz mono); streams send pcm16")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -260,15 +261,21 @@ def usage_of(result: GenerationResult) -> dict[str, Any]:
     }
 
 
-def audio_of(result: GenerationResult) -> dict[str, Any] | None:
+def audio_of(result: GenerationResult, audio_format: str = "wav") -> dict[str, Any] | None:
     if result.audio is None:
         return None
+    data = wav_bytes(result.audio, SPEECH_SAMPLE_RATE) if audio_format == "wav" else pcm16(result.audio)
     return {
         "id": f"audio_{uuid.uuid4().hex[:24]}",
-        "data": base64.b64encode(wav_bytes(result.audio, SPEECH_SAMPLE_RATE)).decode("ascii"),
+        "data": base64.b64encode(data).decode("ascii"),
         "expires_at": int(time.time()) + AUDIO_LIFETIME_SECONDS,
         "transcript": result.text,
     }
+
+
+def pcm16(samples) -> bytes:
+    """Float samples as raw 16-bit little-endian PCM, the format of streamed audio."""
+    return (np.clip(samples, -1.0, 1.0) * 32767).round().astype("<i2").tobytes()
 
 
 async def stream_events(
@@ -282,14 +289,27 @@ async def stream_events(
 ) -> AsyncIterator[str]:
     """Server-Sent Events of chat.completion.chunk objects, text as it is generated, then [DONE].
 
-    A client that disconnects cancels this generator: the generation then stops at its next token.
+    A spoken answer streams as OpenAI streams one: `delta.audio` objects carrying its `id`, the text as
+    `transcript` deltas, then base64 PCM16 `data` (24 kHz mono) as token2wav makes it, and last its
+    `expires_at`. A client that disconnects cancels this generator: the thinker, talker or token2wav
+    then stops at its next step.
     """
     loop = asyncio.get_running_loop()
-    deltas: asyncio.Queue[str] = asyncio.Queue()
-    generation.on_text = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)
+    deltas: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    generation.on_text = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, ("text", text))
+    if generation.return_audio:
+        generation.on_audio = lambda samples: loop.call_soon_threadsafe(deltas.put_nowait, ("audio", samples))
     job = submit_generation(worker, engine, generation)
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    audio_id = f"audio_{uuid.uuid4().hex[:24]}"
     deadline = time.monotonic() + timeout
+
+    def delta(kind: str, value: Any) -> dict[str, Any]:
+        if not generation.return_audio:
+            return {"content": value}
+        if kind == "text":
+            return {"audio": {"id": audio_id, "transcript": value}}
+        return {"audio": {"id": audio_id, "data": base64.b64encode(pcm16(value)).decode("ascii")}}
 
     async def events() -> AsyncIterator[str]:
         finished = asyncio.wrap_future(job)
@@ -303,7 +323,7 @@ async def stream_events(
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if getter in done:
-                    yield chunk(completion_id, model, {"content": getter.result()})
+                    yield chunk(completion_id, model, delta(*getter.result()))
                     continue
                 getter.cancel()
                 if not done:
@@ -314,8 +334,11 @@ async def stream_events(
                         code="timeout",
                     )
             result: GenerationResult = finished.result()
-            if (audio := audio_of(result)) is not None:
-                yield chunk(completion_id, model, {"audio": audio})
+            if result.audio is not None:  # an engine that made its audio in one piece
+                yield chunk(completion_id, model, delta("audio", result.audio))
+            if generation.return_audio:
+                expires = int(time.time()) + AUDIO_LIFETIME_SECONDS
+                yield chunk(completion_id, model, {"audio": {"id": audio_id, "expires_at": expires}})
             yield chunk(completion_id, model, {}, finish_reason=result.finish_reason, warnings=result.warnings)
             if include_usage:
                 yield chunk(completion_id, model, None, usage=usage_of(result))
@@ -402,7 +425,7 @@ async def chat_completions(
     except InputRejected as error:
         raise OpenAIError(400, str(error)) from None
     message: dict[str, Any] = {"role": "assistant", "content": result.text}
-    if (audio := audio_of(result)) is not None:
+    if (audio := audio_of(result, body.audio.format if body.audio else "wav")) is not None:
         message["audio"] = audio
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",

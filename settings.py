@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     max_speech_seconds: float = Field(
         180, gt=0, le=3600, description="Longest spoken answer, in seconds (bounds the talker's codec tokens)."
     )
+    speech_chunk_blocks: int = Field(
+        3,
+        ge=1,
+        le=64,
+        description="Streamed speech: token2wav makes audio in chunks of this many DiT blocks (24 mel frames, "
+        "0.48 s of speech each); fewer starts the voice sooner, more costs less per second of speech.",
+    )
     cpu_threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 keeps torch's default.")
 
     # HTTP

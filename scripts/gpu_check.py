@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="plans on the meta device only (no GPU needed)")
     parser.add_argument("--models", default="3b,7b", help="comma-separated: 3b, 7b")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS_GIB)), help="GPU budgets in GiB")
-    parser.add_argument("--out", default="gpu_check_report.json", help="the JSON report")
+    parser.add_argument("--out", default="bench/out/gpu_check_report.json", help="the JSON report")
     args = parser.parse_args(argv)
     models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
@@ -426,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODEL_SHORTHANDS)}")
     report: dict = {"dry_run": args.dry_run, "plans": {}, "startup": {}, "build_seconds": {}}
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
         rows = dry_run(models, budgets, report)
     else:

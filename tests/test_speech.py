@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import json
+import time
 import urllib.parse
+from types import SimpleNamespace
 
+import httpx
+import numpy as np
+import openai
 import pytest
 import soundfile
+import torch
 
-from conftest import FakeEngine, upload
+import make_media
+from conftest import FakeEngine, serve, tiny_settings, upload
+from fastapi.testclient import TestClient
 from generation import GenerationRequest
-from modeling_low_vram import OFFICIAL_SYSTEM_PROMPT
+from modeling_low_vram import OFFICIAL_SYSTEM_PROMPT, OmniEngine
+from multimodal_api import create_app
+from speech import NO_SPEECH_WARNING, Codec, CodeStream, Token2Wav
 
 
 def decode_wav(data: bytes):
@@ -21,9 +33,9 @@ def decode_wav(data: bytes):
 
 
 def spoken(client, data=None, files=None):
-    response = client.post(
-        "/multimodal", data={"max_new_tokens": "5", "return_audio": "true", **(data or {})}, files=files or []
-    )
+    # A seed: the random tiny talker may end before it makes a sound (then there is no audio; see below).
+    form = {"max_new_tokens": "5", "return_audio": "true", "seed": "1", **(data or {})}
+    response = client.post("/multimodal", data=form, files=files or [])
     assert response.status_code == 200, response.text
     return response
 
@@ -123,11 +135,257 @@ def test_speech_uses_the_official_system_prompt_and_gives_a_persona_as_the_autho
 
 
 def test_talker_stop_codes_and_length_come_from_the_checkpoint(tiny_model_dir):
-    from conftest import tiny_settings
-    from modeling_low_vram import OmniEngine
-
     engine = OmniEngine.load(tiny_settings(tiny_model_dir, enable_audio_output=True, max_speech_seconds=3))
-    kwargs = engine._speech_kwargs("Ethan")
     talker = engine.model.config.talker_config
-    assert kwargs["talker_eos_token_id"] == [talker.tts_codec_pad_token_id, talker.tts_codec_end_token_id] == [32, 34]
-    assert kwargs["talker_max_new_tokens"] == 150  # 3 s at 24000 / (2 repeats x 240 samples) = 50 codes/s
+    assert Codec.of(engine.model.config).ends == (talker.tts_codec_pad_token_id, talker.tts_codec_end_token_id)
+    assert Codec.of(engine.model.config).ends == (32, 34)
+    assert engine.max_speech_codes() == 150  # 3 s at 24000 / (2 repeats x 240 samples) = 50 codes/s
+
+
+# ---------------------------------------------------------------- speech that has no sound, and what is spoken
+
+
+def picture():
+    from PIL import Image
+
+    return Image.open(io.BytesIO(make_media.image_bytes("PNG"))).convert("RGB")
+
+
+@pytest.mark.parametrize("voice", ["Chelsie", "Ethan"])
+def test_a_talker_that_ends_at_once_gives_the_text_and_a_warning(speaking_engine, speaking_client, voice):
+    # Seed 3: the random talker's first code ends speech (token2wav used to fail on 0 codes: a 500).
+    request = GenerationRequest("hi", None, images=[picture()], max_new_tokens=8, return_audio=True, speaker=voice)
+    result = speaking_engine.generate(dataclasses.replace(request, seed=3))
+    assert result.audio is None and result.text and NO_SPEECH_WARNING in result.warnings
+    png = base64.b64encode(make_media.image_bytes("PNG")).decode()
+    content = [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+        {"type": "text", "text": "hi"},
+    ]
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "modalities": ["text", "audio"],
+        "audio": {"voice": voice},
+        "max_tokens": 8,
+        "temperature": 0,
+        "seed": 3,
+    }
+    response = speaking_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["choices"][0]["message"]["content"] == result.text
+    assert "audio" not in answer["choices"][0]["message"] and NO_SPEECH_WARNING in answer["warnings"]
+    form = {"text": "hi", "return_audio": "true", "speaker": voice, "max_new_tokens": "8", "seed": "3"}
+    response = speaking_client.post(
+        "/multimodal", data=form, files=[("images", ("a.png", make_media.image_bytes("PNG")))]
+    )
+    assert response.status_code == 200, response.text  # the issue's request: it was a 500
+    assert response.json()["text"] == result.text and "audio" not in response.json()
+    assert NO_SPEECH_WARNING in response.json()["warnings"]
+
+
+def test_codes_that_are_not_speech_never_reach_token2wav():
+    # The released checkpoints' codec (see shared/model-configs): 8448 talker codes, 8193 in token2wav's codebook.
+    talker = SimpleNamespace(
+        vocab_size=8448,
+        tts_codec_pad_token_id=8292,
+        tts_codec_start_token_id=8293,
+        tts_codec_end_token_id=8294,
+        tts_codec_mask_token_id=8296,
+    )
+    dit = SimpleNamespace(num_embeds=8193)
+    real = Codec.of(SimpleNamespace(talker_config=talker, token2wav_config=SimpleNamespace(dit_config=dit)))
+    assert real.codebook == 8193 and real.vocabulary == 8448 and real.ends == (8292, 8294)
+    suppressed = set(real.suppressed())
+    assert {8193, 8293, 8295, 8296, 8447, real.start} <= suppressed and not {8292, 8294, 0, 8192} & suppressed
+    received = []
+    stream = CodeStream(real, received.extend)
+    stream.put(torch.tensor([[1, 2, 3]]))  # the prompt
+    for code in [5, 8293, 8296, 8192, 8300, 7, 8294, 9]:
+        stream.put(torch.tensor([code]))
+    assert received == stream.codes == [5, 8192, 7] and stream.dropped == 3  # nothing after the end code
+
+
+def test_a_stop_string_cuts_the_speech_with_the_text(speaking_engine):
+    """The talker speaks the returned text: cut by a stop string spanning two tokens, or by the length
+    bound, the same text gives the same speech (the old wrapper spoke the stop string's first token in
+    one case and dropped the answer's last token in the other)."""
+    tokenizer = speaking_engine.processor.tokenizer
+    base = GenerationRequest("Say hello.", None, max_new_tokens=8, return_audio=True, seed=1)
+    ids = speaking_engine.generate(base).completion_ids
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    for kept in range(2, len(ids) - 2):
+        head = tokenizer.decode(ids[:kept], skip_special_tokens=True)
+        stop = tokenizer.decode(ids[: kept + 2], skip_special_tokens=True)[len(head) :]
+        if stop and full.startswith(head + stop) and full.find(stop) == len(head):
+            break
+    else:
+        pytest.fail(f"no stop string to test with in {full!r}")
+    by_stop = speaking_engine.generate(dataclasses.replace(base, stop_strings=[stop]))
+    by_length = speaking_engine.generate(dataclasses.replace(base, max_new_tokens=kept))
+    assert by_stop.text == by_length.text == head
+    assert by_stop.audio is not None and np.array_equal(by_stop.audio, by_length.audio)
+
+
+# ---------------------------------------------------------------- chunked synthesis
+
+
+def some_codes(count: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, 32, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_vocoder_reach_bounds_what_bigvgan_reads(speaking_engine):
+    synthesis = Token2Wav(speaking_engine.model, "Chelsie", seed=1)
+    mel = synthesis.mel(some_codes(100), 0, 200)
+    moved = mel.clone()
+    moved[:, :, 100] += 1.0
+    changed = np.flatnonzero(synthesis.vocode(moved) != synthesis.vocode(mel))
+    reach, hop = synthesis.reach, synthesis.hop
+    assert changed.size and (100 - reach) * hop <= changed.min() and changed.max() < (101 + reach) * hop
+
+
+@pytest.mark.parametrize("chunk_blocks", [1, 3])
+def test_chunks_decode_to_the_whole_answers_audio(speaking_engine, chunk_blocks):
+    """Tolerance: 1e-4 of the loudest sample. Each chunk's DiT window has the context its block attention
+    reads in one pass and BigVGAN gets its full reach on both sides, with the same noise per frame; what
+    is left is float rounding (windows of other lengths sum in another order), about 1e-6 here."""
+    codes = some_codes(150)
+    synthesis = Token2Wav(speaking_engine.model, "Ethan", seed=11)
+    whole = synthesis.whole(codes)
+    pieces: list[np.ndarray] = []
+    chunked = synthesis.chunked(chunk_blocks, pieces.append)
+    for start in range(0, len(codes), 7):  # codes arrive a few at a time, as the talker makes them
+        chunked.add(codes[start : start + 7])
+        assert sum(map(len, pieces)) <= len(whole)
+    assert pieces, "audio must start before the last code"
+    chunked.finish()
+    streamed = np.concatenate(pieces)
+    assert len(pieces) > 2 and len(streamed) == len(whole) == 150 * 2 * 240
+    assert np.abs(streamed - whole).max() <= 1e-4 * np.abs(whole).max()
+    other_noise = Token2Wav(speaking_engine.model, "Ethan", seed=12).whole(codes)
+    assert np.abs(other_noise - whole).max() > 1e-2 * np.abs(whole).max()  # the tolerance can tell noises apart
+
+
+# ---------------------------------------------------------------- streamed speech over HTTP
+
+
+def speaker_without_end(tiny_model_dir, seconds: float, **settings):
+    """The tiny model with a talker that speaks until MAX_SPEECH_SECONDS: its end codes' output weights are
+    zeroed and the others scaled up, so an end code's probability is nil (a random talker ends within a
+    few dozen codes)."""
+    engine = OmniEngine.load(
+        tiny_settings(
+            tiny_model_dir, enable_audio_output=True, max_speech_seconds=seconds, speech_chunk_blocks=1, **settings
+        )
+    )
+    with torch.no_grad():
+        head = engine.model.talker.codec_head.weight
+        head.mul_(1000)
+        head[list(Codec.of(engine.model.config).ends)] = 0
+    return engine
+
+
+@pytest.fixture(scope="module")
+def three_seconds(tiny_model_dir):
+    engine = speaker_without_end(tiny_model_dir, 3)
+    for url in serve(create_app(engine.settings, engine=engine)):
+        yield url
+
+
+def spoken_request(**extra) -> dict:
+    return {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Say something."}],
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "Ethan", "format": "pcm16"},
+        "max_tokens": 8,
+        "temperature": 0,
+        "seed": 2,
+        **extra,
+    }
+
+
+def events(response) -> list[dict]:
+    lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_speech_streams_in_openai_shape(three_seconds):
+    client = openai.OpenAI(base_url=f"{three_seconds}/v1", api_key="none", max_retries=0, timeout=120)
+    chunks = list(
+        client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **spoken_request())
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    audios = [d.audio.model_dump(exclude_none=True) for d in deltas if getattr(d, "audio", None)]
+    pieces = [base64.b64decode(a["data"]) for a in audios if "data" in a]
+    assert len({a["id"] for a in audios}) == 1 and audios[-1]["expires_at"] > time.time()
+    assert len(pieces) >= 3  # the voice comes in pieces as it is made
+    first_audio = next(i for i, a in enumerate(audios) if "data" in a)
+    assert all("transcript" in a for a in audios[:first_audio])  # the text comes first, as the transcript
+    assert chunks[-1].usage.completion_tokens > 0
+    whole = client.chat.completions.create(**{**spoken_request(), "audio": {"voice": "Ethan", "format": "wav"}})
+    assert "".join(a.get("transcript", "") for a in audios) == whole.choices[0].message.content
+    streamed = np.frombuffer(b"".join(pieces), "<i2")
+    samples, rate = soundfile.read(io.BytesIO(base64.b64decode(whole.choices[0].message.audio.data)), dtype="int16")
+    assert rate == 24000 and len(streamed) == len(samples) == 3 * 24000  # 150 codes of 480 samples
+    assert np.abs(streamed.astype(int) - samples).max() <= 1
+
+
+def test_multimodal_streams_speech_the_same_way(three_seconds):
+    form = {"text": "Say something.", "return_audio": "true", "stream": "true", "max_new_tokens": "8"}
+    with httpx.Client(timeout=120) as http, http.stream("POST", f"{three_seconds}/multimodal", data=form) as response:
+        assert response.status_code == 200
+        chunks = events(response)
+    audios = [c["choices"][0]["delta"]["audio"] for c in chunks if c["choices"] and "audio" in c["choices"][0]["delta"]]
+    pcm = b"".join(base64.b64decode(a["data"]) for a in audios if "data" in a)
+    assert len(pcm) == 3 * 24000 * 2 and "usage" in chunks[-1]
+
+
+def test_a_client_leaving_mid_speech_stops_the_talker(tiny_model_dir):
+    engine = speaker_without_end(tiny_model_dir, 60)  # 3000 codes: minutes of work if nothing stops it
+    talker_steps: list[float] = []
+    hook = engine.model.talker.register_forward_hook(lambda *args: talker_steps.append(time.monotonic()))
+    try:
+        for url in serve(create_app(engine.settings, engine=engine)):
+            with httpx.Client(timeout=60) as http:
+                with http.stream("POST", f"{url}/v1/chat/completions", json=spoken_request(stream=True)) as response:
+                    for line in response.iter_lines():
+                        if '"data"' in line:  # the first audio: the talker is running
+                            break
+                    steps_before_leaving = len(talker_steps)
+                    left = time.monotonic()
+                deadline = left + 2
+                while http.get(f"{url}/health").json()["generations"]["running"] and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                freed = time.monotonic() - left
+                time.sleep(0.5)
+            assert steps_before_leaving > 0 and freed < 2
+            assert talker_steps[-1] - left < 2 and len(talker_steps) < 1000
+    finally:
+        hook.remove()
+
+
+def test_a_504_stops_the_talker_and_token2wav(tiny_model_dir):
+    """A non-streamed spoken answer over REQUEST_TIMEOUT_SECONDS: the 504 stops the talker (and token2wav,
+    which checks at each ODE step), not only the thinker; the model is free again at once."""
+    engine = speaker_without_end(tiny_model_dir, 60, request_timeout_seconds=3)
+    steps: list[float] = []
+    hooks = [
+        engine.model.talker.register_forward_hook(lambda *args: steps.append(time.monotonic())),
+        engine.model.token2wav.code2wav_dit_model.register_forward_hook(lambda *args: steps.append(time.monotonic())),
+    ]
+    try:
+        with TestClient(create_app(engine.settings, engine=engine)) as client:
+            started = time.monotonic()
+            response = client.post("/v1/chat/completions", json=spoken_request())
+            answered = time.monotonic()
+            assert response.status_code == 504 and answered - started < 5
+            deadline = answered + 2
+            while client.get("/health").json()["generations"]["running"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert time.monotonic() < deadline
+        assert steps and steps[-1] - answered < 2 and len(steps) < 3000  # it ran, then stopped
+    finally:
+        for hook in hooks:
+            hook.remove()

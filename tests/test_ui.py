@@ -1,6 +1,6 @@
-"""The Gradio UI in a real headless browser (Debian's chromium, driven by Playwright), against the
-real server code on the tiny model: load the page, upload an image, ask, see the answer; upload a
-broken file, see a readable error."""
+"""The Gradio chat in a real headless browser (Debian's chromium, driven by Playwright), against the
+real server code on the tiny model: two turns (a picture in the first, the second spoken), the
+voice's player, starting over; a broken file gives a readable error."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ import httpx
 import pytest
 
 import make_media
-from conftest import ROOT
+import torch
+from conftest import ROOT, serve, tiny_settings
+from modeling_low_vram import OmniEngine
+from multimodal_api import create_app
 from servers import free_port
+from speech import Codec
 
 UI_PYTHON = ROOT / ".venv-ui" / "bin" / "python"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -27,6 +31,7 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--disable-background-networking",
     "--disable-component-update",
+    "--autoplay-policy=no-user-gesture-required",
 ]
 missing = [
     what
@@ -42,12 +47,26 @@ pytestmark = pytest.mark.skipif(bool(missing), reason=f"needs {' and '.join(miss
 
 
 @pytest.fixture(scope="module")
-def ui(live_server, tmp_path_factory):
+def api(tiny_model_dir):
+    """The real server code on the tiny model, its talker's end codes switched off (a random talker may
+    end before it makes a sound), so a spoken answer always has a voice: 2 s of it, in 0.48 s chunks."""
+    engine = OmniEngine.load(
+        tiny_settings(tiny_model_dir, enable_audio_output=True, max_speech_seconds=2, speech_chunk_blocks=1)
+    )
+    with torch.no_grad():
+        head = engine.model.talker.codec_head.weight
+        head.mul_(1000)
+        head[list(Codec.of(engine.model.config).ends)] = 0
+    yield from serve(create_app(engine.settings, engine=engine))
+
+
+@pytest.fixture(scope="module")
+def ui(api, tmp_path_factory):
     """The Gradio app, as a separate process in its own environment, pointed at the live server."""
     port = free_port()
     env = {
         **os.environ,
-        "MULTIMODAL_API_URL": live_server,
+        "MULTIMODAL_API_URL": api,
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_SERVER_NAME": "127.0.0.1",
         "GRADIO_ANALYTICS_ENABLED": "False",
@@ -86,34 +105,69 @@ def page(ui):
         browser.close()
 
 
-def ask_with_image(page, ui, picture: Path, question: str) -> None:
-    page.goto(ui, wait_until="networkidle")
-    page.locator("#text textarea").fill(question)
-    page.locator("#images input[type=file]").set_input_files(str(picture))
-    # The upload is done once the file is listed (Gradio may hide a long name's text, so not "visible").
-    page.wait_for_function("stem => document.querySelector('#images').textContent.includes(stem)", arg=picture.stem)
-    page.locator("#submit").click()
+def timings(page) -> str:
+    """The answer's timings line (without the progress timer Gradio shows while a turn runs)."""
+    text = page.locator("#timings").inner_text()
+    return text[text.find("first token") :] if "first token" in text else ""
 
 
-def test_the_page_shows_the_server_and_answers_an_image(page, ui, tmp_path):
+def send(page, text: str, *files: Path) -> None:
+    """Type a message, attach files, send it, and wait until its answer is complete (or an error shows)."""
+    before = timings(page)
+    if files:
+        page.locator("#message input[type=file]").set_input_files([str(f) for f in files])
+        for f in files:  # attached once its thumbnail (which names it) is shown
+            page.wait_for_function(
+                "stem => document.querySelector('#message .thumbnails').innerHTML.includes(stem)", arg=f.stem
+            )
+    page.locator("#message textarea").fill(text)
+    page.locator("#message textarea").press("Enter")
+    page.wait_for_function(
+        "before => { const t = document.querySelector('#timings').innerText, e = document.querySelector('#error');"
+        " const now = t.slice(t.indexOf('first token'));"
+        " return (t.includes('first token') && t.includes('prompt') && now !== before) || e.innerText.includes('⚠️'); }",
+        arg=before,
+    )
+
+
+def test_a_two_turn_chat_with_a_picture_and_a_spoken_answer(page, ui, tmp_path):
     picture = tmp_path / "photo.png"
     picture.write_bytes(make_media.image_bytes("PNG", (200, 150)))
-    ask_with_image(page, ui, picture, "What is in this picture?")
+    page.goto(ui, wait_until="load")
+    page.locator("#message textarea").wait_for()
     status = page.locator("#server-status").inner_text()
-    assert "float32 on cpu" in status and "health: ok" in status
-    page.wait_for_function("document.querySelector('#timings').innerText.includes('prompt')")
-    assert page.locator("#answer textarea").input_value()
-    timings = page.locator("#timings").inner_text()
-    assert "image" in timings and "first token" in timings
-    assert page.locator("#error").inner_text().strip() == ""
-    page.screenshot(path=str(tmp_path / "answer.png"), full_page=True)
+    assert "float32 on cpu" in status and "health: ok" in status and "speech on" in status
+    send(page, "What is in this picture?", picture)
+    first = timings(page)
+    assert "image" in first and "first token" in first and "⚠️" not in page.locator("#error").inner_text()
+    page.locator("#speak input").check()
+    send(page, "Tell me more, aloud.")
+    second = timings(page)
+    assert "⚠️" not in page.locator("#error").inner_text()
+    # The second turn carries the first (its picture included): a longer prompt, with the image in it.
+    assert "image" in second and prompt_tokens(second) > prompt_tokens(first)
+    bubbles = page.locator("#chat .message-row")
+    assert bubbles.count() >= 4  # picture and question, answer, question, answer
+    # The voice played as it came: several pieces, scheduled one after another in the page's audio context.
+    page.wait_for_function("window.omniVoice && window.omniVoice.seconds > 1.95")
+    voice = page.evaluate("({pieces: window.omniVoice.pieces, seconds: window.omniVoice.seconds})")
+    assert voice["pieces"] > 1 and abs(voice["seconds"] - 2.0) < 0.05 and "voice 2.0 s" in second
+    if os.environ.get("UI_SCREENSHOT"):
+        page.screenshot(path=os.environ["UI_SCREENSHOT"], full_page=True)
+    page.locator("#start-over").click()
+    page.wait_for_function("document.querySelectorAll('#chat .message-row').length === 0")
+
+
+def prompt_tokens(timings: str) -> int:
+    return int(timings.split("prompt ")[1].split()[0])
 
 
 def test_a_broken_file_shows_a_readable_error(page, ui, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(make_media.image_bytes("PNG")[:120])
-    ask_with_image(page, ui, broken, "And this one?")
-    page.wait_for_function("document.querySelector('#error').innerText.includes('HTTP')")
+    page.goto(ui, wait_until="load")
+    page.locator("#message textarea").wait_for()
+    send(page, "And this one?", broken)
     error = page.locator("#error").inner_text()
-    assert "HTTP 400" in error and "images[0] 'broken.png'" in error and "broken or truncated" in error
+    assert "HTTP 400" in error and "broken.png" in error and "broken or truncated" in error
     assert "Traceback" not in error
