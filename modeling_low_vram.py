@@ -32,6 +32,7 @@ from transformers import StoppingCriteriaList
 
 from generation import Cancelled, GenerationRequest, GenerationResult, SpeechError, cut_at_stop
 from placement import (
+    COMPONENT_PATHS,
     CPU,
     ENCODERS,
     GPU,
@@ -61,6 +62,7 @@ from residency import (
 )
 from prompts import OFFICIAL_SYSTEM_PROMPT  # noqa: F401 - where the speech side has always found it
 from prompts import IMAGE_PATCH_SIZE, MediaTokenIds, PromptBuilder
+import quantization
 from settings import Settings
 from speech import (
     NO_SPEECH_WARNING,
@@ -160,6 +162,7 @@ def resolve_placement(settings: Settings, config=None, cuda_available: bool | No
             resolve_dtype(settings, uses_gpu=True),
             audio_output=settings.enable_audio_output,
             **planning_budgets(settings),
+            quantization=settings.quantization,
         )
         if plan.fits:
             chosen = dict(plan.placement)
@@ -251,6 +254,7 @@ def cpu_plan(settings: Settings, config, dtype: torch.dtype) -> Plan:
         audio_output=settings.enable_audio_output,
         placement=dict(PRESETS["cpu"]),
         **planning_budgets(settings),
+        quantization=settings.quantization,
     )
 
 
@@ -325,6 +329,7 @@ class OmniEngine:
         device_map = module_device_map(
             build_skeleton(config), placement.components, placement.gpu_layers, settings.gpu_device
         )
+        quantization_config = _quantization_config(settings, config, dtype, device_map)
         logger.info("loading %s: %s, dtype %s, attention %s", settings.model_path, device_map, dtype, attention)
         try:
             model = Qwen2_5OmniForConditionalGeneration.from_pretrained(
@@ -333,7 +338,10 @@ class OmniEngine:
                 dtype=dtype,
                 device_map=device_map,
                 attn_implementation=attention,
+                quantization_config=quantization_config,
             ).eval()
+            scheme = quantization.loaded_scheme(config, settings.quantization)
+            quantization.check_loaded(model, scheme, find_component(model, "language_model"))
             processor = Qwen2_5OmniProcessor.from_pretrained(settings.model_path)
         except (OSError, ValueError) as error:
             raise ModelLoadError(
@@ -379,6 +387,9 @@ class OmniEngine:
         }
         if self.placement.gpu_layers is not None:
             description["language_model_gpu_layers"] = self.placement.gpu_layers
+        scheme = quantization.loaded_scheme(self.model.config, self.settings.quantization)
+        language_model = find_component(self.model, "language_model")
+        description["quantization"] = quantization.describe(self.model, scheme, language_model)
         return description
 
     def memory(self) -> dict[str, int]:
@@ -566,6 +577,22 @@ class OmniEngine:
         return tensors
 
 
+def _quantization_config(settings: Settings, config, dtype: torch.dtype, device_map: dict[str, str]):
+    """QUANTIZATION's BitsAndBytesConfig (None for none); a ConfigError for what cannot load here."""
+    try:
+        quantization.check_prequantized(config, settings.quantization)
+        quantization.adapt_prequantized(config, quantization.kept_module_paths(COMPONENT_PATHS))
+        language_model_device = next(
+            (d for path, d in device_map.items() if path.startswith(COMPONENT_PATHS["language_model"][0])), "cpu"
+        )
+        quantization.check_bitsandbytes(settings.quantization, language_model_device, dtype)
+        return quantization.bitsandbytes_config(
+            settings.quantization, dtype, quantization.kept_module_paths(COMPONENT_PATHS), device_map.values()
+        )
+    except quantization.QuantizationError as error:
+        raise ConfigError(str(error)) from None
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """The tokens that end an answer: <|im_end|> (the chat template's end of turn) whatever the checkpoint's
     tokenizer names as its eos token, that eos token, and <|endoftext|>."""
@@ -648,6 +675,12 @@ def _plan_command(argv: list[str]) -> int:
         "--device-map", default="auto", help="auto (plan), or a preset / JSON map to cost (see DEVICE_MAP)"
     )
     parser.add_argument("--audio-output", action="store_true", help="also place the talker and token2wav")
+    parser.add_argument(
+        "--quantization",
+        default="none",
+        choices=quantization.SCHEMES,
+        help="the language model's weights (QUANTIZATION)",
+    )
     settings = Settings()  # the budgets of this server (.env and environment), for the encoders' headroom
     parser.add_argument(
         "--context",
@@ -672,6 +705,7 @@ def _plan_command(argv: list[str]) -> int:
         audio_output=args.audio_output,
         placement=chosen,
         **{**planning_budgets(settings), "context_tokens": args.context},
+        quantization=args.quantization,
     )
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
     return 0
@@ -681,7 +715,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["plan"]:
         sys.exit(
             "usage: python modeling_low_vram.py plan --model 3b|7b|PATH_OR_CONFIG_JSON --gpu-gib N "
-            "[--dtype D] [--device-map M] [--audio-output] [--context N] [--json]"
+            "[--dtype D] [--device-map M] [--audio-output] [--quantization none|int8|nf4] [--context N] [--json]"
         )
     from transformers.utils import logging as transformers_logging
 

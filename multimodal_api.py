@@ -52,6 +52,7 @@ from modeling_low_vram import (
     check_placement_settings,
     load_config,
 )
+from quantization import QuantizationError, check_prequantized
 from settings import Settings, load_settings
 from uploads import check_uploads, close_form, decode_uploads, read_form
 
@@ -196,6 +197,7 @@ def create_app(
             "status": "ok",
             "model": description["model"],
             "placement": description["placement"],
+            "quantization": description.get("quantization", {"scheme": "none"}),
             "memory": state.engine.memory(),
             "generations": request.app.state.worker.stats(),
         }
@@ -451,8 +453,9 @@ def main() -> None:
     try:
         if settings.engine == "local":
             check_placement_settings(settings)
-            load_config(settings.model_path)  # fail fast on a wrong MODEL_PATH, before the server starts
-    except ConfigError as error:
+            config = load_config(settings.model_path)  # fail fast on a wrong MODEL_PATH, before the server starts
+            check_prequantized(config, settings.quantization)  # and on a quantized checkpoint it cannot load
+    except (ConfigError, QuantizationError) as error:
         raise SystemExit(f"invalid configuration: {error}") from None
     except ModelLoadError as error:
         raise SystemExit(f"error: {error}") from None

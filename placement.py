@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from quantization import dequantize_workspace_bytes, planning_scheme, quantized_parameter_bytes
+
 logger = logging.getLogger(__name__)
 
 GiB = 1024**3
@@ -237,8 +239,15 @@ def bytes_per_param(component: str, dtype: torch.dtype) -> float:
     return 4 if component == "token2wav" else torch.finfo(dtype).bits // 8
 
 
-def component_sizes(skeleton: torch.nn.Module, dtype: torch.dtype) -> dict[str, ComponentSize]:
-    """Parameters and bytes of each component present: the one place weights are sized."""
+def _quantized(scheme: str) -> str:
+    return "" if scheme == "none" else f", language model {scheme}"
+
+
+def component_sizes(
+    skeleton: torch.nn.Module, dtype: torch.dtype, quantization: str = "none", group_size: int = 128
+) -> dict[str, ComponentSize]:
+    """Parameters and bytes of each component present: the one place weights are sized (the language
+    model's decoder layers at their quantized bytes, see quantization.py)."""
     sizes = {}
     for component in COMPONENTS:
         path = find_component(skeleton, component)
@@ -248,7 +257,10 @@ def component_sizes(skeleton: torch.nn.Module, dtype: torch.dtype) -> dict[str, 
         element = bytes_per_param(component, dtype)
         params = sum(p.numel() for p in module.parameters())
         largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
-        sizes[component] = ComponentSize(params, int(params * element), int(largest * element))
+        size = int(params * element)
+        if component == "language_model" and quantization != "none":
+            size = quantized_parameter_bytes(module, quantization, dtype, group_size)
+        sizes[component] = ComponentSize(params, size, int(largest * element))
     return sizes
 
 
@@ -325,6 +337,7 @@ class Plan:
     dtype: str = "float16"
     context_tokens: int = 8192
     notes: list[str] = field(default_factory=list)
+    quantization: str = "none"  # the language model's weights: none, int8, nf4 (QUANTIZATION), gptq or awq
     costs: dict[str, Cost] = field(default_factory=dict)
     activations: dict[str, int] = field(default_factory=dict)
     host_bytes: int = 0  # host RAM the placement needs: weights kept there, CPU-side activations, the process
@@ -369,7 +382,7 @@ class Plan:
         verdict = "fits" if self.fits else "DOES NOT FIT"
         rows.append(
             f"predicted peak GPU memory: {self.predicted_gpu_bytes / GiB:.2f} GiB of "
-            f"{self.budget_bytes / GiB:.2f} GiB ({self.dtype}): {verdict}"
+            f"{self.budget_bytes / GiB:.2f} GiB ({self.dtype}{_quantized(self.quantization)}): {verdict}"
         )
         rows.append(f"host RAM needed: {self.host_bytes / GiB:.2f} GiB")
         rows.append("speed: " + ("; ".join(self.slow) if self.slow else "nothing crosses PCIe per token"))
@@ -425,6 +438,8 @@ def evaluate_placement(
     budgets: Budgets,
     layer: ComponentSize | None = None,
     gpu_layers: int | None = None,
+    dequantize_bytes: int = 0,
+    host_layer_bytes: int | None = None,
 ) -> Plan:
     """What `placement` costs: GPU peak, host RAM, bytes over PCIe, and which parts will be slow.
 
@@ -437,11 +452,12 @@ def evaluate_placement(
         device = placement[name]
         if device == SPLIT:
             layers = _layer_count(config)
-            cpu_bytes = (layers - gpu_layers) * layer.bytes
+            # bitsandbytes leaves the layers on the CPU unquantized: they are held and moved in `dtype`.
+            cpu_bytes = (layers - gpu_layers) * (host_layer_bytes or layer.bytes)
             seconds = cpu_bytes / PCIE_BYTES_PER_SECOND
             costs[name] = Cost(
                 device,
-                size.bytes - cpu_bytes,
+                size.bytes - (layers - gpu_layers) * layer.bytes,
                 cpu_bytes,
                 moved_per_token=cpu_bytes,
                 slow=f"{layers - gpu_layers} of {layers} layers cross PCIe every token (~{seconds:.2f} s/token)",
@@ -472,6 +488,8 @@ def evaluate_placement(
         + [layer.largest_module_bytes if layer and placement.get("language_model") == SPLIT else 0]
     )
     headroom = _peak_activations(acts, placement, on_gpu_side=True) + offload_buffer + WORKSPACE_BYTES
+    if runs_on_gpu(placement.get("language_model", CPU)):
+        headroom += dequantize_bytes  # a quantized product's transient copy of one weight (prefill)
     headroom = headroom if gpu_used else 0
     weights = sum(c.gpu_bytes for c in costs.values())
     host = HOST_BASE_BYTES + sum(c.host_bytes for c in costs.values())
@@ -500,12 +518,17 @@ def _layer_count(config) -> int:
     return config.thinker_config.text_config.num_hidden_layers
 
 
-def _layer_size(skeleton: torch.nn.Module, dtype: torch.dtype) -> ComponentSize:
+def _layer_size(
+    skeleton: torch.nn.Module, dtype: torch.dtype, quantization: str = "none", group_size: int = 128
+) -> ComponentSize:
+    """One decoder layer: its bytes on the GPU (quantized), and its largest module in `dtype`, as the
+    layers a split leaves on the CPU stay (bitsandbytes does not quantize those)."""
     layer = _decoder_layers(skeleton)[0]
     element = bytes_per_param("language_model", dtype)
     params = sum(p.numel() for p in layer.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in layer.modules())
-    return ComponentSize(params, int(params * element), int(largest * element))
+    size = quantized_parameter_bytes(layer, quantization, dtype, group_size)
+    return ComponentSize(params, size, int(largest * element))
 
 
 def plan_placement(
@@ -520,22 +543,32 @@ def plan_placement(
     max_speech_seconds: float = 180,
     placement: dict[str, str] | None = None,
     gpu_layers: int | None = None,
+    quantization: str = "none",
 ) -> Plan:
     """Fit the model into `budget_bytes` of GPU memory, or cost a given `placement`.
 
     Everything starts on the GPU; while the plan does not fit, the moves of FIT_STEPS are made in
-    order, then the language model is split: as many decoder layers as fit stay on the GPU."""
+    order, then the language model is split: as many decoder layers as fit stay on the GPU.
+    `quantization` is QUANTIZATION; a pre-quantized checkpoint's own scheme (its config's) wins."""
+    scheme, group_size = planning_scheme(config, quantization)
     if skeleton is None:
         config.enable_audio_output = audio_output
         skeleton = build_skeleton(config)
-    sizes = component_sizes(skeleton, dtype)
+    sizes = component_sizes(skeleton, dtype, scheme, group_size)
+    dequantize = dequantize_workspace_bytes(_decoder_layers(skeleton)[0], scheme, dtype)
+    unquantized_on_cpu = scheme in ("int8", "nf4")  # bitsandbytes quantizes the GPU side only
     if not audio_output:
         sizes = {c: s for c, s in sizes.items() if c not in SPEECH_COMPONENTS}
     budgets = Budgets(context_tokens, max_visual_patches, max_audio_seconds, max_speech_seconds)
-    layer = _layer_size(skeleton, dtype)
+    layer = _layer_size(skeleton, dtype, scheme, group_size)
+    host_layer = int(layer.params * bytes_per_param("language_model", dtype)) if unquantized_on_cpu else None
 
     def cost(chosen: dict[str, str], gpu_layers: int | None = None) -> Plan:
-        return evaluate_placement(config, sizes, chosen, budget_bytes, dtype, budgets, layer, gpu_layers)
+        plan = evaluate_placement(
+            config, sizes, chosen, budget_bytes, dtype, budgets, layer, gpu_layers, dequantize, host_layer
+        )
+        plan.quantization = scheme
+        return plan
 
     if placement is not None:  # cost this placement (`gpu_layers` on the GPU when the language model is split)
         return cost({c: placement[c] for c in sizes}, gpu_layers if placement.get("language_model") == SPLIT else None)

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
         description="Weights dtype: 'auto' is bf16 on GPUs that support it, else fp16; on the CPU fp32 where it "
         "fits the free RAM with headroom, else bf16.",
     )
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none",
+        description="Language model weights: 'none' (DTYPE), 'int8' or 'nf4' (4-bit, double quant; compute in DTYPE) "
+        "with bitsandbytes. The encoders, lm_head, talker and token2wav stay in DTYPE. A pre-quantized (GPTQ, "
+        "AWQ) checkpoint needs 'none'.",
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 only where installed (falls back to sdpa)."
     )
