@@ -41,6 +41,8 @@ from deps import (
     wav_bytes,
 )
 from generation import (
+    SEED_MAX,
+    SEED_MIN,
     Cancelled,
     ChatTurn,
     GenerationRequest,
@@ -137,7 +139,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, description="unset: the checkpoint's generation_config")
     top_p: float | None = Field(None, gt=0, le=1, description="unset: the checkpoint's generation_config")
     top_k: int | None = Field(None, ge=-1, description="as vLLM: -1 or 0 is off; unset: the checkpoint's")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="a 64-bit signed integer")
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
