@@ -127,7 +127,9 @@ class StreamOptions(BaseModel):
 
 class AudioOptions(BaseModel):
     voice: str | None = None
-    format: Literal["wav", "pcm16"] = Field("wav", description="wav, or pcm16 (raw 24 kHz mono); streams send pcm16")
+    format: Literal["wav", "pcm16"] | None = Field(
+        None, description="wav (the default), or pcm16 (raw 24 kHz mono); streamed speech is always pcm16"
+    )
 
 
 class ChatCompletionRequest(BaseModel):
@@ -449,6 +451,13 @@ async def chat_completions(
             raise OpenAIError(
                 400, str(error), param="audio.voice" if body.audio and body.audio.voice else "modalities"
             ) from None
+        if body.stream and body.audio and body.audio.format == "wav":
+            raise OpenAIError(
+                400,
+                "audio.format: streamed speech arrives as pcm16 chunks (raw 24 kHz mono, 16-bit); "
+                "send format pcm16, or stream=false for one WAV",
+                param="audio.format",
+            )
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     started = request_started(request)
     place = admit(request)  # a 503 now, before any media is decoded, when the queue is full
@@ -484,7 +493,7 @@ async def chat_completions(
         place.release()
         raise
     message: dict[str, Any] = {"role": "assistant", "content": result.text}
-    if (audio := audio_of(result, body.audio.format if body.audio else "wav")) is not None:
+    if (audio := audio_of(result, (body.audio.format if body.audio else None) or "wav")) is not None:
         message["audio"] = audio
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",

@@ -144,6 +144,12 @@ def test_speech_in_openai_shape(client):
             "audio.voice",
             "available voices: Chelsie, Ethan",
         ),
+        (
+            {"stream": True, "modalities": ["text", "audio"], "audio": {"voice": "Ethan", "format": "wav"}},
+            None,
+            "audio.format",
+            "streamed speech arrives as pcm16",
+        ),
         ({"max_tokens": 10**6}, None, "max_tokens", "MAX_NEW_TOKENS_LIMIT"),
         ({"n": 2}, None, "n", "less than or equal to 1"),
         ({"extra_body": {"tools": [{"type": "function"}]}}, None, "tools", "Extra inputs are not permitted"),
