@@ -11,6 +11,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+# The seeds the sampler takes: 64-bit signed integers.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 class InputRejected(ValueError):
     """An input the model cannot take (an image too narrow to cut into patches…); the message says which."""

@@ -44,7 +44,16 @@ from deps import (
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import Metrics
 from middleware import AccessLog, ApiKey, BodySizeLimit, JsonFormatter, RequestId, RequestIdFilter
-from generation import GenerationRequest, GenerationResult, InputRejected, OutOfMemory, PromptTooLong, SpeechError
+from generation import (
+    SEED_MAX,
+    SEED_MIN,
+    GenerationRequest,
+    GenerationResult,
+    InputRejected,
+    OutOfMemory,
+    PromptTooLong,
+    SpeechError,
+)
 from modeling_low_vram import (
     SPEECH_SAMPLE_RATE,
     ConfigError,
@@ -327,7 +336,12 @@ class MultimodalForm(BaseModel):
     top_p: float | None = Field(
         None, gt=0, le=1, description="Nucleus sampling when temperature > 0; unset: the checkpoint's value."
     )
-    seed: int | None = Field(None, description="Seed for sampling, for reproducible sampled answers.")
+    seed: int | None = Field(
+        None,
+        ge=SEED_MIN,
+        le=SEED_MAX,
+        description="Seed for sampling (a 64-bit signed integer), for reproducible answers.",
+    )
     response_format: Literal["json", "wav"] = Field(
         "json", description="json (default), or wav: the spoken answer as audio/wav, its text in X-Text."
     )

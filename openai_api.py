@@ -43,6 +43,8 @@ from deps import (
     wav_bytes,
 )
 from generation import (
+    SEED_MAX,
+    SEED_MIN,
     Cancelled,
     ChatTurn,
     GenerationRequest,
@@ -128,7 +130,9 @@ class StreamOptions(BaseModel):
 
 class AudioOptions(BaseModel):
     voice: str | None = None
-    format: Literal["wav", "pcm16"] = Field("wav", description="wav, or pcm16 (raw 24 kHz mono); streams send pcm16")
+    format: Literal["wav", "pcm16"] | None = Field(
+        None, description="wav (the default), or pcm16 (raw 24 kHz mono); streamed speech is always pcm16"
+    )
 
 
 class ProcessorOptions(BaseModel):
@@ -148,7 +152,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2, description="unset: the checkpoint's generation_config")
     top_p: float | None = Field(None, gt=0, le=1, description="unset: the checkpoint's generation_config")
     top_k: int | None = Field(None, ge=-1, description="as vLLM: -1 or 0 is off; unset: the checkpoint's")
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX, description="a 64-bit signed integer")
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -477,6 +481,13 @@ async def chat_completions(
             raise OpenAIError(
                 400, str(error), param="audio.voice" if body.audio and body.audio.voice else "modalities"
             ) from None
+        if body.stream and body.audio and body.audio.format == "wav":
+            raise OpenAIError(
+                400,
+                "audio.format: streamed speech arrives as pcm16 chunks (raw 24 kHz mono, 16-bit); "
+                "send format pcm16, or stream=false for one WAV",
+                param="audio.format",
+            )
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     options = body.mm_processor_kwargs or ProcessorOptions()
     if options.max_pixels is not None and options.max_pixels > settings.max_pixels_ceiling:
@@ -522,7 +533,7 @@ async def chat_completions(
         place.release()
         raise
     message: dict[str, Any] = {"role": "assistant", "content": result.text}
-    if (audio := audio_of(result, body.audio.format if body.audio else "wav")) is not None:
+    if (audio := audio_of(result, (body.audio.format if body.audio else None) or "wav")) is not None:
         message["audio"] = audio
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",

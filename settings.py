@@ -88,7 +88,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
 
     api_key: str | None = Field(
-        None, min_length=8, description="When set, every endpoint but /health needs `Authorization: Bearer <key>`."
+        None,
+        min_length=8,
+        description="When set (at least 8 characters), every endpoint but /health needs `Authorization: Bearer <key>`.",
     )
     cors_origins: list[str] = Field(
         [],

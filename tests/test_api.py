@@ -192,3 +192,14 @@ def test_generations_run_one_at_a_time_while_health_answers(make_client):
     for thread in threads:
         thread.join()
     assert engine.peak == 1 and len(engine.requests) == 4
+
+
+@pytest.mark.parametrize("seed", [2**63, -(2**63) - 1, 10**30])
+def test_a_seed_outside_64_bits_is_a_4xx_on_both_apis(client, fake_engine, seed):
+    """torch's generator takes 64-bit seeds; a larger one once reached it and raised (a 500)."""
+    form = post(client, {"text": "hi", "seed": str(seed)})
+    assert form.status_code == 422 and "seed" in form.text, form.text
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "seed": seed})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "seed", chat.text
+    assert not fake_engine.requests
+    assert post(client, {"text": "hi", "seed": str(2**63 - 1)}).status_code == 200
