@@ -5,6 +5,10 @@
 # .gpu-site/ (not into the machine's Python) and puts that first on PYTHONPATH.
 #
 #     scripts/fetch_gpu_wheels.sh           # then carry .gpu-wheels with the tree
+#
+# Not bitsandbytes (QUANTIZATION nf4/int8): its wheel (~125 MB, every CUDA/ROCm/XPU library) is over
+# the limit. Without it the check's quantized rows each say they were skipped and why; to measure
+# them, install bitsandbytes==0.50.2 on the GPU machine (or copy its wheel there separately).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=.gpu-wheels

@@ -3,6 +3,7 @@
     scripts/gpu_check.sh                      # on a CUDA machine: 3B and 7B, budgets 4 6 8 12 24 GiB
     scripts/gpu_check.sh --models 3b --budgets 8
     scripts/gpu_check.sh --dry-run            # anywhere: every budget's plan and prediction, same table
+    scripts/gpu_check.sh --quantization none  # the bf16 rows only (the default adds nf4 and int8 rows)
 
 No weights are needed: the real architectures (configs/) are built with random weights directly on
 the GPU and saved once as a checkpoint with a tokenizer made here; random weights answer nonsense but
@@ -14,6 +15,14 @@ Each row: the prediction for that request (the plan's costs at that request's si
 (max_memory_allocated / max_memory_reserved), time to first token, decode tokens/s, the bytes the
 offload hooks moved per token, whether it ran out of memory, and bare `model.thinker.generate` on the
 same inputs for a tokens/s ratio (ours / bare). The JSON report holds the rows and every plan's table.
+
+Quantized rows (QUANTIZATION nf4 and int8, see quantization.py) load the same checkpoint the server's
+way (Settings(quantization=...): bitsandbytes quantizes the decoder layers as they load) at the budgets
+of QUANTIZED_BUDGETS, answer the same inputs plus the goal request (text + 1 MP image + 30 s audio), and
+add: the planner's language-model bytes against the loaded ones, and their decode tokens/s over the bf16
+row's (same model and input, the largest budget of the run; goal: nf4 >= 0.5x). bitsandbytes' wheel
+(~125 MB) is over what travels with the tree: where it is not importable, each quantized row says it was
+skipped and why, and the bf16 rows still run.
 """
 
 from __future__ import annotations
@@ -59,9 +68,12 @@ from modeling_low_vram import (  # noqa: E402
     resolve_placement,
 )
 from placement import SPLIT, GiB, build_skeleton, plan_placement  # noqa: E402
+from quantization import SCHEMES  # noqa: E402
 from settings import Settings  # noqa: E402
 
 BUDGETS_GIB = (4, 6, 8, 12, 24)
+# Quantized rows, per scheme and model: the budgets the goals name (7B nf4 at 6-12 GiB, 3B nf4 within 4 GiB).
+QUANTIZED_BUDGETS = {"nf4": {"7b": (6, 8, 12), "3b": (4,)}, "int8": {"7b": (8, 12)}}
 DTYPE = torch.bfloat16
 NEW_TOKENS = 16
 PROMPT = "Describe what you see and hear, in detail."
@@ -74,10 +86,19 @@ EXPECTED_TOKENS = {
     "image": {"text": 58, "image": 1260},
     "audio": {"text": 58, "audio": AUDIO_SECONDS * 25},
     "video": {"text": 60, "video": 3960, "audio": VIDEO_SECONDS * 25},
+    "goal": {"text": 60, "image": 1260, "audio": AUDIO_SECONDS * 25},
 }
+# The inputs each row answers: bf16 as before; quantized rows swap the video for the goal request.
+INPUTS = {"none": ("text", "image", "audio", "video"), "quantized": ("text", "image", "audio", "goal")}
+BITSANDBYTES_MISSING = (
+    "skipped: bitsandbytes is not importable here ({error}); its ~125 MB wheel is over what travels with the "
+    "tree: install bitsandbytes==0.50.2 on this machine (pip, or a wheel copied over separately), or carry a "
+    "wheel slimmed to this card's CUDA library, then rerun"
+)
 COLUMNS = (
     ("model", 5),
     ("budget", 6),
+    ("quant", 5),
     ("placement", 28),
     ("input", 6),
     ("prompt", 6),
@@ -89,6 +110,7 @@ COLUMNS = (
     ("tok/s", 7),
     ("bare", 7),
     ("ratio", 5),
+    ("vs_bf16", 7),
     ("moved/tok", 9),
     ("oom", 4),
 )
@@ -118,6 +140,7 @@ def make_inputs() -> dict[str, GenerationRequest]:
         "image": ask(images=[Image.fromarray(picture)]),
         "audio": ask(audios=[speech_like]),
         "video": ask(videos=[VideoInput(frames=frames, fps=2.0, audio=track)]),
+        "goal": ask(images=[Image.fromarray(picture)], audios=[speech_like]),
     }
 
 
@@ -263,6 +286,7 @@ def request_prediction(config, skeleton, plan, tokens: dict[str, int]) -> int:
         max_visual_patches=4 * (tokens.get("image", 0) + tokens.get("video", 0)),
         max_audio_seconds=tokens.get("audio", 0) / 25,
         max_speech_seconds=0,
+        quantization=plan.quantization,
     )
     return costed.predicted_gpu_bytes
 
@@ -298,6 +322,7 @@ def table_row(row: dict) -> str:
     cells = [
         row["model"],
         f"{row['budget']}G",
+        "bf16" if row.get("quantization", "none") == "none" else row["quantization"],
         row["placement"],
         row["input"],
         str(row.get("prompt_tokens") or row.get("expected_prompt_tokens") or "-"),
@@ -309,6 +334,7 @@ def table_row(row: dict) -> str:
         number(ours_rate, 1),
         number(bare_rate, 1),
         number(ratio),
+        number(row.get("vs_bf16")),
         gib(row.get("moved_per_token")) if "moved_per_token" in row else gib(row.get("predicted_moved_per_token")),
         "-" if "oom" not in row else ("OOM" if row["oom"] else "no"),
     ]
@@ -319,35 +345,108 @@ def print_table(rows: list[dict]) -> None:
     print("  ".join(f"{name:<{width}}" for name, width in COLUMNS))
     for row in rows:
         print(table_row(row))
+        if row.get("note"):
+            print(f"    {row['note']}")
     print(
         "predicted/allocated/reserved in GiB (predicted: the plan costed at this request's size); ok: allocated <= "
         "predicted <= 1.15 x allocated; tok/s: decode, ours and bare thinker.generate; moved/tok: GiB the offload "
-        "hooks moved per token (dry run: predicted)"
+        "hooks moved per token (dry run: predicted); quant: QUANTIZATION of the language model; vs_bf16: decode "
+        "tok/s over the bf16 row's (same model and input, largest budget of this run; goal nf4 >= 0.5)"
     )
 
 
 # ---------------------------------------------------------------- the runs
 
 
-def settings_for(model_path: str, budget: float) -> Settings:
-    return Settings(_env_file=None, model_path=model_path, device_map="auto", gpu_memory_gib=budget, dtype="bfloat16")
+def settings_for(model_path: str, budget: float, quantization: str = "none") -> Settings:
+    return Settings(
+        _env_file=None,
+        model_path=model_path,
+        device_map="auto",
+        gpu_memory_gib=budget,
+        dtype="bfloat16",
+        quantization=quantization,
+    )
 
 
-def dry_run(models: list[str], budgets: list[float], report: dict) -> list[dict]:
-    rows = []
+def runs(models: list[str], budgets: list[float] | None, schemes: list[str]) -> list[tuple[str, str, list[float]]]:
+    """(model, scheme, budgets) in the order they run: each model's bf16 rows first, then its quantized
+    ones. Explicit `budgets` apply to every scheme; otherwise bf16 gets BUDGETS_GIB and a quantized
+    scheme its QUANTIZED_BUDGETS (a model with none there gets no rows of that scheme)."""
+    planned = []
     for model in models:
-        config = load_config(str(MODEL_SHORTHANDS[model]))
-        config.enable_audio_output = False
-        skeleton = build_skeleton(config)
+        for scheme in schemes:
+            if budgets is not None:
+                chosen = list(budgets)
+            elif scheme == "none":
+                chosen = [float(b) for b in BUDGETS_GIB]
+            else:
+                chosen = [float(b) for b in QUANTIZED_BUDGETS.get(scheme, {}).get(model, ())]
+            if chosen:
+                planned.append((model, scheme, chosen))
+    return planned
+
+
+def plan_key(model: str, budget: float, scheme: str) -> str:
+    return f"{model}@{budget}" if scheme == "none" else f"{model}@{budget}/{scheme}"
+
+
+def inputs_for(scheme: str) -> tuple[str, ...]:
+    return INPUTS["none" if scheme == "none" else "quantized"]
+
+
+def bitsandbytes_missing() -> str | None:
+    """Why bitsandbytes cannot be imported here, or None when it can."""
+    try:
+        importlib.import_module("bitsandbytes")
+    except Exception as error:  # noqa: BLE001 - an ImportError, or a broken native library
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
+def compare_with_bf16(rows: list[dict]) -> None:
+    """Each quantized row's decode tokens/s over the bf16 row of the same model and input at the largest
+    budget where it answered (its most resident placement) in this run."""
+    best: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        if row.get("quantization", "none") == "none" and row.get("decode_tokens_per_s"):
+            key = (row["model"], row["input"])
+            if key not in best or row["budget"] > best[key]["budget"]:
+                best[key] = row
+    for row in rows:
+        reference = best.get((row["model"], row["input"]))
+        if row.get("quantization", "none") != "none" and reference and row.get("decode_tokens_per_s"):
+            row["vs_bf16"] = row["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
+            row["bf16_reference"] = f"{reference['model']}@{reference['budget']}"
+
+
+def dry_run(planned: list[tuple[str, str, list[float]]], report: dict) -> list[dict]:
+    rows = []
+    skeletons: dict = {}
+    for model, scheme, budgets in planned:
+        if model not in skeletons:
+            config = load_config(str(MODEL_SHORTHANDS[model]))
+            config.enable_audio_output = False
+            skeletons[model] = (config, build_skeleton(config))
+        config, skeleton = skeletons[model]
         for budget in budgets:
-            settings = settings_for(str(MODEL_SHORTHANDS[model]), budget)
-            plan = plan_placement(config, int(budget * GiB), DTYPE, skeleton=skeleton, **planning_budgets(settings))
-            report["plans"][f"{model}@{budget}"] = plan.table()
-            for kind, tokens in EXPECTED_TOKENS.items():
+            settings = settings_for(str(MODEL_SHORTHANDS[model]), budget, scheme)
+            plan = plan_placement(
+                config, int(budget * GiB), DTYPE, skeleton=skeleton, **planning_budgets(settings), quantization=scheme
+            )
+            report["plans"][plan_key(model, budget, scheme)] = plan.table()
+            if scheme != "none":
+                report["language_model_bytes"][plan_key(model, budget, scheme)] = {
+                    "predicted": plan.components["language_model"].bytes,
+                    "loaded": None,
+                }
+            for kind in inputs_for(scheme):
+                tokens = EXPECTED_TOKENS[kind]
                 rows.append(
                     {
                         "model": model,
                         "budget": budget,
+                        "quantization": scheme,
                         "placement": placement_summary(plan if plan.fits else None),
                         "input": kind,
                         "expected_prompt_tokens": sum(tokens.values()),
@@ -355,16 +454,35 @@ def dry_run(models: list[str], budgets: list[float], report: dict) -> list[dict]
                         "plan_predicted": plan.predicted_gpu_bytes,
                         "plan_fits": plan.fits,
                         "predicted_moved_per_token": plan.moved_per_token,
+                        "predicted_language_model_bytes": plan.components["language_model"].bytes,
                     }
                 )
     return rows
 
 
-def gpu_run(models: list[str], budgets: list[float], report: dict, out: Path) -> list[dict]:
-    rows: list[dict] = []
-    total = torch.cuda.get_device_properties(0).total_memory
+def without_bitsandbytes(planned: list[tuple[str, str, list[float]]], missing: str | None) -> tuple[list, list[dict]]:
+    """The runs that can go ahead, and one row per quantized (model, budget) that cannot because
+    bitsandbytes is not importable (`missing` says why), saying so and how to bring it."""
+    if not missing:
+        return planned, []
+    note = BITSANDBYTES_MISSING.format(error=missing)
+    skipped = [
+        {"model": m, "budget": b, "quantization": s, "placement": "-", "input": "-", "skipped": True, "note": note}
+        for m, s, budgets in planned
+        if s != "none"
+        for b in budgets
+    ]
+    return [run for run in planned if run[1] == "none"], skipped
+
+
+def gpu_run(planned: list[tuple[str, str, list[float]]], report: dict, out: Path) -> list[dict]:
+    missing = bitsandbytes_missing() if any(scheme != "none" for _m, scheme, _b in planned) else None
+    report["bitsandbytes"] = missing or "importable"
+    planned, rows = without_bitsandbytes(planned, missing)
+    for row in rows:
+        print(f"{row['model']} {row['quantization']} at {row['budget']} GiB {row['note']}", flush=True)
     inputs = make_inputs()
-    for model in models:
+    for model in dict.fromkeys(m for m, _s, _b in planned):
         with tempfile.TemporaryDirectory(prefix=f"qwen-omni-{model}-") as folder:
             started = time.perf_counter()
             try:
@@ -377,38 +495,54 @@ def gpu_run(models: list[str], budgets: list[float], report: dict, out: Path) ->
             config = load_config(path)
             config.enable_audio_output = False
             skeleton = build_skeleton(config)
-            for budget in budgets:
-                settings = settings_for(path, budget)
-                placement = resolve_placement(settings, copy.deepcopy(config))
-                plan = placement.plan
-                base = {"model": model, "budget": budget, "placement": placement_summary(plan)}
-                if plan is None:
-                    rows.append({**base, "input": "-", "note": "the plan does not fit: the server would use the CPU"})
-                    continue
-                report["plans"][f"{model}@{budget}"] = plan.table()
-                torch.cuda.set_per_process_memory_fraction(min(1.0, budget * GiB / total))
-                engine = None
-                try:
-                    engine = OmniEngine.load(settings)
-                    report["startup"][f"{model}@{budget}"] = engine.describe().get("startup")
-                    for kind, request in inputs.items():
-                        # Bare generate where nothing crosses PCIe per token (the ratio's goal); elsewhere
-                        # both run the same offload hooks and only double the time.
-                        row = {**base, "input": kind, **run_request(engine, request, plan.moved_per_token == 0)}
-                        if "by_modality" in row:
-                            row["predicted"] = request_prediction(config, skeleton, plan, row["by_modality"])
-                        rows.append(row)
-                        print(table_row(row), flush=True)
-                except torch.OutOfMemoryError as error:  # loading or warming up ran out
-                    rows.append({**base, "input": "load", "oom": True, "error": str(error)[:200]})
-                except Exception as error:  # noqa: BLE001 - recorded; the next budget still runs
-                    rows.append({**base, "input": "error", "error": repr(error)[:400]})
-                    print(f"{model} at {budget} GiB failed: {error!r}", flush=True)
-                finally:
-                    del engine
-                    release()
-                    torch.cuda.set_per_process_memory_fraction(1.0)
-                out.write_text(json.dumps({**report, "rows": rows}, indent=2, default=str))
+            for scheme, budgets in ((s, b) for m, s, b in planned if m == model):
+                for budget in budgets:
+                    base = {"model": model, "budget": budget, "quantization": scheme}
+                    rows += run_budget(path, config, skeleton, base, inputs, report)
+                    out.write_text(json.dumps({**report, "rows": rows}, indent=2, default=str))
+    return rows
+
+
+def run_budget(path: str, config, skeleton, base: dict, inputs: dict, report: dict) -> list[dict]:
+    """Load the checkpoint as the server would at this budget and scheme, and answer the scheme's inputs."""
+    model, budget, scheme = base["model"], base["budget"], base["quantization"]
+    settings = settings_for(path, budget, scheme)
+    plan = resolve_placement(settings, copy.deepcopy(config)).plan
+    base = {**base, "placement": placement_summary(plan)}
+    if plan is None:
+        return [{**base, "input": "-", "note": "the plan does not fit: the server would use the CPU"}]
+    key = plan_key(model, budget, scheme)
+    report["plans"][key] = plan.table()
+    rows = []
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget * GiB / total))
+    engine = None
+    try:
+        engine = OmniEngine.load(settings)
+        description = engine.describe()
+        report["startup"][key] = description.get("startup")
+        if scheme != "none":  # the planner's language-model bytes against the loaded ones
+            report["language_model_bytes"][key] = {
+                "predicted": plan.components["language_model"].bytes,
+                "loaded": description.get("quantization", {}).get("language_model_bytes"),
+            }
+        for kind in inputs_for(scheme):
+            # Bare generate where nothing crosses PCIe per token (the ratio's goal); elsewhere
+            # both run the same offload hooks and only double the time.
+            row = {**base, "input": kind, **run_request(engine, inputs[kind], plan.moved_per_token == 0)}
+            if "by_modality" in row:
+                row["predicted"] = request_prediction(config, skeleton, plan, row["by_modality"])
+            rows.append(row)
+            print(table_row(row), flush=True)
+    except torch.OutOfMemoryError as error:  # loading or warming up ran out
+        rows.append({**base, "input": "load", "oom": True, "error": str(error)[:200]})
+    except Exception as error:  # noqa: BLE001 - recorded; the next budget still runs
+        rows.append({**base, "input": "error", "error": repr(error)[:400]})
+        print(f"{model} {scheme} at {budget} GiB failed: {error!r}", flush=True)
+    finally:
+        del engine
+        release()
+        torch.cuda.set_per_process_memory_fraction(1.0)
     return rows
 
 
@@ -416,19 +550,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="plans on the meta device only (no GPU needed)")
     parser.add_argument("--models", default="3b,7b", help="comma-separated: 3b, 7b")
-    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS_GIB)), help="GPU budgets in GiB")
+    parser.add_argument(
+        "--budgets",
+        default=None,
+        help=f"GPU budgets in GiB for every scheme (default: {','.join(map(str, BUDGETS_GIB))} for bf16, "
+        "QUANTIZED_BUDGETS for nf4/int8)",
+    )
+    parser.add_argument(
+        "--quantization",
+        default="none,nf4,int8",
+        help="comma-separated QUANTIZATION schemes to run: none (the bf16 rows), nf4, int8",
+    )
     parser.add_argument("--out", default="bench/out/gpu_check_report.json", help="the JSON report")
     args = parser.parse_args(argv)
     models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    budgets = None if args.budgets is None else [float(b) for b in args.budgets.split(",") if b.strip()]
+    schemes = [q.strip().lower() for q in args.quantization.split(",") if q.strip()]
     unknown = sorted(set(models) - set(MODEL_SHORTHANDS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODEL_SHORTHANDS)}")
-    report: dict = {"dry_run": args.dry_run, "plans": {}, "startup": {}, "build_seconds": {}}
+    if sorted(set(schemes) - set(SCHEMES)):
+        parser.error(f"unknown quantization {sorted(set(schemes) - set(SCHEMES))}; choose from {list(SCHEMES)}")
+    planned = runs(models, budgets, schemes)
+    report: dict = {
+        "dry_run": args.dry_run,
+        "plans": {},
+        "startup": {},
+        "build_seconds": {},
+        "language_model_bytes": {},
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
-        rows = dry_run(models, budgets, report)
+        rows = dry_run(planned, report)
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: run with --dry-run for the plans alone")
@@ -439,8 +593,13 @@ def main(argv: list[str] | None = None) -> int:
             "transformers": importlib.import_module("transformers").__version__,
         }
         print(f"GPU: {report['device']}, {report['versions']}", flush=True)
-        rows = gpu_run(models, budgets, report, out)
+        rows = gpu_run(planned, report, out)
+        compare_with_bf16(rows)
     print_table(rows)
+    for key, sizes in report["language_model_bytes"].items():
+        print(
+            f"language model weights {key}: predicted {gib(sizes['predicted'])} GiB, loaded {gib(sizes['loaded'])} GiB"
+        )
     out.write_text(json.dumps({**report, "rows": rows}, indent=2, default=str))
     print(f"report: {out}")
     failed = [r for r in rows if r.get("predicted") and r.get("allocated") and r["allocated"] > r["predicted"]]

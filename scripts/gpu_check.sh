@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check at real size (see scripts/gpu_check.py): one command, a JSON report and a table.
 #
-#     scripts/gpu_check.sh                 # on a CUDA machine (sized for 8 minutes on one H100; not yet run)
+#     scripts/gpu_check.sh                 # on a CUDA machine (bf16 rows sized for 8 min on one H100; nf4/int8 add 6 loads; not yet run)
 #     scripts/gpu_check.sh --dry-run       # anywhere: every budget's plan and prediction (runs in CI)
+#     scripts/gpu_check.sh --quantization none   # bf16 rows only (default none,nf4,int8; nf4/int8 need bitsandbytes)
 #
 # Where the Python at hand lacks transformers 5.24, the wheels that scripts/fetch_gpu_wheels.sh put in
 # .gpu-wheels/ are installed into .gpu-site/ (never into that Python) and put first on PYTHONPATH.
