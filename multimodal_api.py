@@ -133,15 +133,10 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p not in ('body', 'query'))}: {e['msg']}" for e in error.errors()
-        )
+        problems, param = describe_validation_errors(error.errors())
         if request.url.path.startswith("/v1/"):
-            first = error.errors()[0]["loc"] if error.errors() else ()
-            return openai_api.OpenAIError(
-                400, problems or "invalid request", param=".".join(str(p) for p in first if p != "body") or None
-            ).response()
-        return JSONResponse({"detail": problems or "invalid request"}, 422)
+            return openai_api.OpenAIError(400, problems, param=param).response()
+        return JSONResponse({"detail": problems}, 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -368,6 +363,16 @@ FORM_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-da
 def decoding_pool(settings: Settings) -> ThreadPoolExecutor:
     """The threads uploads decode on: DECODE_WORKERS at once, the rest wait their turn."""
     return ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
+
+
+def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """FastAPI's validation errors as one message, and the first one's field (None for the body as a whole)."""
+    if any(e["type"] == "json_invalid" for e in errors):
+        reason = next(e for e in errors if e["type"] == "json_invalid").get("ctx", {}).get("error", "")
+        return f"the request body is not valid JSON ({reason}); send a JSON object", None
+    where = [".".join(str(p) for p in e["loc"] if p not in ("body", "query")) for e in errors]
+    problems = "; ".join(f"{field}: {e['msg']}" if field else e["msg"] for field, e in zip(where, errors))
+    return problems or "invalid request", (where[0] if where else None) or None
 
 
 def check_form(

@@ -241,7 +241,9 @@ async def to_turns(request: Request, messages: list[Message], settings: Settings
         for p_index, part in enumerate(message.content):
             what = f"messages[{m_index}].content[{p_index}]"
             if part.type == "text":
-                parts.append(part.text or "")
+                if part.text is None:
+                    raise OpenAIError(400, f"{what}: text is missing", param=what)
+                parts.append(part.text)
                 continue
             if role != "user":
                 raise OpenAIError(400, f"{what}: media is only accepted in user messages", param=what)
@@ -260,6 +262,10 @@ async def to_turns(request: Request, messages: list[Message], settings: Settings
             parts.append(value)
             warnings += [f"{what}: {note}" for note in notes]
         turns.append(ChatTurn(role, parts))
+    for m_index, turn in enumerate(turns):
+        if turn.role == "user" and not any(not isinstance(part, str) or part.strip() for part in turn.parts):
+            what = f"messages[{m_index}].content"
+            raise OpenAIError(400, f"{what}: a user message needs text or media; this one is empty", param=what)
     return turns, warnings
 
 

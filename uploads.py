@@ -98,9 +98,15 @@ class _LimitedMultiPartParser(MultiPartParser):
 
 async def read_form(request: Request, settings: Settings, fields: set[str], file_fields: set[str]) -> FormData:
     """The request's form (multipart or url-encoded), read as it arrives with the upload limits applied.
-    A request with another body type reads as an empty form. Files are spooled to temporary files: close them
-    (`close_form`)."""
+    A request with no body type reads as an empty form; another type (JSON…) is a 415. Files are spooled to
+    temporary files: close them (`close_form`)."""
     content_type, _ = parse_options_header(request.headers.get("content-type", ""))
+    if content_type not in (b"", b"multipart/form-data", b"application/x-www-form-urlencoded"):
+        raise HTTPException(
+            415,
+            f"the body is {content_type.decode('latin-1')}, but this route takes a multipart form "
+            "(curl -F text=... -F images=@file); for JSON, use POST /v1/chat/completions",
+        )
     try:
         if content_type == b"multipart/form-data":
             return await _LimitedMultiPartParser(request, settings, fields, file_fields).parse()

@@ -203,3 +203,30 @@ def test_a_seed_outside_64_bits_is_a_4xx_on_both_apis(client, fake_engine, seed)
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "seed", chat.text
     assert not fake_engine.requests
     assert post(client, {"text": "hi", "seed": str(2**63 - 1)}).status_code == 200
+
+
+def test_a_json_body_on_the_form_route_is_a_415_pointing_to_v1(client, fake_engine):
+    response = client.post("/multimodal", json={"text": "hi"})
+    assert response.status_code == 415 and "/v1/chat/completions" in response.json()["detail"], response.text
+    assert not fake_engine.requests
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        (b"not json", None, "not valid JSON"),
+        (b'{"messages": [{"role": "user"}]}', "messages[0].content", "needs text or media"),
+        (b'{"messages": [{"role": "user", "content": "  "}]}', "messages[0].content", "needs text or media"),
+        (
+            b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}',
+            "messages[0].content[0]",
+            "text is missing",
+        ),
+    ],
+)
+def test_v1_bodies_that_say_nothing_are_refused_clearly(client, fake_engine, body, param, fragment):
+    response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert fragment in error["message"] and error["param"] == param
+    assert not fake_engine.requests
