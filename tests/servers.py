@@ -42,3 +42,20 @@ def start_server(
         time.sleep(0.1)
     server.kill()
     raise RuntimeError(f"the server was not ready within {timeout:g} s")
+
+
+def run_until_exit(cwd: Path, port: int, **env: str) -> subprocess.CompletedProcess:
+    """`python multimodal_api.py` with `env` on top of ours (less any model, placement or port settings of
+    ours), offline, run to its exit; for start-up failures, which must exit with one clear line."""
+    ours = ("MODEL_", "DEVICE_", "PORT", "QUANTIZATION")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    environment.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PORT": str(port), **env})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "multimodal_api.py")],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

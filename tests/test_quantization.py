@@ -4,7 +4,6 @@ through the server; the planner's bytes for quantized language models against th
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ from generation import GenerationRequest
 from modeling_low_vram import OmniEngine, load_config
 from multimodal_api import create_app
 from placement import COMPONENT_PATHS, GiB, build_skeleton, component_sizes, find_component, plan_placement
-from servers import start_server
+from servers import run_until_exit, start_server
 
 SCHEMES = ("int8", "nf4")
 CONFIGS = ROOT / "configs"  # the 3B and derived 7B architectures
@@ -402,17 +401,7 @@ def test_quantized_layers_under_other_names_are_refused_after_loading(tiny_model
 
 
 def start_quietly(tmp_path: Path, **env) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "DEVICE_", "QUANTIZATION"))}
-    environment.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PORT": "18437", **env})
-    return subprocess.run(
-        [sys.executable, str(ROOT / "multimodal_api.py")],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_until_exit(tmp_path, 18437, **env)
 
 
 @pytest.mark.skipif(

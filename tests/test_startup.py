@@ -5,24 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from servers import run_until_exit
 
 
 def start(tmp_path, **env) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "DEVICE_", "PORT"))}
-    environment.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PORT": "18431", **env})
-    return subprocess.run(
-        [sys.executable, str(ROOT / "multimodal_api.py")],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_until_exit(tmp_path, 18431, **env)
 
 
 @pytest.mark.parametrize(
