@@ -20,7 +20,6 @@ from fastapi import Depends, HTTPException, Request
 from engine import Engine, EngineUnavailable, Worker
 from generation import Cancelled, GenerationRequest, OutOfMemory
 from model_worker import ModelWorker, QueueFull
-from modeling_low_vram import ConfigError, ModelLoadError, OmniEngine
 from remote_engine import RemoteEngine, UpstreamWorker
 from settings import Settings
 
@@ -40,6 +39,8 @@ class ModelState:
         if settings.engine == "openai":  # nothing to load: the upstreams are probed in the background
             self.engine, self.owned = RemoteEngine(settings), True
             return
+
+        from modeling_low_vram import ConfigError, ModelLoadError, OmniEngine  # torch: only for a local model
 
         def load() -> None:
             try:

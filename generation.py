@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+SPEECH_SAMPLE_RATE = 24_000  # spoken answers: token2wav's output rate, float32 mono
 # The seeds the sampler takes: 64-bit signed integers.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from transformers import StoppingCriteriaList
 
-from generation import Cancelled, GenerationRequest, GenerationResult, SpeechError, cut_at_stop
+from generation import SPEECH_SAMPLE_RATE, Cancelled, GenerationRequest, GenerationResult, SpeechError, cut_at_stop
 from placement import (
     COMPONENT_PATHS,
     CPU,
@@ -66,7 +66,6 @@ import quantization
 from settings import Settings
 from speech import (
     NO_SPEECH_WARNING,
-    SPEECH_SAMPLE_RATE,
     FirstTokens,
     Stopped,
     Token2Wav,

@@ -45,6 +45,7 @@ from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from metrics import Metrics
 from middleware import AccessLog, ApiKey, BodySizeLimit, JsonFormatter, RequestId, RequestIdFilter
 from generation import (
+    SPEECH_SAMPLE_RATE,
     SEED_MAX,
     SEED_MIN,
     GenerationRequest,
@@ -54,14 +55,6 @@ from generation import (
     PromptTooLong,
     SpeechError,
 )
-from modeling_low_vram import (
-    SPEECH_SAMPLE_RATE,
-    ConfigError,
-    ModelLoadError,
-    check_placement_settings,
-    load_config,
-)
-from quantization import QuantizationError, check_prequantized
 from settings import Settings, load_settings
 from uploads import check_uploads, close_form, decode_uploads, read_form
 
@@ -460,6 +453,22 @@ def configure_logging(settings: Settings) -> None:
             handler.setFormatter(JsonFormatter())
 
 
+def check_local_model(settings: Settings) -> None:
+    """Exit with one line, before serving, on a wrong placement, MODEL_PATH or quantized checkpoint. (torch and
+    Transformers are imported here and by the engine, not by the HTTP modules.)"""
+    from modeling_low_vram import ConfigError, ModelLoadError, check_placement_settings, load_config
+    from quantization import QuantizationError, check_prequantized
+
+    try:
+        check_placement_settings(settings)
+        config = load_config(settings.model_path)
+        check_prequantized(config, settings.quantization)
+    except (ConfigError, QuantizationError) as error:
+        raise SystemExit(f"invalid configuration: {error}") from None
+    except ModelLoadError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def main() -> None:
     """Start the server; exit with one clear message if the model cannot be loaded."""
     import uvicorn
@@ -469,15 +478,8 @@ def main() -> None:
     # The event loop shares the GIL with the model's and the decoders' threads: a short switch interval
     # lets it answer (/health, new requests, streamed tokens) without waiting out their 5 ms slices.
     sys.setswitchinterval(0.0005)
-    try:
-        if settings.engine == "local":
-            check_placement_settings(settings)
-            config = load_config(settings.model_path)  # fail fast on a wrong MODEL_PATH, before the server starts
-            check_prequantized(config, settings.quantization)  # and on a quantized checkpoint it cannot load
-    except (ConfigError, QuantizationError) as error:
-        raise SystemExit(f"invalid configuration: {error}") from None
-    except ModelLoadError as error:
-        raise SystemExit(f"error: {error}") from None
+    if settings.engine == "local":
+        check_local_model(settings)
     server: uvicorn.Server | None = None
     failed = threading.Event()
 

@@ -43,6 +43,7 @@ from deps import (
     wav_bytes,
 )
 from generation import (
+    SPEECH_SAMPLE_RATE,
     SEED_MAX,
     SEED_MIN,
     Cancelled,
@@ -56,7 +57,6 @@ from generation import (
     VideoInput,
 )
 from model_worker import ModelWorker
-from modeling_low_vram import SPEECH_SAMPLE_RATE
 from settings import Settings
 from uploads import MEDIA_STATUS, decode_media
 

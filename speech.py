@@ -32,7 +32,6 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import RungeKutta4OD
 
 from streaming import StopWhenSet
 
-SPEECH_SAMPLE_RATE = 24_000  # token2wav's output rate
 # The wrapper's (Qwen2_5OmniForConditionalGeneration.generate) defaults for the talker and token2wav.
 TALKER_SAMPLING = {"do_sample": True, "top_k": 40, "top_p": 0.8, "temperature": 0.9, "repetition_penalty": 1.05}
 ODE_STEPS, GUIDANCE_SCALE, SWAY_COEFFICIENT = 10, 0.5, -1.0

@@ -72,13 +72,17 @@ def test_streamed_text_is_a_prefix_of_the_answer_and_complete_at_the_end(tokeniz
     assert sent == final
 
 
-def test_the_http_data_types_import_without_torch():
-    """generation.py (requests, turns, results, errors), media.py and uploads.py need no torch."""
+def test_the_http_layer_imports_without_torch():
+    """The HTTP modules and their data types (generation.py, media.py, uploads.py) need no torch or
+    Transformers: only the engine loads them, and only for a local model."""
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    script = "import sys; sys.modules['torch'] = None; import generation, media, uploads; print('ok')"
+    script = (
+        "import sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
+        "import generation, media, uploads, deps, middleware, openai_api, multimodal_api; print('ok')"
+    )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
