@@ -153,7 +153,9 @@ def main() -> None:
             print(
                 f"  of which decoding and checking the picture, as every request is: {statistics.median(decoding) * 1000:.1f} ms"
             )
-            print(f"load average after the run (2 cores here; other work skews every figure): {os.getloadavg()}")
+            print(
+                f"load average after the run ({os.cpu_count()} cores; other work skews every figure): {os.getloadavg()}"
+            )
         finally:
             for process in processes:
                 process.terminate()
