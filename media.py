@@ -99,7 +99,8 @@ def load_image(source: Source, *, max_pixels: int) -> DecodedImage:
 def _upright(image: Image.Image, warnings: list[str]) -> Image.Image:
     """EXIF orientation applied; a broken EXIF block is reported, not fatal."""
     try:
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an image that is upright already
+        return image
     except Exception:  # noqa: BLE001 - Pillow raises assorted errors on malformed EXIF
         warnings.append("EXIF data is malformed, so its orientation could not be applied")
         return image
@@ -154,7 +155,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 # ---------------------------------------------------------------- audio
