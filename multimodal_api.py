@@ -10,7 +10,6 @@ in the thread pool; the event loop never waits on either.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import sys
 import threading
@@ -20,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Callable, Literal
 
+import pybase64
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -436,7 +436,7 @@ def json_answer(
         body["audio"] = {
             "format": "wav",
             "sample_rate": SPEECH_SAMPLE_RATE,
-            "data": base64.b64encode(wav_bytes(result.audio, SPEECH_SAMPLE_RATE)).decode("ascii"),
+            "data": pybase64.b64encode_as_string(wav_bytes(result.audio, SPEECH_SAMPLE_RATE)),
             "seconds": round(len(result.audio) / SPEECH_SAMPLE_RATE, 3),
         }
     return body

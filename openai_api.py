@@ -9,7 +9,6 @@ data URLs (remote URLs only for hosts listed in MEDIA_URL_HOSTS). All media goes
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import io
 import json
@@ -21,6 +20,7 @@ from dataclasses import replace
 from typing import Any, AsyncIterator, Literal
 
 import numpy as np
+import pybase64
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -178,7 +178,7 @@ def base64_bytes(payload: str, what: str, limit: int) -> bytes:
     if size > limit:
         raise OpenAIError(413, f"{what}: {size:,} bytes, over the limit of {limit:,} (MAX_FILE_MB)", param=what)
     try:
-        return base64.b64decode(payload, validate=True)
+        return pybase64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise OpenAIError(400, f"{what}: the data URL is not valid base64", param=what) from None
 
@@ -317,7 +317,7 @@ def audio_of(result: GenerationResult, audio_format: str = "wav") -> dict[str, A
     data = wav_bytes(result.audio, SPEECH_SAMPLE_RATE) if audio_format == "wav" else pcm16(result.audio)
     return {
         "id": f"audio_{uuid.uuid4().hex[:24]}",
-        "data": base64.b64encode(data).decode("ascii"),
+        "data": pybase64.b64encode_as_string(data),
         "expires_at": int(time.time()) + AUDIO_LIFETIME_SECONDS,
         "transcript": result.text,
     }
@@ -366,7 +366,7 @@ def stream_events(
             return {"content": value}
         if kind == "text":
             return {"audio": {"id": audio_id, "transcript": value}}
-        return {"audio": {"id": audio_id, "data": base64.b64encode(pcm16(value)).decode("ascii")}}
+        return {"audio": {"id": audio_id, "data": pybase64.b64encode_as_string(pcm16(value))}}
 
     async def events() -> AsyncIterator[str]:
         job: Job | None = None

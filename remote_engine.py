@@ -16,7 +16,6 @@ that cannot be reached is skipped until its /models answers again (probed every 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextvars
 import io
 import json
@@ -30,6 +29,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
+import pybase64
 import soundfile
 from PIL import Image
 
@@ -239,7 +240,13 @@ class RemoteEngine:
     ) -> GenerationResult:
         payload = {"model": self.settings.engine_model or upstream.model, **body}
         try:
-            async with self._client.stream("POST", f"{upstream.url}/chat/completions", json=payload) as response:
+            encoded = orjson.dumps(payload)  # mostly base64 media: orjson writes it ~30x faster than json
+            async with self._client.stream(
+                "POST",
+                f"{upstream.url}/chat/completions",
+                content=encoded,
+                headers={"Content-Type": "application/json"},
+            ) as response:
                 if response.status_code >= 400:
                     raise upstream_error(response.status_code, await response.aread())
                 if not body.get("stream"):
@@ -429,7 +436,7 @@ def content_part(part: Any) -> dict[str, Any]:
         soundfile.write(out, part, AUDIO_RATE, format="WAV", subtype="FLOAT")  # exactly the decoded samples
         return {
             "type": "input_audio",
-            "input_audio": {"data": base64.b64encode(out.getvalue()).decode(), "format": "wav"},
+            "input_audio": {"data": pybase64.b64encode_as_string(out.getvalue()), "format": "wav"},
         }
     if isinstance(part, VideoInput):
         if part.source is None:
@@ -455,7 +462,7 @@ def plain_picture(data: bytes) -> str | None:
 
 
 def data_url(mime: str, data: bytes) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+    return f"data:{mime};base64,{pybase64.b64encode_as_string(data)}"
 
 
 # ---------------------------------------------------------------- the answer
@@ -490,7 +497,7 @@ def _speech(audio: dict[str, Any] | None) -> np.ndarray | None:
     """A base64 WAV from the upstream as float32 mono at SPEECH_RATE."""
     if not audio or not audio.get("data"):
         return None
-    samples, rate = soundfile.read(io.BytesIO(base64.b64decode(audio["data"])), dtype="float32", always_2d=True)
+    samples, rate = soundfile.read(io.BytesIO(pybase64.b64decode(audio["data"])), dtype="float32", always_2d=True)
     samples = samples.mean(axis=1)
     if rate != SPEECH_RATE and samples.size:
         length = max(1, round(samples.size * SPEECH_RATE / rate))
