@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 from fractions import Fraction
 from pathlib import Path
 
@@ -27,6 +28,42 @@ def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (96, 64), mode: str = 
     out = io.BytesIO()
     picture.save(out, fmt, **save)
     return out.getvalue()
+
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """A PNG's chunks as (type, data)."""
+    chunks, position = [], 8
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        chunks.append((data[position + 4 : position + 8], data[position + 8 : position + 8 + length]))
+        position += 12 + length
+    return chunks
+
+
+def png_from_chunks(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    """A PNG of these chunks, each with its right length and CRC."""
+    out = b"\x89PNG\r\n\x1a\n"
+    for kind, data in chunks:
+        out += len(data).to_bytes(4, "big") + kind + data + (zlib.crc32(kind + data) & 0xFFFFFFFF).to_bytes(4, "big")
+    return out
+
+
+def damaged_png(damage: str, size: tuple[int, int] = (800, 600)) -> bytes:
+    """A noisy RGB PNG whose every chunk is well formed and which ends with IEND, as a whole file does, but
+    whose pixel data is `broken` (bytes near its end flipped: it does not decode) or `cut` (the compressed
+    stream stops at two thirds: the rows before decode)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG", compress_level=1)
+    chunks = png_chunks(out.getvalue())
+    stream = bytearray(b"".join(data for kind, data in chunks if kind == b"IDAT"))
+    if damage == "broken":
+        for index in range(len(stream) - 2000, len(stream) - 1000):
+            stream[index] ^= 0x5A
+    else:
+        del stream[len(stream) * 2 // 3 :]
+    head = [(kind, data) for kind, data in chunks if kind not in (b"IDAT", b"IEND")]
+    return png_from_chunks([*head, (b"IDAT", bytes(stream)), (b"IEND", b"")])
 
 
 def audio_bytes(container: str = "wav", seconds: float = 1.0, rate: int = 44100, channels: int = 2) -> bytes:

@@ -210,3 +210,81 @@ def av_duration(data: bytes):
 
     with av.open(io.BytesIO(data)) as container:
         return container.duration
+
+
+@pytest.mark.parametrize("fmt, mime", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp")])
+def test_a_whole_upright_rgb_picture_can_go_on_as_it_came(fmt, mime):
+    data = make_media.image_bytes(fmt, (120, 80))
+    picture = media.picture_file(io.BytesIO(data), max_pixels=10_000)
+    assert (picture.mime, picture.width, picture.height, picture.data) == (mime, 120, 80, data)
+    decoded = media.load_image(io.BytesIO(picture.data), max_pixels=10_000)
+    assert decoded.image.size == (120, 80) and not decoded.warnings
+
+
+def exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return make_media.image_bytes("JPEG", (60, 40), exif=exif.tobytes())
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(make_media.image_bytes("PNG", mode="RGBA"), id="transparency"),
+        pytest.param(make_media.image_bytes("PNG", mode="L"), id="grey"),
+        pytest.param(make_media.image_bytes("JPEG", mode="CMYK"), id="cmyk"),
+        pytest.param(make_media.image_bytes("GIF"), id="gif"),
+        pytest.param(exif_rotated_jpeg(), id="exif-rotated"),
+        pytest.param(make_media.image_bytes("JPEG")[:-200], id="jpeg-cut-short"),
+        pytest.param(make_media.image_bytes("PNG")[:-20], id="png-cut-short"),
+        pytest.param(make_media.image_bytes("WEBP")[:-10], id="webp-cut-short"),
+        pytest.param(b"not a picture at all" * 10, id="not-a-picture"),
+    ],
+)
+def test_pictures_that_need_converting_or_may_be_cut_are_decoded_here(data):
+    assert media.picture_file(io.BytesIO(data), max_pixels=10**6) is None
+
+
+def test_a_png_with_an_exif_chunk_anywhere_is_decoded_here():
+    """Pillow reads an eXIf chunk after the pixel data only by decoding them, so any eXIf rules the file out."""
+    chunks = make_media.png_chunks(make_media.image_bytes("PNG", (96, 64)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged = make_media.png_from_chunks([*chunks[:-1], (b"eXIf", exif.tobytes()), chunks[-1]])
+    assert media.load_image(io.BytesIO(tagged), max_pixels=10**6).image.size == (64, 96)  # turned upright here
+    assert media.picture_file(io.BytesIO(tagged), max_pixels=10**6) is None
+
+
+def test_a_picture_over_the_pixel_limit_is_refused_from_its_header():
+    with pytest.raises(media.MediaTooLarge, match="MAX_IMAGE_PIXELS"):
+        media.picture_file(io.BytesIO(make_media.image_bytes("JPEG", (200, 100))), max_pixels=19_999)
+
+
+@pytest.mark.parametrize("damage", ["broken", "cut"])
+def test_a_damaged_picture_that_looks_whole_is_only_found_out_by_decoding_it(damage):
+    """What the front's check (uploads.check_pictures) is for: the verdict load_image gives."""
+    data = make_media.damaged_png(damage, size=(200, 150))
+    picture = media.picture_file(io.BytesIO(data), max_pixels=10**6)
+    assert picture is not None
+    if damage == "broken":
+        with pytest.raises(media.UndecodableMedia, match="image data is broken"):
+            media.check_picture(picture, max_pixels=10**6)
+    else:
+        recovered = media.check_picture(picture, max_pixels=10**6)
+        assert recovered.warnings == media.load_image(io.BytesIO(data), max_pixels=10**6).warnings != []
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_a_whole_picture_passes_the_check(fmt):
+    data = make_media.image_bytes(fmt, (300, 200))
+    assert media.check_picture(media.picture_file(io.BytesIO(data), max_pixels=10**6), max_pixels=10**6) is None
+
+
+@pytest.mark.parametrize("kept", [0.3, 0.9])
+def test_the_jpeg_check_at_one_eighth_scale_judges_as_a_full_decode(kept):
+    """A JPEG cut inside its scan and ended again: libjpeg fills the rest at any scale, so both pass it."""
+    whole = make_media.image_bytes("JPEG", (640, 480), quality=95)
+    data = whole[: int(len(whole) * kept)] + b"\xff\xd9"
+    picture = media.picture_file(io.BytesIO(data), max_pixels=10**6)
+    full = media.load_image(io.BytesIO(data), max_pixels=10**6)
+    assert media.check_picture(picture, max_pixels=10**6) is None and not full.warnings
