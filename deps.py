@@ -18,10 +18,12 @@ import soundfile
 from fastapi import Depends, HTTPException, Request
 
 from engine import Engine, EngineUnavailable, Worker
-from generation import Cancelled, GenerationRequest, OutOfMemory
+from generation import Cancelled, GenerationRequest, OutOfMemory, with_parts_replaced
+from media import PictureFile
 from model_worker import ModelWorker, QueueFull
 from remote_engine import RemoteEngine, UpstreamWorker
 from settings import Settings
+from uploads import check_pictures
 
 logger = logging.getLogger("multimodal_api")
 T = TypeVar("T")
@@ -252,6 +254,66 @@ async def run_generation(
     finally:
         gone.cancel()
         job.abandon()
+
+
+async def run_generation_checking(
+    request: Request,
+    settings: Settings,
+    worker: ModelWorker,
+    engine,
+    generation: GenerationRequest,
+    pictures: list[tuple[str, PictureFile]],
+    timeout: float,
+    started: float,
+    place: Place | None = None,
+):
+    """`run_generation` while the pictures that went upstream as they came (ENGINE=openai) are decoded here in
+    full, in the decoding pool, as every upload is: checking them adds no time to the answer. One that does not
+    decode stops the generation, and its 4xx is the answer; one that decoded only in part (a cut file
+    recovered) makes the generation start over with the pixels that decoded, and the answer says so."""
+    if not pictures:
+        return await run_generation(request, worker, engine, generation, timeout, started, place)
+    checking = asyncio.ensure_future(decode_off_loop(request, check_pictures, settings, pictures))
+    answering = asyncio.ensure_future(run_generation(request, worker, engine, generation, timeout, started, place))
+    try:
+        recovered = await checking
+    except BaseException:
+        answering.cancel()
+        await asyncio.gather(answering, return_exceptions=True)
+        raise
+    if not recovered:
+        return await answering
+    answering.cancel()
+    await asyncio.gather(answering, return_exceptions=True)
+    generation, notes = with_recovered(generation, recovered)
+    result = await run_generation(request, worker, engine, generation, timeout, started, place)
+    result.warnings[:0] = notes
+    return result
+
+
+async def check_pictures_first(
+    request: Request,
+    settings: Settings,
+    generation: GenerationRequest,
+    pictures: list[tuple[str, PictureFile]],
+    warnings: list[str],
+) -> GenerationRequest:
+    """The pictures of a streamed answer checked before it starts (its status goes out with its first byte);
+    the generation to run, and `warnings` extended with what a recovery noted."""
+    if not pictures:
+        return generation
+    generation, notes = with_recovered(generation, await decode_off_loop(request, check_pictures, settings, pictures))
+    warnings += notes
+    return generation
+
+
+def with_recovered(generation: GenerationRequest, recovered: dict) -> tuple[GenerationRequest, list[str]]:
+    """The generation with each recovered picture replaced by the pixels that decoded, and the notes saying so."""
+    if not recovered:
+        return generation, []
+    pixels = {id(picture): decoded.image for picture, (_, decoded) in recovered.items()}
+    notes = [f"{label}: {note}" for label, decoded in recovered.values() for note in decoded.warnings]
+    return with_parts_replaced(generation, pixels), notes
 
 
 async def _client_gone(request: Request) -> None:

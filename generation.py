@@ -5,11 +5,14 @@ holds the parts that plug into the model's generate()."""
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from media import PictureFile
 
 SPEECH_SAMPLE_RATE = 24_000  # spoken answers: token2wav's output rate, float32 mono
 # The seeds the sampler takes: 64-bit signed integers.
@@ -44,7 +47,8 @@ class VideoInput:
     source: bytes | None = None  # the file itself, kept only where it is sent on (ENGINE=openai)
 
 
-Part = "str | Image.Image | np.ndarray | VideoInput"  # text, picture, 16 kHz mono audio, video
+# text, picture (decoded; or, ENGINE=openai, a media.PictureFile sent on as it came), 16 kHz mono audio, video
+Part = "str | Image.Image | PictureFile | np.ndarray | VideoInput"
 
 
 @dataclass
@@ -57,7 +61,7 @@ class ChatTurn:
 class GenerationRequest:
     text: str | None
     system_prompt: str | None  # None: DEFAULT_SYSTEM_PROMPT (or the official one, for speech)
-    images: list[Image.Image] = field(default_factory=list)
+    images: list[Image.Image | PictureFile] = field(default_factory=list)
     audios: list[np.ndarray] = field(default_factory=list)
     videos: list[VideoInput] = field(default_factory=list)
     max_new_tokens: int = 512
@@ -87,6 +91,17 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)
     finish_reason: str = "stop"  # or "length"
     inputs: dict[str, list[dict]] = field(default_factory=dict)  # per file, what the model got (prompts.py)
+
+
+def with_parts_replaced(request: GenerationRequest, new: dict[int, Any]) -> GenerationRequest:
+    """A fresh copy of `request` (no stop event yet) in which each media part whose id() is a key of `new`
+    is that key's value."""
+
+    def swap(part: Any) -> Any:
+        return new.get(id(part), part)
+
+    turns = None if request.turns is None else [ChatTurn(t.role, [swap(p) for p in t.parts]) for t in request.turns]
+    return replace(request, images=[swap(p) for p in request.images], turns=turns, stop=None)
 
 
 def cut_at_stop(text: str, stop_strings: list[str]) -> tuple[str, bool]:

@@ -35,10 +35,11 @@ from deps import (
     SettingsDep,
     WorkerDep,
     admit,
+    check_pictures_first,
     decode_off_loop,
     out_of_memory_error,
     request_started,
-    run_generation,
+    run_generation_checking,
     wav_bytes,
 )
 from metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -272,13 +273,16 @@ async def answer_form(request: Request, settings: Settings, engine, worker, form
     )
     timeout = settings.request_timeout_seconds
     model = engine.describe()["model"]
-    warnings = inputs.warnings
+    warnings, pictures = inputs.warnings, inputs.pictures
     del inputs  # the generation request holds the media; the job lets go of it when it starts or is given up
     if fields.stream:
+        generation = await check_pictures_first(request, settings, generation, pictures, warnings)
         events = openai_api.stream_events(generation, worker, engine, model, True, timeout, started, warnings, place)
         return openai_api.sse(events, place)
     try:
-        result = await run_generation(request, worker, engine, generation, timeout, started, place)
+        result = await run_generation_checking(
+            request, settings, worker, engine, generation, pictures, timeout, started, place
+        )
     except PromptTooLong as error:
         raise HTTPException(413, str(error)) from None
     except InputRejected as error:

@@ -36,10 +36,11 @@ from deps import (
     SettingsDep,
     WorkerDep,
     admit,
+    check_pictures_first,
     decode_off_loop,
     out_of_memory_error,
     request_started,
-    run_generation,
+    run_generation_checking,
     wav_bytes,
 )
 from generation import (
@@ -226,12 +227,15 @@ def count_parts(messages: list[Message], settings: Settings) -> None:
             )
 
 
-async def to_turns(request: Request, messages: list[Message], settings: Settings) -> tuple[list[ChatTurn], list[str]]:
-    """OpenAI messages as the engine's turns, media decoded in order (in the bounded decoding pool), and what
-    decoding warned of."""
+async def to_turns(
+    request: Request, messages: list[Message], settings: Settings
+) -> tuple[list[ChatTurn], list[str], list[tuple[str, media.PictureFile]]]:
+    """OpenAI messages as the engine's turns, media decoded in order (in the bounded decoding pool), what
+    decoding warned of, and the pictures still to be checked (`uploads.check_pictures`)."""
     count_parts(messages, settings)
     turns = []
     warnings: list[str] = []
+    pictures: list[tuple[str, media.PictureFile]] = []
     for m_index, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
         if message.content is None or isinstance(message.content, str):
@@ -257,16 +261,18 @@ async def to_turns(request: Request, messages: list[Message], settings: Settings
                     raise OpenAIError(400, f"{what}: {part.type} is missing", param=what)
                 url = reference if isinstance(reference, str) else reference.url
                 data = await fetch_media(url, what, settings)
-            value, notes = await decode_off_loop(request, decode_part, KINDS[part.type], data, what, settings)
+            value, decoded_notes = await decode_off_loop(request, decode_part, KINDS[part.type], data, what, settings)
             del data
             parts.append(value)
-            warnings += [f"{what}: {note}" for note in notes]
+            warnings += [f"{what}: {note}" for note in decoded_notes]
+            if isinstance(value, media.PictureFile):
+                pictures.append((what, value))
         turns.append(ChatTurn(role, parts))
     for m_index, turn in enumerate(turns):
         if turn.role == "user" and not any(not isinstance(part, str) or part.strip() for part in turn.parts):
             what = f"messages[{m_index}].content"
             raise OpenAIError(400, f"{what}: a user message needs text or media; this one is empty", param=what)
-    return turns, warnings
+    return turns, warnings, pictures
 
 
 def without_video_audio(turns: list[ChatTurn]) -> list[ChatTurn]:
@@ -505,7 +511,7 @@ async def chat_completions(
     started = request_started(request)
     place = admit(request)  # a 503 now, before any media is decoded, when the queue is full
     try:
-        turns, warnings = await to_turns(request, body.messages, settings)
+        turns, warnings, pictures = await to_turns(request, body.messages, settings)
         if options.use_audio_in_video is False:
             turns = without_video_audio(turns)
         generation = GenerationRequest(
@@ -527,10 +533,13 @@ async def chat_completions(
         timeout = settings.request_timeout_seconds
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            generation = await check_pictures_first(request, settings, generation, pictures, warnings)
             events = stream_events(generation, worker, engine, model, include_usage, timeout, started, warnings, place)
             return sse(events, place)
         try:
-            result = await run_generation(request, worker, engine, generation, timeout, started, place)
+            result = await run_generation_checking(
+                request, settings, worker, engine, generation, pictures, timeout, started, place
+            )
         except PromptTooLong as error:
             raise OpenAIError(400, str(error), code="context_length_exceeded") from None
         except InputRejected as error:

@@ -30,6 +30,7 @@ class MediaInputs:
     audios: list = field(default_factory=list)
     videos: list[VideoInput] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    pictures: list[tuple[str, media.PictureFile]] = field(default_factory=list)  # to check: `check_pictures`
 
 
 def _label(field_name: str, index: int, upload: UploadFile | None = None, filename: str | None = None) -> str:
@@ -159,6 +160,8 @@ def _decode_one(
     if field_name in ("images", "audios"):
         value, warnings = decode_media(field_name[:-1], source, s)
         (out.images if field_name == "images" else out.audios).append(value)
+        if isinstance(value, media.PictureFile):
+            out.pictures.append((label, value))
         out.warnings += [f"{label}: {w}" for w in warnings]
         return
     converted = False
@@ -188,11 +191,14 @@ def _decode_one(
 
 def decode_media(kind: str, source, s: Settings) -> tuple[Any, list[str]]:
     """One image, audio or video (as video, with its own audio track) decoded within the settings' limits,
-    and the decoder's warnings (what a damaged file still yielded). Raises media.MediaError."""
+    and the decoder's warnings (what a damaged file still yielded). Raises media.MediaError.
+
+    With ENGINE=openai, an image the upstream can take as it came stays a `media.PictureFile`, checked from
+    its header only: it goes upstream at once and is decoded in full meanwhile (`check_pictures`)."""
     if kind == "image":
+        if s.engine == "openai" and (picture := media.picture_file(source, max_pixels=s.max_image_pixels)):
+            return picture, []
         image = media.load_image(source, max_pixels=s.max_image_pixels)
-        if s.engine == "openai" and not image.warnings:  # upstreams may take the file itself (remote_engine)
-            image.image.info["source"] = media.rewind(source).read()
         return image.image, image.warnings
     if kind == "audio":
         audio = media.load_audio(source, max_seconds=s.max_audio_seconds, timeout=s.decode_timeout_seconds)
@@ -209,6 +215,24 @@ def decode_media(kind: str, source, s: Settings) -> tuple[Any, list[str]]:
     )
     source = media.rewind(source).read() if s.engine == "openai" else None  # upstreams decode the file again
     return VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None, source), video.warnings
+
+
+def check_pictures(settings: Settings, pictures: list[tuple[str, media.PictureFile]]) -> dict:
+    """Decode in full each picture that went upstream as it came, as any upload is decoded (runs in a worker
+    thread). Raises HTTPException naming a file that does not decode; returns those that decoded only in
+    part (a cut file recovered) as {picture: (label, DecodedImage)}: they must go again as their pixels."""
+    recovered = {}
+    for label, picture in pictures:
+        try:
+            decoded = media.check_picture(picture, max_pixels=settings.max_image_pixels)
+        except media.MediaError as error:
+            raise HTTPException(MEDIA_STATUS[type(error)], f"{label}: {error}") from None
+        except Exception:  # noqa: BLE001 - as in decode_uploads
+            logger.exception("unexpected error decoding %s", label)
+            raise HTTPException(400, f"{label}: could not be decoded") from None
+        if decoded is not None:
+            recovered[picture] = (label, decoded)
+    return recovered
 
 
 def check_uploads(settings: Settings, uploads: dict[str, list[UploadFile]]) -> dict[str, list[UploadFile]]:

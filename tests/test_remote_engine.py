@@ -4,6 +4,7 @@ very server on the tiny model, started as their own processes on loopback ports;
 from __future__ import annotations
 
 import base64
+import io
 import json
 import subprocess
 import threading
@@ -12,11 +13,13 @@ import time
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
 import make_media
-from conftest import CORPUS, serve
+import media
+from conftest import CORPUS, FakeEngine, serve
+from generation import GenerationRequest, GenerationResult
 from multimodal_api import create_app
-from remote_engine import plain_picture
 from servers import free_port, start_server
 from settings import Settings
 
@@ -132,12 +135,97 @@ def test_pictures_that_need_converting_reach_the_upstream_as_decoded_here(upstre
     path = CORPUS / "image" / name
     if not path.exists():
         pytest.skip("the media corpus is not beside the repository")
-    assert plain_picture(path.read_bytes()) is None  # so it goes as the pixels decoded here, not as it came
+    assert (
+        media.picture_file(io.BytesIO(path.read_bytes()), max_pixels=10**8) is None
+    )  # so it goes as the pixels decoded here, not as it came
     files = [("images", (name, path.read_bytes(), "application/octet-stream"))]
     direct = httpx.post(f"{upstreams[0]}/multimodal", data={"text": "Hi"}, files=files, timeout=120)
     via_front = httpx.post(f"{front}/multimodal", data={"text": "Hi"}, files=files, timeout=120)
     assert direct.status_code == via_front.status_code == 200, via_front.text
     same_answer(direct.json(), via_front.json())
+
+
+def image_message(data: bytes, mime: str) -> list[dict]:
+    url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+    return [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Hi"}]}
+    ]
+
+
+@pytest.mark.parametrize("route", ["multimodal", "multimodal-stream", "v1", "v1-stream"])
+def test_a_picture_sent_as_it_came_that_does_not_decode_gets_the_same_error_as_here(upstreams, front, route):
+    """It went upstream from its header alone; the front's own full decoding, meanwhile, refuses it as a
+    server with the model inside does (an upstream's refusal would name the file differently)."""
+    broken = make_media.damaged_png("broken")
+    assert media.picture_file(io.BytesIO(broken), max_pixels=10**8) is not None  # taken as it came
+    if route.startswith("multimodal"):
+        form = {"text": "Hi", "stream": str(route.endswith("stream")).lower()}
+        files = [("images", ("broken.png", broken, "image/png"))]
+        answers = [
+            httpx.post(f"{url}/multimodal", data=form, files=files, timeout=120) for url in (upstreams[0], front)
+        ]
+        assert answers[0].status_code == answers[1].status_code == 400
+        assert answers[1].json()["detail"] == answers[0].json()["detail"]
+        assert answers[1].json()["detail"].startswith("images[0] 'broken.png': image data is broken")
+    else:
+        body = {"messages": image_message(broken, "image/png"), "max_tokens": 4, "stream": route.endswith("stream")}
+        answers = [httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120) for url in (upstreams[0], front)]
+        assert answers[0].status_code == answers[1].status_code == 400
+        assert answers[1].json()["error"]["message"] == answers[0].json()["error"]["message"]
+        assert answers[1].json()["error"]["message"].startswith("messages[0].content[0]: image data is broken")
+
+
+@pytest.mark.parametrize("route", ["multimodal", "v1"])
+def test_a_picture_cut_inside_goes_again_as_the_pixels_that_decoded(upstreams, front, route):
+    """A PNG that ends as a whole one does but whose data stops short goes upstream as it came; the front's
+    decoding recovers its first rows, as the server with the model does, and the answer is that server's."""
+    cut = make_media.damaged_png("cut")
+    assert media.picture_file(io.BytesIO(cut), max_pixels=10**8) is not None
+    if route == "multimodal":
+        files = [("images", ("cut.png", cut, "image/png"))]
+        form = {"text": "Hi", "max_new_tokens": "6"}
+        direct, via_front = (
+            httpx.post(f"{u}/multimodal", data=form, files=files, timeout=120) for u in (upstreams[0], front)
+        )
+        assert direct.status_code == via_front.status_code == 200, via_front.text
+        same_answer(direct.json(), via_front.json())
+        assert via_front.json()["warnings"] == direct.json()["warnings"]
+        assert "images[0] 'cut.png': image file is truncated" in via_front.json()["warnings"][0]
+    else:
+        body = {"messages": image_message(cut, "image/png"), "max_tokens": 6, "temperature": 0}
+        direct, via_front = (
+            httpx.post(f"{u}/v1/chat/completions", json=body, timeout=120) for u in (upstreams[0], front)
+        )
+        assert direct.status_code == via_front.status_code == 200, via_front.text
+        assert via_front.json()["choices"] == direct.json()["choices"]
+        assert via_front.json()["usage"]["prompt_tokens"] == direct.json()["usage"]["prompt_tokens"]
+        assert via_front.json()["warnings"][0] == direct.json()["warnings"][0]
+        assert via_front.json()["warnings"][0].startswith("messages[0].content[0]: image file is truncated")
+
+
+class UntilStopped(FakeEngine):
+    """An engine whose generation runs until its request is stopped, and records what it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped: list[bool] = []
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.requests.append(request)
+        self.stopped.append(request.stop.wait(60))
+        return GenerationResult("", 0, 0, {})
+
+
+def test_the_upstream_works_while_the_front_checks_the_picture():
+    """The generation starts with the picture as it came, before the front has finished decoding it; the
+    failed check then stops it, and the client gets the check's 400."""
+    engine = UntilStopped()
+    broken = make_media.damaged_png("broken", size=(1600, 1200))
+    with TestClient(create_app(front_settings(["http://127.0.0.1:9"]), engine=engine)) as client:
+        answer = client.post("/multimodal", data={"text": "Hi"}, files=[("images", ("b.png", broken, "image/png"))])
+    assert answer.status_code == 400 and "image data is broken" in answer.json()["detail"]
+    assert len(engine.requests) == 1 and isinstance(engine.requests[0].images[0], media.PictureFile)
+    assert engine.stopped == [True]  # stopped by the check, not by a time limit
 
 
 @pytest.mark.parametrize("silent_too", [False, True])
