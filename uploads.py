@@ -6,9 +6,10 @@ HTTPExceptions whose message starts with the field and file (`videos[0] 'clip.mp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from fastapi import HTTPException, Request, UploadFile
 from starlette.datastructures import FormData
@@ -143,14 +144,21 @@ def decode_uploads(
     for field_name, files in uploads.items():
         for index, upload in enumerate(files):
             label = _label(field_name, index, upload)
-            try:
+            with _naming(label):
                 _decode_one(s, field_name, upload.file, out, label, extract_video_audio, extract_video_frame)
-            except media.MediaError as error:
-                raise HTTPException(MEDIA_STATUS[type(error)], f"{label}: {error}") from None
-            except Exception:  # noqa: BLE001 - a decoder failure we did not foresee is still the file's fault
-                logger.exception("unexpected error decoding %s", label)
-                raise HTTPException(400, f"{label}: could not be decoded") from None
     return out
+
+
+@contextlib.contextmanager
+def _naming(label: str) -> Iterator[None]:
+    """A decoding failure as the HTTPException that names the file."""
+    try:
+        yield
+    except media.MediaError as error:
+        raise HTTPException(MEDIA_STATUS[type(error)], f"{label}: {error}") from None
+    except Exception:  # noqa: BLE001 - a decoder failure we did not foresee is still the file's fault
+        logger.exception("unexpected error decoding %s", label)
+        raise HTTPException(400, f"{label}: could not be decoded") from None
 
 
 def _decode_one(
@@ -223,13 +231,8 @@ def check_pictures(settings: Settings, pictures: list[tuple[str, media.PictureFi
     part (a cut file recovered) as {picture: (label, DecodedImage)}: they must go again as their pixels."""
     recovered = {}
     for label, picture in pictures:
-        try:
+        with _naming(label):
             decoded = media.check_picture(picture, max_pixels=settings.max_image_pixels)
-        except media.MediaError as error:
-            raise HTTPException(MEDIA_STATUS[type(error)], f"{label}: {error}") from None
-        except Exception:  # noqa: BLE001 - as in decode_uploads
-            logger.exception("unexpected error decoding %s", label)
-            raise HTTPException(400, f"{label}: could not be decoded") from None
         if decoded is not None:
             recovered[picture] = (label, decoded)
     return recovered
