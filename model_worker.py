@@ -22,8 +22,8 @@ class ModelWorker:
     stopped cooperatively, see GenerationRequest.stop) on this thread, so two never overlap.
     """
 
-    def __init__(self, max_waiting: int = 32) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+    def __init__(self, max_waiting: int = 32, threads: int = 1, name: str = "model") -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
         self._lock = threading.Lock()
         self.max_waiting = max_waiting
         self.waiting = 0

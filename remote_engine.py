@@ -18,14 +18,11 @@ that cannot be reached is skipped until its /models answers again (probed every 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import io
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +44,7 @@ from generation import (
     VideoInput,
 )
 from media import PictureFile
-from model_worker import QueueFull
+from model_worker import ModelWorker, QueueFull
 from settings import Settings
 
 logger = logging.getLogger("multimodal_api")
@@ -281,22 +278,15 @@ class RemoteEngine:
             self._mark(upstream, "down", f"/models: {type(error).__name__}: {str(error)[:200]}")
 
 
-class UpstreamWorker:
+class UpstreamWorker(ModelWorker):
     """Runs RemoteEngine.generate calls on threads; admits as many as the reachable upstreams take together.
 
-    As ModelWorker: a request reserves its place when it arrives (before its media is decoded), and the
-    job it submits later takes that place; `waiting` counts places reserved and not yet submitted."""
+    ModelWorker's queue, with a thread for every place the upstreams could offer, so an admitted job
+    starts at once; how many places there are follows the upstreams' states (`RemoteEngine.capacity`)."""
 
     def __init__(self, engine: RemoteEngine) -> None:
+        super().__init__(threads=engine.per_upstream * len(engine.upstreams), name="upstream")
         self.engine = engine
-        self._executor = ThreadPoolExecutor(
-            max_workers=engine.per_upstream * len(engine.upstreams), thread_name_prefix="upstream"
-        )
-        self._lock = threading.Lock()
-        self.waiting = 0
-        self.running = 0
-        self.peak_running = 0
-        self.rejected = 0
 
     def reserve(self) -> None:
         with self._lock:
@@ -307,37 +297,6 @@ class UpstreamWorker:
                     raise QueueFull("no upstream engine is reachable; see /health")
                 raise QueueFull(f"{self.waiting + self.running} requests are in flight, as many as the upstreams take")
             self.waiting += 1
-
-    def release(self) -> None:
-        with self._lock:
-            self.waiting -= 1
-
-    def submit(self, job: Callable[..., Any], *args: Any, reserved: bool = False) -> Future:
-        if not reserved:
-            self.reserve()
-        with self._lock:
-            self.waiting -= 1
-            self.running += 1
-            self.peak_running = max(self.peak_running, self.running)
-        context = contextvars.copy_context()  # the request id follows the job into the log
-        try:
-            future = self._executor.submit(context.run, job, *args)
-        except RuntimeError:
-            self._done(None)
-            raise
-        future.add_done_callback(self._done)
-        return future
-
-    def _done(self, _future: Future | None) -> None:
-        with self._lock:
-            self.running -= 1
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {"running": self.running, "waiting": self.waiting, "peak_running": self.peak_running}
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- the request
