@@ -23,8 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from modeling_low_vram import MODEL_SHORTHANDS, load_config  # noqa: E402
-from residency import keep_last_logits  # noqa: E402
+from qwen_omni_server.local.loading import MODEL_SHORTHANDS, load_config  # noqa: E402
+from qwen_omni_server.local.residency import keep_last_logits  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 

@@ -19,13 +19,13 @@ import base64
 import collections
 import random
 import socket
-import struct
-import zlib
 import statistics
+import struct
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx

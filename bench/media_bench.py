@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import media  # noqa: E402
 from servers import start_server  # noqa: E402
+
+from qwen_omni_server.core import media  # noqa: E402
 
 
 def make_clip(path: Path, seconds: float, fps: int = 10, size=(1280, 720)) -> Path:
@@ -136,9 +137,10 @@ def bench_audio_features() -> None:
 
     torch.set_num_threads(1)
     import tiny_model
-    from generation import GenerationRequest
-    from modeling_low_vram import OmniEngine
-    from settings import Settings
+
+    from qwen_omni_server.core.settings import Settings
+    from qwen_omni_server.core.types import GenerationRequest
+    from qwen_omni_server.local.engine import OmniEngine
 
     with tempfile.TemporaryDirectory() as folder:
         engine = OmniEngine.load(

@@ -37,9 +37,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import media  # noqa: E402
 import tiny_model  # noqa: E402
 from servers import start_server  # noqa: E402
+
+from qwen_omni_server.core import media  # noqa: E402
 
 
 def photo_jpeg(target_bytes: int = 1_000_000) -> bytes:

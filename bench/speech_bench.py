@@ -35,9 +35,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import tiny_model  # noqa: E402
 from conftest import tiny_settings  # noqa: E402
-from generation import GenerationRequest  # noqa: E402
-from modeling_low_vram import OmniEngine, memory_in_use  # noqa: E402
-from speech import Codec, Token2Wav  # noqa: E402
+
+from qwen_omni_server.core.types import GenerationRequest  # noqa: E402
+from qwen_omni_server.local.engine import OmniEngine, memory_in_use  # noqa: E402
+from qwen_omni_server.local.speech import Codec, Token2Wav  # noqa: E402
 
 TEST_TOLERANCE = 1e-4  # tests/test_speech.py: of the loudest sample
 

@@ -24,12 +24,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-import media  # noqa: E402
 import tiny_model  # noqa: E402
 from media_bench import OUT, make_clip  # noqa: E402
-from generation import GenerationRequest, VideoInput  # noqa: E402
-from modeling_low_vram import OmniEngine  # noqa: E402
-from settings import Settings  # noqa: E402
+
+from qwen_omni_server.core import media  # noqa: E402
+from qwen_omni_server.core.settings import Settings  # noqa: E402
+from qwen_omni_server.core.types import GenerationRequest, VideoInput  # noqa: E402
+from qwen_omni_server.local.engine import OmniEngine  # noqa: E402
 
 CORPUS_FAX = ROOT.parent / "shared" / "media-corpus" / "image" / "tiff_g4_fax_multipage_3307x4677__g4-multi.tiff"
 # qwen-omni-utils 0.0.9 defaults (vision_process.py), as settings of this server.

@@ -59,17 +59,14 @@ def stand_in_for_unused_audio_libraries() -> None:
 
 stand_in_for_unused_audio_libraries()
 
-from generation import GenerationRequest, OutOfMemory, VideoInput  # noqa: E402
-from modeling_low_vram import (  # noqa: E402
-    MODEL_SHORTHANDS,
-    OmniEngine,
-    load_config,
-    planning_budgets,
-    resolve_placement,
-)
-from placement import SPLIT, GiB, build_skeleton, plan_placement  # noqa: E402
-from quantization import SCHEMES  # noqa: E402
-from settings import Settings  # noqa: E402
+from qwen_omni_server.core.errors import OutOfMemory  # noqa: E402
+from qwen_omni_server.core.settings import Settings  # noqa: E402
+from qwen_omni_server.core.types import GenerationRequest, VideoInput  # noqa: E402
+from qwen_omni_server.local.devices import planning_budgets, resolve_placement  # noqa: E402
+from qwen_omni_server.local.engine import OmniEngine  # noqa: E402
+from qwen_omni_server.local.loading import MODEL_SHORTHANDS, load_config  # noqa: E402
+from qwen_omni_server.local.placement import SPLIT, GiB, build_skeleton, plan_placement  # noqa: E402
+from qwen_omni_server.local.quantization import SCHEMES  # noqa: E402
 
 BUDGETS_GIB = (4, 6, 8, 12, 24)
 # Quantized rows, per scheme and model: the budgets the goals name (7B nf4 at 6-12 GiB, 3B nf4 within 4 GiB).

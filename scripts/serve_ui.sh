@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh requirements-ui.txt .venv-ui
 export GRADIO_ANALYTICS_ENABLED="${GRADIO_ANALYTICS_ENABLED:-False}"
-exec .venv-ui/bin/python gradio_multimodal_app.py
+exec .venv-ui/bin/python -m qwen_omni_server.ui

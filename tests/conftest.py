@@ -14,15 +14,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 torch.set_num_threads(1)  # torch's pool busy-waits on 2 cores
 
-from fastapi.testclient import TestClient  # noqa: E402
-
 import make_media  # noqa: E402
 import tiny_model  # noqa: E402
-from generation import GenerationRequest, GenerationResult, SpeechError  # noqa: E402
-from modeling_low_vram import OmniEngine  # noqa: E402
-from multimodal_api import create_app  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
 from servers import free_port  # noqa: E402
-from settings import Settings  # noqa: E402
+
+from qwen_omni_server.core.errors import SpeechError  # noqa: E402
+from qwen_omni_server.core.protocols import BaseEngine  # noqa: E402
+from qwen_omni_server.core.settings import Settings  # noqa: E402
+from qwen_omni_server.core.types import GenerationRequest, GenerationResult  # noqa: E402
+from qwen_omni_server.local.engine import OmniEngine  # noqa: E402
+from qwen_omni_server.server import create_app  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "media-corpus"
 
@@ -57,7 +59,7 @@ def tiny_settings(model_dir: Path, **overrides) -> Settings:
     return Settings(_env_file=None, model_path=str(model_dir), **options)
 
 
-class FakeEngine:
+class FakeEngine(BaseEngine):
     """Stands in for the model in HTTP-layer tests; records what it was asked."""
 
     voices = ["Alto", "Bass"]

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import make_media
 import pytest
 import torch
+from conftest import tiny_settings, upload
 from fastapi.testclient import TestClient
 
-import make_media
-from conftest import tiny_settings, upload
-from modeling_low_vram import OmniEngine, largest_visual_patches, load_config
-from multimodal_api import create_app
-from placement import GPU, headroom_bytes
-from settings import Settings
+from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.local.devices import largest_visual_patches
+from qwen_omni_server.local.engine import OmniEngine
+from qwen_omni_server.local.loading import load_config
+from qwen_omni_server.local.placement import GPU, headroom_bytes
+from qwen_omni_server.server import create_app
 
 
 @pytest.fixture

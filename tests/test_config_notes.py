@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 from conftest import ROOT
-from modeling_low_vram import TalkerTokenIdNotes
+
+from qwen_omni_server.local.loading import TalkerTokenIdNotes
 
 
 def note(name: str, vocab: int, value: int) -> logging.LogRecord:
@@ -31,8 +32,8 @@ def test_only_the_talkers_thinker_side_token_ids_are_dropped():
 
 def test_loading_the_checkpoint_prints_no_talker_token_id_notes(tiny_model_dir):
     script = (
-        "import modeling_low_vram, transformers; "
-        f"modeling_low_vram.load_config({str(tiny_model_dir)!r}); "
+        "import qwen_omni_server.local.loading as loading, transformers; "
+        f"loading.load_config({str(tiny_model_dir)!r}); "
         f"transformers.Qwen2_5OmniForConditionalGeneration.from_pretrained({str(tiny_model_dir)!r})"
     )
     result = subprocess.run(

@@ -12,7 +12,6 @@ import collections
 import csv
 
 import pytest
-
 from conftest import CORPUS
 
 pytestmark = pytest.mark.skipif(

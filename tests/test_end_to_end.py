@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import input_counts, upload
 
 
@@ -124,10 +123,11 @@ def test_about_describes_the_loaded_model(tiny_client, tiny_model_dir):
 
 def test_audio_features_padded_to_the_clip_give_the_same_answer(tiny_model_dir, media_dir):
     """Padding features to the clip instead of Whisper's 300 s changes the cost, not the greedy answer."""
-    import media
     from conftest import tiny_settings
-    from generation import GenerationRequest
-    from modeling_low_vram import OmniEngine
+
+    from qwen_omni_server.core import media
+    from qwen_omni_server.core.types import GenerationRequest
+    from qwen_omni_server.local.engine import OmniEngine
 
     engine = OmniEngine.load(tiny_settings(tiny_model_dir))
     clips = [media.load_audio(str(media_dir / name), max_seconds=60).samples for name in ("audio.wav", "audio.mp3")]

@@ -7,15 +7,15 @@ from __future__ import annotations
 import os
 import tempfile
 
+import make_media
 import schemathesis
+from conftest import FakeEngine
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import make_media
-from conftest import FakeEngine
-from multimodal_api import create_app
-from settings import Settings
+from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.server import create_app
 
 app = create_app(Settings(_env_file=None, model_path="unused", max_request_mb=2), engine=FakeEngine())
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)

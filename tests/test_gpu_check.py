@@ -9,7 +9,7 @@ import sys
 
 from conftest import ROOT
 
-from placement import GiB
+from qwen_omni_server.local.placement import GiB
 
 
 def test_gpu_check_dry_run_prints_every_budgets_plan(tmp_path):

@@ -4,20 +4,20 @@ with a body it hands over chunk by chunk, so it can count how much of the body t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import gc
 import json
 import threading
 import time
 import weakref
 
-from PIL import Image
-
 import make_media
 from conftest import FakeEngine
-from multimodal_api import create_app
-from settings import Settings
+from PIL import Image
+
+from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.server import create_app
 
 CHUNK = 4096
 BOUNDARY = "limitsboundary"
@@ -161,9 +161,9 @@ def test_a_full_queue_is_refused_before_the_upload_is_read(tmp_path):
 
 def test_a_waiting_request_given_up_lets_go_of_its_decoded_media(tmp_path):
     """A job cancelled while it waits no longer holds its frames (the model thread reaches it later)."""
-    import deps
-    from generation import GenerationRequest
-    from model_worker import ModelWorker
+    from qwen_omni_server.api import admission as deps
+    from qwen_omni_server.core.types import GenerationRequest
+    from qwen_omni_server.core.worker import ModelWorker
 
     engine = BlockingEngine()
 
@@ -189,7 +189,7 @@ def test_a_waiting_request_given_up_lets_go_of_its_decoded_media(tmp_path):
 
 
 def test_decoding_runs_in_a_pool_of_decode_workers(tmp_path):
-    from deps import decode_off_loop
+    from qwen_omni_server.api.admission import decode_off_loop
 
     app = create_app(settings(tmp_path, decode_workers=2), engine=FakeEngine())
     running, peak, lock = [0], [0], threading.Lock()
@@ -234,7 +234,7 @@ def test_a_stream_whose_client_left_before_the_first_byte_queues_no_job(tmp_path
     gc.collect()
     engine.release.set()
     assert engine.requests == [] and not engine.started.is_set()  # nothing ran unattended
-    assert app.state.worker.stats()["waiting"] == 0  # and its place in the queue was given back
+    assert app.state.model.worker.stats()["waiting"] == 0  # and its place in the queue was given back
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:

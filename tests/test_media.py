@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 
+import make_media
 import numpy as np
 import pytest
 from PIL import Image
 
-import make_media
-import media
+from qwen_omni_server.core import media
 
 BIG = 10**9
 

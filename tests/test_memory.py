@@ -14,11 +14,13 @@ from accelerate import cpu_offload
 from conftest import tiny_settings
 from fastapi.testclient import TestClient
 
-from generation import GenerationRequest
-from modeling_low_vram import OmniEngine, cpu_dtype, load_config
-from multimodal_api import create_app
-from placement import GiB
-from residency import keep_last_logits, run_on_cpu, warm_up
+from qwen_omni_server.core.types import GenerationRequest
+from qwen_omni_server.local.devices import cpu_dtype
+from qwen_omni_server.local.engine import OmniEngine
+from qwen_omni_server.local.loading import load_config
+from qwen_omni_server.local.placement import GiB
+from qwen_omni_server.local.residency import keep_last_logits, run_on_cpu, warm_up
+from qwen_omni_server.server import create_app
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +215,7 @@ def test_out_of_memory_is_a_503_on_the_openai_api_too(failing_client):
 
 
 def test_cpu_budgets_left_at_their_defaults_are_lowered_to_finish_in_time(tiny_model_dir, engine):
-    from residency import cpu_budgets
+    from qwen_omni_server.local.devices import cpu_budgets
 
     hurried = tiny_settings(tiny_model_dir, request_timeout_seconds=1e-4, video_total_pixels=4096 * 784)
     updates, said = cpu_budgets(hurried, engine.model, torch.float32)
@@ -226,7 +228,7 @@ def test_cpu_budgets_left_at_their_defaults_are_lowered_to_finish_in_time(tiny_m
 
 def test_offloaded_weights_are_made_resident_too():
     """Weights behind accelerate's offload hooks are copied as well, each once (tied ones stay tied)."""
-    from residency import make_resident
+    from qwen_omni_server.local.residency import make_resident
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     model[1].weight = model[0].weight  # tied

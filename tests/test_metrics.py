@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import logging
 
+from conftest import upload
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import upload
-from middleware import JsonFormatter
+from qwen_omni_server.api.middleware import JsonFormatter
 
 
 def samples(client, **headers) -> dict:
@@ -65,7 +65,6 @@ def test_log_format_json_writes_one_object_per_line(tiny_model_dir, tmp_path):
     import subprocess
 
     import httpx
-
     from servers import start_server
 
     server, base = start_server(

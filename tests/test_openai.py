@@ -8,14 +8,14 @@ import json
 import time
 
 import httpx
+import make_media
 import openai
 import pytest
 import soundfile
-
-import make_media
 from conftest import ROOT, FakeEngine, serve
-from multimodal_api import create_app
-from settings import Settings
+
+from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.server import create_app
 
 
 def data_url(mime: str, data: bytes) -> str:

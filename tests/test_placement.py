@@ -11,12 +11,14 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, input_counts, tiny_settings, upload
 from fastapi.testclient import TestClient
-from modeling_low_vram import OmniEngine, load_config, planning_budgets, resolve_placement
-from multimodal_api import create_app
-from placement import (
+
+from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.local.devices import planning_budgets, resolve_placement
+from qwen_omni_server.local.engine import OmniEngine
+from qwen_omni_server.local.loading import load_config
+from qwen_omni_server.local.placement import (
     COMPONENTS,
     CPU,
     GPU,
@@ -32,7 +34,7 @@ from placement import (
     module_device_map,
     plan_placement,
 )
-from settings import Settings
+from qwen_omni_server.server import create_app
 
 CONFIGS = {
     "3b": ROOT / "configs" / "qwen2.5-omni-3b.config.json",

@@ -13,16 +13,24 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import ROOT, tiny_settings, upload
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
-
-import quantization
-from conftest import ROOT, tiny_settings, upload
-from generation import GenerationRequest
-from modeling_low_vram import OmniEngine, load_config
-from multimodal_api import create_app
-from placement import COMPONENT_PATHS, GiB, build_skeleton, component_sizes, find_component, plan_placement
 from servers import run_until_exit, start_server
+
+from qwen_omni_server.core.types import GenerationRequest
+from qwen_omni_server.local import quantization
+from qwen_omni_server.local.engine import OmniEngine
+from qwen_omni_server.local.loading import load_config
+from qwen_omni_server.local.placement import (
+    COMPONENT_PATHS,
+    GiB,
+    build_skeleton,
+    component_sizes,
+    find_component,
+    plan_placement,
+)
+from qwen_omni_server.server import create_app
 
 SCHEMES = ("int8", "nf4")
 CONFIGS = ROOT / "configs"  # the 3B and derived 7B architectures

@@ -19,18 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import av
+import make_media
 import numpy as np
 import pytest
 import torch
+from conftest import CORPUS, tiny_settings
 from fastapi.testclient import TestClient
 from PIL import Image
 from qwen_omni_utils import process_mm_info
 
-import make_media
-import media
-from conftest import CORPUS, tiny_settings
-from generation import GenerationRequest, GenerationResult, VideoInput
-from multimodal_api import create_app
+from qwen_omni_server.core import media
+from qwen_omni_server.core.types import GenerationRequest, GenerationResult, VideoInput
+from qwen_omni_server.server import create_app
 
 PHONE_VFR = CORPUS / "video" / "mp4_h264_aac_phone_rot180_vfr__fire2.mp4"
 NEW_TOKENS = 8
@@ -422,7 +422,7 @@ def test_image_budget_is_about_one_megapixel_not_the_official_twelve(tiny_engine
 def test_videos_in_one_request_share_the_slowest_real_rate():
     """The processor takes one rate: a 2 fps video next to a 1 fps one keeps every other frame; rates that
     cannot be matched by keeping every k-th frame are said in a warning, not silently mistimed."""
-    from prompts import common_rate
+    from qwen_omni_server.local.prompts import common_rate
 
     frames = [Image.new("RGB", (56, 56))] * 8
     matched, warnings = common_rate([VideoInput(frames, 2.0), VideoInput(frames, 1.0)])
@@ -469,7 +469,7 @@ class AlwaysSays(torch.nn.Module):
 
 def test_im_end_ends_the_answer_whatever_the_tokenizer_calls_eos(tiny_model_dir, tmp_path):
     """Item 3: a checkpoint whose tokenizer names <|endoftext|> as eos still stops at <|im_end|>."""
-    from modeling_low_vram import OmniEngine
+    from qwen_omni_server.local.engine import OmniEngine
 
     folder = checkpoint_copy(tiny_model_dir, tmp_path / "eos", tokenizer_config={"eos_token": "<|endoftext|>"})
     engine = OmniEngine.load(tiny_settings(folder))
@@ -484,7 +484,7 @@ def test_im_end_ends_the_answer_whatever_the_tokenizer_calls_eos(tiny_model_dir,
 def test_v1_samples_with_the_checkpoints_generation_config_when_the_client_sends_none(tiny_model_dir, tmp_path):
     """Item 4: with top_k=1 in the checkpoint's generation_config, an unset top_k samples from one token:
     every seed gives the greedy answer (at temperature 1 over the whole vocabulary they would differ)."""
-    from modeling_low_vram import OmniEngine
+    from qwen_omni_server.local.engine import OmniEngine
 
     sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 1}
     folder = checkpoint_copy(tiny_model_dir, tmp_path / "sampling", generation_config=sampling)

@@ -14,15 +14,15 @@ import urllib.parse
 
 import httpx
 import pytest
+from conftest import FakeEngine, serve, tiny_settings
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
-
-from conftest import FakeEngine, serve, tiny_settings
-from model_worker import ModelWorker
-from deps import run_generation
-from multimodal_api import create_app
 from servers import start_server
-from settings import Settings
+
+from qwen_omni_server.api.admission import run_generation
+from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.core.worker import ModelWorker
+from qwen_omni_server.server import create_app
 
 
 class BlockingEngine(FakeEngine):
@@ -98,7 +98,7 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(make_client):
     ]
     for thread in threads:
         thread.start()
-    worker = client.app.state.worker
+    worker = client.app.state.model.worker
     deadline = time.monotonic() + 10
     while worker.stats() != {"running": 1, "waiting": 1, "peak_running": 1} and time.monotonic() < deadline:
         time.sleep(0.01)  # until one runs and one waits
@@ -180,7 +180,7 @@ def test_a_client_that_leaves_while_waiting_frees_its_place(fake_engine):
 
 
 def _request(text: str):
-    from generation import GenerationRequest
+    from qwen_omni_server.core.types import GenerationRequest
 
     return GenerationRequest(text, None)
 

@@ -11,17 +11,17 @@ import threading
 import time
 
 import httpx
+import make_media
 import openai
 import pytest
-from fastapi.testclient import TestClient
-
-import make_media
-import media
 from conftest import CORPUS, FakeEngine, serve
-from generation import GenerationRequest, GenerationResult
-from multimodal_api import create_app
+from fastapi.testclient import TestClient
 from servers import free_port, start_server
-from settings import Settings
+
+from qwen_omni_server.core import media
+from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.core.types import GenerationRequest, GenerationResult
+from qwen_omni_server.server import create_app
 
 
 def upstream_env(model_dir) -> dict[str, str]:
@@ -205,6 +205,8 @@ def test_a_picture_cut_inside_goes_again_as_the_pixels_that_decoded(upstreams, f
 
 class UntilStopped(FakeEngine):
     """An engine whose generation runs until its request is stopped, and records what it was given."""
+
+    passes_files = True  # as the upstream engine it stands in for: pictures go on as they came
 
     def __init__(self) -> None:
         super().__init__()

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-import remote_media
-from settings import Settings
+from qwen_omni_server.api import media_urls as remote_media
+from qwen_omni_server.core.settings import Settings
 
 
 class Drip(http.server.BaseHTTPRequestHandler):

@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 from pydantic import ValidationError
 
-from conftest import ROOT
-from modeling_low_vram import resolve_placement
-from placement import COMPONENTS, ConfigError, parse_device_map
-from settings import Settings, load_settings
+from qwen_omni_server.core.settings import Settings, load_settings
+from qwen_omni_server.local.devices import resolve_placement
+from qwen_omni_server.local.placement import COMPONENTS, ConfigError, parse_device_map
 
 
 def test_every_setting_is_documented_in_env_example():

@@ -11,19 +11,20 @@ import urllib.parse
 from types import SimpleNamespace
 
 import httpx
+import make_media
 import numpy as np
 import openai
 import pytest
 import soundfile
 import torch
-
-import make_media
 from conftest import FakeEngine, serve, tiny_settings, upload
 from fastapi.testclient import TestClient
-from generation import GenerationRequest
-from modeling_low_vram import OFFICIAL_SYSTEM_PROMPT, OmniEngine
-from multimodal_api import create_app
-from speech import NO_SPEECH_WARNING, Codec, CodeStream, Token2Wav
+
+from qwen_omni_server.core.conversation import OFFICIAL_SYSTEM_PROMPT
+from qwen_omni_server.core.types import GenerationRequest
+from qwen_omni_server.local.engine import OmniEngine
+from qwen_omni_server.local.speech import NO_SPEECH_WARNING, Codec, CodeStream, Token2Wav
+from qwen_omni_server.server import create_app
 
 
 def decode_wav(data: bytes):

@@ -7,7 +7,6 @@ import os
 import subprocess
 
 import pytest
-
 from servers import run_until_exit
 
 

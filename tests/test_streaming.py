@@ -4,11 +4,11 @@ of the final answer, whatever the tokens split (multi-byte characters, stop stri
 from __future__ import annotations
 
 import pytest
+import tiny_model
 import torch
 
-import tiny_model
-from generation import cut_at_stop
-from streaming import TextDeltas
+from qwen_omni_server.core.types import cut_at_stop
+from qwen_omni_server.local.streaming import TextDeltas
 
 
 class CountingTokenizer:
@@ -82,7 +82,7 @@ def test_the_http_layer_imports_without_torch():
 
     script = (
         "import sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
-        "import generation, media, uploads, deps, middleware, openai_api, multimodal_api; print('ok')"
+        "import media, qwen_omni_server.server, qwen_omni_server.api.app, qwen_omni_server.upstream; print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

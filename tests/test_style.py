@@ -1,4 +1,5 @@
-"""The codebase keeps one format (ruff format, 120 columns) and has no unused or undefined names."""
+"""The codebase keeps one format (ruff format, 120 columns), has no unused or undefined names, and its type
+hints check (mypy)."""
 
 from __future__ import annotations
 
@@ -19,4 +20,10 @@ def test_code_is_formatted():
 
 def test_no_unused_or_undefined_names():
     result = ruff("check", "--select", "F,E9", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_type_hints_check():
+    """mypy (pinned in requirements-dev.txt, configured in pyproject.toml) finds no error in the package."""
+    result = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

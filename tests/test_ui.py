@@ -11,15 +11,15 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
-
 import make_media
+import pytest
 import torch
 from conftest import ROOT, serve, tiny_settings
-from modeling_low_vram import OmniEngine
-from multimodal_api import create_app
 from servers import free_port
-from speech import Codec
+
+from qwen_omni_server.local.engine import OmniEngine
+from qwen_omni_server.local.speech import Codec
+from qwen_omni_server.server import create_app
 
 UI_PYTHON = ROOT / ".venv-ui" / "bin" / "python"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -74,7 +74,7 @@ def ui(api, tmp_path_factory):
     log = tmp_path_factory.mktemp("ui") / "gradio.log"
     with log.open("w") as output:
         process = subprocess.Popen(
-            [str(UI_PYTHON), str(ROOT / "gradio_multimodal_app.py")], env=env, stdout=output, stderr=subprocess.STDOUT
+            [str(UI_PYTHON), "-m", "qwen_omni_server.ui"], env=env, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}/"
     try:

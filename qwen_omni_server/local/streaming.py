@@ -14,7 +14,7 @@ import torch
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from generation import cut_at_stop
+from qwen_omni_server.core.types import cut_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class TextDeltas(BaseStreamer):
     (incremental detokenization), and stop strings are searched only where a new one could end.
     """
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None], stop_strings: list[str]) -> None:
+    def __init__(self, tokenizer, on_text: Callable[[str], object], stop_strings: list[str]) -> None:
         self.tokenizer = tokenizer
         self.on_text = on_text
         self.stop_strings = [s for s in stop_strings if s]

@@ -293,7 +293,7 @@ def quantize_in_place(model: torch.nn.Module, scheme: str, dtype: torch.dtype, l
                     weight, requires_grad=False, compress_statistics=True, quant_type="nf4", module=layer
                 )._quantize(device)
             else:
-                layer = bnb.nn.Linear8bitLt(
+                layer = bnb.nn.Linear8bitLt(  # type: ignore[assignment] # the scheme picks the class
                     child.in_features, child.out_features, has_fp16_weights=False, threshold=INT8_THRESHOLD, **options
                 )
                 layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)._quantize(device)
@@ -344,7 +344,7 @@ def _self_test(scheme: str, device: str, dtype: torch.dtype) -> str | None:
         layer.weight = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False, quant_type="nf4")
     else:
         _quiet_int8_casts()
-        layer = bnb.nn.Linear8bitLt(128, 128, bias=False, has_fp16_weights=False)
+        layer = bnb.nn.Linear8bitLt(128, 128, bias=False, has_fp16_weights=False)  # type: ignore[assignment]
         layer.weight = bnb.nn.Int8Params(weight.to(dtype), requires_grad=False, has_fp16_weights=False)
     layer = layer.to(device)
     with torch.inference_mode():

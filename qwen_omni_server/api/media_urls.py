@@ -1,6 +1,7 @@
-"""Fetching a media URL for /v1, for the hosts MEDIA_URL_HOSTS lists, and nothing else.
+"""A media URL's bytes for /v1: a data URL's, or a remote URL's for the hosts MEDIA_URL_HOSTS lists and
+nothing else. Either way at most MAX_FILE_MB; the bytes then decode as an upload's do (`uploads.decode_file`).
 
-Bounded every way a remote host could abuse it: the host must be listed, the port allowed
+A remote fetch is bounded every way a remote host could abuse it: the host must be listed, the port allowed
 (MEDIA_URL_PORTS), the address actually connected to must be public (checked on the socket,
 after DNS, so a listed name that resolves, or rebinds, to loopback, link-local or a private
 range is refused unless MEDIA_URL_ALLOW_PRIVATE), no redirects, no proxies from the environment,
@@ -11,13 +12,16 @@ cannot hold the request).
 from __future__ import annotations
 
 import asyncio
+import binascii
 import ipaddress
 import urllib.parse
 
 import httpcore
 import httpx
+import pybase64
+from starlette.concurrency import run_in_threadpool
 
-from settings import Settings
+from qwen_omni_server.core.settings import Settings
 
 
 class FetchRefused(Exception):
@@ -125,3 +129,29 @@ async def fetch(url: str, settings: Settings) -> bytes:
         if cause is not None:
             raise cause from None
         raise FetchRefused(400, f"could not be fetched ({type(error).__name__})") from None
+
+
+def base64_bytes(payload: str, limit: int) -> bytes:
+    """A base64 payload's bytes; its size is judged from its length before anything is decoded."""
+    payload = payload.strip()
+    size = len(payload) * 3 // 4 - payload[-2:].count("=")
+    if size > limit:
+        raise FetchRefused(413, f"{size:,} bytes, over the limit of {limit:,} (MAX_FILE_MB)")
+    try:
+        return pybase64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise FetchRefused(400, "the data URL is not valid base64") from None
+
+
+async def read_url(url: str, settings: Settings) -> bytes:
+    """A data URL's bytes (base64 decoded in a worker thread), or a remote URL's (`fetch`). Raises FetchRefused."""
+    limit = settings.max_file_bytes
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if header.endswith(";base64"):
+            return await run_in_threadpool(base64_bytes, payload, limit)
+        data = urllib.parse.unquote_to_bytes(payload)
+        if len(data) > limit:
+            raise FetchRefused(413, f"over {limit:,} bytes (MAX_FILE_MB)")
+        return data
+    return await fetch(url, settings)

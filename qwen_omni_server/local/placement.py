@@ -20,12 +20,13 @@ import contextlib
 import importlib.util
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from quantization import dequantize_workspace_bytes, planning_scheme, quantized_parameter_bytes
+from qwen_omni_server.local.quantization import dequantize_workspace_bytes, planning_scheme, quantized_parameter_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +267,7 @@ def component_sizes(
 
 def _decoder_layers(skeleton: torch.nn.Module) -> torch.nn.ModuleList:
     path = find_component(skeleton, "language_model")
+    assert path is not None, "a Qwen2.5-Omni has a language model"
     return next(c for c in skeleton.get_submodule(path).children() if isinstance(c, torch.nn.ModuleList))
 
 
@@ -429,6 +431,44 @@ def _peak_activations(acts: dict[str, int], placement: dict[str, str], on_gpu_si
     return max(phases)
 
 
+def _component_cost(
+    name: str,
+    size: ComponentSize,
+    device: str,
+    config,
+    layer: ComponentSize | None,
+    gpu_layers: int | None,
+    host_layer_bytes: int | None,
+) -> Cost:
+    """What one component costs where it is placed: bytes on the GPU and the host, and over PCIe."""
+    if device == SPLIT:
+        assert layer is not None and gpu_layers is not None, "a split needs the layer's size and the GPU's layers"
+        layers = _layer_count(config)
+        # bitsandbytes leaves the layers on the CPU unquantized: they are held and moved in `dtype`.
+        cpu_bytes = (layers - gpu_layers) * (host_layer_bytes or layer.bytes)
+        seconds = cpu_bytes / PCIE_BYTES_PER_SECOND
+        return Cost(
+            device,
+            size.bytes - (layers - gpu_layers) * layer.bytes,
+            cpu_bytes,
+            moved_per_token=cpu_bytes,
+            slow=f"{layers - gpu_layers} of {layers} layers cross PCIe every token (~{seconds:.2f} s/token)",
+        )
+    if device == OFFLOAD:
+        cost = Cost(device, 0, size.bytes)
+        if name in ("language_model", "lm_head", "talker"):  # used for every token
+            cost.moved_per_token = size.bytes
+            cost.slow = f"its weights cross PCIe every token (~{size.bytes / PCIE_BYTES_PER_SECOND:.2f} s/token)"
+        else:
+            cost.moved_per_request = size.bytes * (TOKEN2WAV_DIT_CALLS if name == "token2wav" else 1)
+            seconds = cost.moved_per_request / PCIE_BYTES_PER_SECOND
+            cost.slow = f"~{seconds:.1f} s over PCIe per request" if seconds >= 1 else ""
+        return cost
+    if runs_on_gpu(device):
+        return Cost(device, size.bytes, 0)
+    return Cost(device, 0, size.bytes)
+
+
 def evaluate_placement(
     config,
     sizes: dict[str, ComponentSize],
@@ -447,37 +487,10 @@ def evaluate_placement(
     and offloads the rest: their weights cross PCIe for every token."""
     audio_output = "talker" in placement
     acts = activation_bytes(config, budgets, dtype, audio_output)
-    costs: dict[str, Cost] = {}
-    for name, size in sizes.items():
-        device = placement[name]
-        if device == SPLIT:
-            layers = _layer_count(config)
-            # bitsandbytes leaves the layers on the CPU unquantized: they are held and moved in `dtype`.
-            cpu_bytes = (layers - gpu_layers) * (host_layer_bytes or layer.bytes)
-            seconds = cpu_bytes / PCIE_BYTES_PER_SECOND
-            costs[name] = Cost(
-                device,
-                size.bytes - (layers - gpu_layers) * layer.bytes,
-                cpu_bytes,
-                moved_per_token=cpu_bytes,
-                slow=f"{layers - gpu_layers} of {layers} layers cross PCIe every token (~{seconds:.2f} s/token)",
-            )
-        elif device == OFFLOAD:
-            per_token = name in ("language_model", "lm_head", "talker")
-            calls = TOKEN2WAV_DIT_CALLS if name == "token2wav" else 1
-            cost = Cost(device, 0, size.bytes)
-            if per_token:
-                cost.moved_per_token = size.bytes
-                cost.slow = f"its weights cross PCIe every token (~{size.bytes / PCIE_BYTES_PER_SECOND:.2f} s/token)"
-            else:
-                cost.moved_per_request = size.bytes * calls
-                seconds = cost.moved_per_request / PCIE_BYTES_PER_SECOND
-                cost.slow = f"~{seconds:.1f} s over PCIe per request" if seconds >= 1 else ""
-            costs[name] = cost
-        elif runs_on_gpu(device):
-            costs[name] = Cost(device, size.bytes, 0)
-        else:
-            costs[name] = Cost(device, 0, size.bytes)
+    costs = {
+        name: _component_cost(name, size, placement[name], config, layer, gpu_layers, host_layer_bytes)
+        for name, size in sizes.items()
+    }
     gpu_used = any(runs_on_gpu(d) for d in placement.values())
     if gpu_used:
         for name in ("visual", "audio_tower", "language_model", "talker", "token2wav"):
@@ -572,7 +585,13 @@ def plan_placement(
 
     if placement is not None:  # cost this placement (`gpu_layers` on the GPU when the language model is split)
         return cost({c: placement[c] for c in sizes}, gpu_layers if placement.get("language_model") == SPLIT else None)
-    chosen = dict.fromkeys(sizes, GPU)
+    return _fit(cost, list(sizes), _layer_count(config))
+
+
+def _fit(cost: Callable[..., Plan], components: list[str], layers: int) -> Plan:
+    """Everything on the GPU; then, while it does not fit, the moves of FIT_STEPS in order; then the language
+    model split, as many decoder layers on the GPU as fit."""
+    chosen = dict.fromkeys(components, GPU)
     plan = cost(chosen)
     for component, mode in FIT_STEPS:
         if plan.fits:
@@ -583,11 +602,11 @@ def plan_placement(
     if plan.fits:
         return plan
     chosen["language_model"] = SPLIT
-    for gpu_layers in range(_layer_count(config) - 1, -1, -1):
+    for gpu_layers in range(layers - 1, -1, -1):
         plan = cost(chosen, gpu_layers)
         if plan.fits:
             plan.notes.append(
-                f"the language model does not fit whole: {gpu_layers} of {_layer_count(config)} decoder layers on "
+                f"the language model does not fit whole: {gpu_layers} of {layers} decoder layers on "
                 "the GPU, the rest offloaded (their weights cross PCIe for every token: slow)"
             )
             return plan

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from generation import GenerationRequest, OutOfMemory
+from qwen_omni_server.core.errors import OutOfMemory
+from qwen_omni_server.core.types import GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -181,50 +182,3 @@ def recovers_from_out_of_memory(generate: Callable) -> Callable:
         )
 
     return guarded
-
-
-# ---------------------------------------------------------------- the CPU's pace
-
-
-def cpu_matmul_flops(dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """Measured multiply-add throughput of this CPU in `dtype` (FLOP/s), on a decoder-sized product."""
-    a = torch.randn(256, 2048).to(dtype)
-    b = torch.randn(2048, 2048).to(dtype)
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    with torch.inference_mode():
-        while time.perf_counter() < deadline or best == float("inf"):
-            started = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - started)
-    return 2 * 256 * 2048 * 2048 / best
-
-
-def cpu_image_seconds(model: torch.nn.Module, pixels: int, flops: float) -> float:
-    """About how long the CPU takes to encode one image of `pixels` and read it into the thinker
-    (two FLOPs per weight per patch in the vision encoder, per token in the language model)."""
-    thinker = model.thinker
-    patches = pixels / 14**2
-    vision = sum(p.numel() for p in thinker.model.visual.parameters())
-    language = sum(p.numel() for p in thinker.model.language_model.layers.parameters())
-    return (2 * vision * patches + 2 * language * patches / 4) / flops
-
-
-def cpu_budgets(settings, model: torch.nn.Module, dtype: torch.dtype) -> tuple[dict[str, int], str]:
-    """What an image and a video cost on this CPU at the current budgets, and, for budgets left at
-    their defaults, smaller ones that finish within half of REQUEST_TIMEOUT_SECONDS."""
-    flops = cpu_matmul_flops(dtype)
-    limit = settings.request_timeout_seconds / 2
-    updates: dict[str, int] = {}
-    said = [f"the CPU multiplies {str(dtype).removeprefix('torch.')} at {flops / 1e9:.0f} GFLOP/s"]
-    for name in ("image_max_pixels", "video_total_pixels"):
-        pixels = getattr(settings, name)
-        seconds = cpu_image_seconds(model, pixels, flops)
-        said.append(f"{name.upper()}={pixels} costs about {seconds:.0f} s")
-        if seconds > limit:
-            fitted = max(28 * 28, int(pixels * limit / seconds) // (28 * 28) * (28 * 28))
-            if name in settings.model_fields_set:
-                said.append(f"over half of REQUEST_TIMEOUT_SECONDS={settings.request_timeout_seconds:g}: set {fitted}")
-            else:
-                updates[name] = fitted
-                said.append(f"lowered to {fitted} to finish within REQUEST_TIMEOUT_SECONDS")
-    return updates, "; ".join(said)

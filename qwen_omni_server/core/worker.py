@@ -1,4 +1,5 @@
-"""The single thread that owns the model, with a bounded wait queue."""
+"""The worker that runs an engine's jobs off the event loop: its threads (one owns a local model) and a bounded
+wait queue."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
+from qwen_omni_server.core.errors import QueueFull
+
 T = TypeVar("T")
-
-
-class QueueFull(RuntimeError):
-    """More requests are waiting for the model than MAX_WAITING_REQUESTS allows."""
 
 
 class ModelWorker:

@@ -73,19 +73,24 @@ class MediaTooLarge(MediaError):
 
 
 def rewind(source: Source) -> Source:
-    if hasattr(source, "seek"):
+    if not isinstance(source, str | os.PathLike):
         source.seek(0)
     return source
 
 
+def read_bytes(source: Source, size: int = -1) -> bytes:
+    """The file's first `size` bytes (all of them by default); a file object is read from its start."""
+    if isinstance(source, str | os.PathLike):
+        with open(source, "rb") as handle:
+            return handle.read(size)
+    source.seek(0)
+    return source.read(size)
+
+
 def read_head(source: Source, size: int = 64) -> bytes:
-    if hasattr(source, "read"):
-        source.seek(0)
-        data = source.read(size)
-        source.seek(0)
-        return data
-    with open(source, "rb") as handle:
-        return handle.read(size)
+    data = read_bytes(source, size)
+    rewind(source)
+    return data
 
 
 def av_open(source: Source) -> av.container.InputContainer:
@@ -165,7 +170,7 @@ def mp4_is_encrypted(source: Source) -> bool:
 
     The container may be reading the same file object: its position is restored afterwards.
     """
-    handle = source if hasattr(source, "read") else open(source, "rb")  # noqa: SIM115 - closed below
+    handle: BinaryIO = open(source, "rb") if isinstance(source, str | os.PathLike) else source  # noqa: SIM115
     reading_at = handle.tell()
     try:
         handle.seek(0, os.SEEK_END)

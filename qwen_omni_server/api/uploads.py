@@ -1,28 +1,40 @@
 """Uploaded files to model inputs: limits, decoding through media.py, and errors that name the file.
 
-HTTP glue around `media.py`: it knows FastAPI's UploadFile and turns MediaErrors into
-HTTPExceptions whose message starts with the field and file (`videos[0] 'clip.mp4': ...`).
+HTTP glue around `media.py`: it knows FastAPI's UploadFile and answers a MediaError with the error whose
+message starts with the field and file (`videos[0] 'clip.mp4': ...`). A /v1 media part's bytes decode
+through the same `decode_file`. An engine that passes files on (`Engine.passes_files`) gets pictures that
+can go as they came as `PictureFile`s, and each video's file with its frames.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, BinaryIO
 
-from fastapi import HTTPException, Request, UploadFile
-from starlette.datastructures import FormData
-from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
+from fastapi import Request
 from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
-import media
-from generation import VideoInput
-from settings import Settings
+from qwen_omni_server.api.errors import ApiError, api_error
+from qwen_omni_server.core import media
+from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.core.types import VideoInput
 
 logger = logging.getLogger("multimodal_api")
 
-MEDIA_STATUS = {media.UnsupportedMedia: 415, media.UndecodableMedia: 400, media.MediaTooLarge: 413}
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How a request's files are decoded: videos turned into their last frame and sound track (/multimodal's
+    extract_video_frame / extract_video_audio), and files kept for an engine that passes them on."""
+
+    extract_video_audio: bool = False
+    extract_video_frame: bool = False
+    passes_files: bool = False
 
 
 @dataclass
@@ -67,20 +79,20 @@ class _LimitedMultiPartParser(MultiPartParser):
         part = self._current_part
         name = part.field_name
         if name not in self.fields:
-            raise HTTPException(422, f"unknown form field(s) {[name]}; accepted: {', '.join(sorted(self.fields))}")
+            raise ApiError(422, f"unknown form field(s) {[name]}; accepted: {', '.join(sorted(self.fields))}")
         if part.file is None:
             if name in self.file_fields:
-                raise HTTPException(422, f"{name}: expected a file upload, got a plain value")
+                raise ApiError(422, f"{name}: expected a file upload, got a plain value")
             return
         if name not in self.file_fields:
-            raise HTTPException(422, f"{name}: expected a value, got a file upload")
+            raise ApiError(422, f"{name}: expected a value, got a file upload")
         index = self.files_seen.get(name, 0)
         self.part_bytes = 0
         self.part_label = _label(name, index, filename=part.file.filename)
         if part.file.filename:  # browsers send an empty, nameless part for a file input left empty
             self.files_seen[name] = index + 1
             if index + 1 > self.settings.max_files_per_field:
-                raise HTTPException(
+                raise ApiError(
                     413,
                     f"{name}: more than {self.settings.max_files_per_field} files; at most "
                     f"{self.settings.max_files_per_field} are accepted (MAX_FILES_PER_FIELD)",
@@ -90,7 +102,7 @@ class _LimitedMultiPartParser(MultiPartParser):
         if self._current_part.file is not None:
             self.part_bytes += end - start
             if self.part_bytes > self.settings.max_file_bytes:
-                raise HTTPException(
+                raise ApiError(
                     413,
                     f"{self.part_label}: over the limit of {self.settings.max_file_bytes:,} bytes (MAX_FILE_MB); "
                     f"refused at byte {self.part_bytes:,}",
@@ -104,7 +116,7 @@ async def read_form(request: Request, settings: Settings, fields: set[str], file
     temporary files: close them (`close_form`)."""
     content_type, _ = parse_options_header(request.headers.get("content-type", ""))
     if content_type not in (b"", b"multipart/form-data", b"application/x-www-form-urlencoded"):
-        raise HTTPException(
+        raise ApiError(
             415,
             f"the body is {content_type.decode('latin-1')}, but this route takes a multipart form "
             "(curl -F text=... -F images=@file); for JSON, use POST /v1/chat/completions",
@@ -116,12 +128,12 @@ async def read_form(request: Request, settings: Settings, fields: set[str], file
             form = await FormParser(request.headers, request.stream(), max_fields=len(fields) * 4).parse()
             unknown = sorted(set(form.keys()) - fields)
             if unknown:
-                raise HTTPException(422, f"unknown form field(s) {unknown}; accepted: {', '.join(sorted(fields))}")
+                raise ApiError(422, f"unknown form field(s) {unknown}; accepted: {', '.join(sorted(fields))}")
             for name in sorted(file_fields & set(form.keys())):
-                raise HTTPException(422, f"{name}: expected a file upload, got a plain value")
+                raise ApiError(422, f"{name}: expected a file upload, got a plain value")
             return form
     except MultiPartException as error:
-        raise HTTPException(400, f"the form could not be read: {error.message}") from None
+        raise ApiError(400, f"the form could not be read: {error.message}") from None
     return FormData()
 
 
@@ -135,52 +147,50 @@ async def close_form(form: FormData | None) -> None:
 def decode_uploads(
     settings: Settings,
     uploads: dict[str, list[UploadFile]],
-    extract_video_audio: bool,
-    extract_video_frame: bool,
+    options: DecodeOptions,
 ) -> MediaInputs:
-    """Decode every upload (runs in a worker thread). Raises HTTPException naming the bad file."""
-    s = settings
+    """Decode every upload (runs in a worker thread). Raises ApiError naming the bad file."""
     out = MediaInputs()
     for field_name, files in uploads.items():
         for index, upload in enumerate(files):
             label = _label(field_name, index, upload)
             with _naming(label):
-                _decode_one(s, field_name, upload.file, out, label, extract_video_audio, extract_video_frame)
+                _decode_one(settings, field_name, upload.file, out, label, options)
     return out
 
 
 @contextlib.contextmanager
 def _naming(label: str) -> Iterator[None]:
-    """A decoding failure as the HTTPException that names the file."""
+    """A decoding failure as the error that names the file."""
     try:
         yield
     except media.MediaError as error:
-        raise HTTPException(MEDIA_STATUS[type(error)], f"{label}: {error}") from None
+        raise api_error(error, prefix=label) from None
     except Exception:  # noqa: BLE001 - a decoder failure we did not foresee is still the file's fault
         logger.exception("unexpected error decoding %s", label)
-        raise HTTPException(400, f"{label}: could not be decoded") from None
+        raise ApiError(400, f"{label}: could not be decoded") from None
 
 
 def _decode_one(
-    s: Settings, field_name: str, source, out: MediaInputs, label: str, extract_audio: bool, extract_frame: bool
+    s: Settings, field_name: str, source: BinaryIO, out: MediaInputs, label: str, options: DecodeOptions
 ) -> None:
     timeout = s.decode_timeout_seconds
     if field_name in ("images", "audios"):
-        value, warnings = decode_media(field_name[:-1], source, s)
+        value, warnings = decode_file(field_name[:-1], source, s, options.passes_files)
         (out.images if field_name == "images" else out.audios).append(value)
         if isinstance(value, media.PictureFile):
             out.pictures.append((label, value))
         out.warnings += [f"{label}: {w}" for w in warnings]
         return
     converted = False
-    if extract_frame:
+    if options.extract_video_frame:
         out.images.append(
             media.extract_last_frame(
                 source, max_seconds=s.max_video_seconds, timeout=timeout, max_pixels=s.max_image_pixels
             )
         )
         converted = True
-    if extract_audio:
+    if options.extract_video_audio:
         track = media.extract_audio_track(source, max_seconds=s.max_audio_seconds, timeout=timeout)
         if track is None:
             out.warnings.append(f"{label}: has no audio track, so no audio was extracted")
@@ -190,21 +200,21 @@ def _decode_one(
             converted = True
     if converted:
         return
-    if extract_audio:
+    if options.extract_video_audio:
         out.warnings.append(f"{label}: sent whole as a video instead")
-    video, warnings = decode_media("video", source, s)
+    video, warnings = decode_file("video", source, s, options.passes_files)
     out.videos.append(video)
     out.warnings += [f"{label}: {w}" for w in warnings]
 
 
-def decode_media(kind: str, source, s: Settings) -> tuple[Any, list[str]]:
+def decode_file(kind: str, source: BinaryIO, s: Settings, passes_files: bool = False) -> tuple[Any, list[str]]:
     """One image, audio or video (as video, with its own audio track) decoded within the settings' limits,
     and the decoder's warnings (what a damaged file still yielded). Raises media.MediaError.
 
-    With ENGINE=openai, an image the upstream can take as it came stays a `media.PictureFile`, checked from
-    its header only: it goes upstream at once and is decoded in full meanwhile (`check_pictures`)."""
+    For an engine that passes files on, an image that can go as it came stays a `media.PictureFile`, checked
+    from its header only: it goes on at once and is decoded in full meanwhile (`check_pictures`)."""
     if kind == "image":
-        if s.engine == "openai" and (picture := media.picture_file(source, max_pixels=s.max_image_pixels)):
+        if passes_files and (picture := media.picture_file(source, max_pixels=s.max_image_pixels)):
             return picture, []
         image = media.load_image(source, max_pixels=s.max_image_pixels)
         return image.image, image.warnings
@@ -221,13 +231,13 @@ def decode_media(kind: str, source, s: Settings) -> tuple[Any, list[str]]:
         timeout=s.decode_timeout_seconds,
         max_image_pixels=s.max_image_pixels,
     )
-    source = media.rewind(source).read() if s.engine == "openai" else None  # upstreams decode the file again
-    return VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None, source), video.warnings
+    kept = media.read_bytes(source) if passes_files else None  # an engine that passes files on sends it whole
+    return VideoInput(video.frames, video.fps, video.audio.samples if video.audio else None, kept), video.warnings
 
 
 def check_pictures(settings: Settings, pictures: list[tuple[str, media.PictureFile]]) -> dict:
     """Decode in full each picture that went upstream as it came, as any upload is decoded (runs in a worker
-    thread). Raises HTTPException naming a file that does not decode; returns those that decoded only in
+    thread). Raises ApiError naming a file that does not decode; returns those that decoded only in
     part (a cut file recovered) as {picture: (label, DecodedImage)}: they must go again as their pixels."""
     recovered = {}
     for label, picture in pictures:
@@ -244,19 +254,19 @@ def check_uploads(settings: Settings, uploads: dict[str, list[UploadFile]]) -> d
     for field_name, files in uploads.items():
         files = [f for f in files if f.filename or (f.size or 0) > 0]
         if len(files) > settings.max_files_per_field:
-            raise HTTPException(
+            raise ApiError(
                 413,
                 f"{field_name}: {len(files)} files, at most {settings.max_files_per_field} "
                 "are accepted (MAX_FILES_PER_FIELD)",
             )
         for index, upload in enumerate(files):
             if (upload.size or 0) > settings.max_file_bytes:
-                raise HTTPException(
+                raise ApiError(
                     413,
                     f"{_label(field_name, index, upload)}: {upload.size:,} bytes, over the "
                     f"limit of {settings.max_file_bytes:,} (MAX_FILE_MB)",
                 )
             if upload.size == 0:
-                raise HTTPException(400, f"{_label(field_name, index, upload)}: the file is empty")
+                raise ApiError(400, f"{_label(field_name, index, upload)}: the file is empty")
         checked[field_name] = files
     return checked

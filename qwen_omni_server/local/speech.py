@@ -30,7 +30,7 @@ from transformers import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import RungeKutta4ODESolver
 
-from streaming import StopWhenSet
+from qwen_omni_server.local.streaming import StopWhenSet
 
 # The wrapper's (Qwen2_5OmniForConditionalGeneration.generate) defaults for the talker and token2wav.
 TALKER_SAMPLING = {"do_sample": True, "top_k": 40, "top_p": 0.8, "temperature": 0.9, "repetition_penalty": 1.05}
@@ -303,7 +303,7 @@ class Token2Wav:
         return self.vocode(self.mel(codes, 0, len(codes) * self.repeats))
 
     def chunked(
-        self, chunk_blocks: int, on_audio: Callable[[np.ndarray], None], stop: threading.Event | None = None
+        self, chunk_blocks: int, on_audio: Callable[[np.ndarray], object], stop: threading.Event | None = None
     ) -> Chunked:
         return Chunked(self, chunk_blocks * self.block, on_audio, stop or self.stop)
 
@@ -313,7 +313,7 @@ class Chunked:
     of mel vocoded once BigVGAN's reach past it is known; `on_audio` receives the samples in order."""
 
     def __init__(
-        self, synthesis: Token2Wav, chunk_frames: int, on_audio: Callable[[np.ndarray], None], stop: threading.Event
+        self, synthesis: Token2Wav, chunk_frames: int, on_audio: Callable[[np.ndarray], object], stop: threading.Event
     ) -> None:
         self.t2w, self.chunk, self.on_audio, self.stop = synthesis, chunk_frames, on_audio, stop
         self.codes: list[int] = []

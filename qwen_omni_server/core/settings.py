@@ -1,28 +1,34 @@
-"""Every setting of the server, read from the environment and `.env` (see `.env.example`)."""
+"""Every setting of the server, read from the environment and `.env` (see `.env.example`).
+
+One pydantic-settings class, `Settings`, made of sections (model, speech, engine, HTTP, media URLs,
+generation, upload limits, vision budgets, logging): each field is an environment variable of the same
+name in upper case, typed, bounded and described; the README's table and `.env.example` are generated
+from it (`scripts/document_settings.py`).
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+PATCH = 28 * 28  # pixels per visual token
 
 
-class Settings(BaseSettings):
-    """Server settings. Each field is an environment variable of the same name in upper case."""
+class ModelSettings(BaseModel):
+    """Model and placement"""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
-
-    # Model and placement
     model_path: str = Field(
         "Qwen/Qwen2.5-Omni-3B",
+        min_length=1,
         description="Local folder or Hugging Face hub id of a Qwen2.5-Omni checkpoint (3B or 7B).",
     )
     device_map: str = Field(
         "auto",
+        min_length=1,
         description="Where each component runs: 'auto' (planned for the GPU's memory; cpu without a GPU), 'gpu', "
         "'low-vram' (encoders offloaded: weights in RAM, run on the GPU), 'low-vram-cpu' (encoders run on the "
         "CPU), 'cpu', or a JSON object mapping components (language_model, lm_head, visual, audio_tower, talker, "
@@ -42,7 +48,7 @@ class Settings(BaseSettings):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 only where installed (falls back to sdpa)."
     )
-    gpu_device: str = Field("cuda", description="The GPU the presets' GPU side uses (cuda, cuda:1…).")
+    gpu_device: str = Field("cuda", min_length=1, description="The GPU the presets' GPU side uses (cuda, cuda:1…).")
     gpu_memory_gib: float = Field(
         0, ge=0, le=4096, description="GPU memory DEVICE_MAP=auto may plan for, in GiB; 0 uses what is free."
     )
@@ -50,6 +56,12 @@ class Settings(BaseSettings):
         8192, ge=256, le=131072, description="Longest prompt plus answer the memory plan reserves room for."
     )
     empty_cuda_cache: bool = Field(False, description="Return cached CUDA memory to the driver after each request.")
+    cpu_threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 keeps torch's default.")
+
+
+class SpeechSettings(BaseModel):
+    """Speech output"""
+
     enable_audio_output: bool = Field(
         False, description="Load the talker and token2wav (about 2.4 GiB for 3B) so answers can be spoken."
     )
@@ -63,9 +75,11 @@ class Settings(BaseSettings):
         description="Streamed speech: token2wav makes audio in chunks of this many DiT blocks (24 mel frames, "
         "0.48 s of speech each); fewer starts the voice sooner, more costs less per second of speech.",
     )
-    cpu_threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 keeps torch's default.")
 
-    # Engine: the model in this process, or OpenAI-compatible upstreams (vLLM) behind this server
+
+class UpstreamSettings(BaseModel):
+    """Engine (this process, or upstream servers: see Scaling out)"""
+
     engine: Literal["local", "openai"] = Field(
         "local",
         description="'local' runs MODEL_PATH in this process; 'openai' decodes and checks media here and sends "
@@ -73,6 +87,7 @@ class Settings(BaseSettings):
     )
     engine_urls: list[str] = Field(
         [],
+        max_length=64,
         description="With ENGINE=openai: the upstreams' OpenAI-compatible base URLs, as JSON "
         '(["http://gpu-1:8000/v1", "http://gpu-2:8000/v1"]); each request goes to the least busy one.',
     )
@@ -83,10 +98,26 @@ class Settings(BaseSettings):
         None, description="With ENGINE=openai: the model name sent upstream; unset, each upstream's own /v1/models."
     )
 
-    # HTTP
-    host: str = Field("0.0.0.0", description="Address to listen on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    @field_validator("engine_urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise ValueError(f"{url!r} is not an http(s) URL such as http://gpu-1:8000/v1")
+        return [url.rstrip("/") for url in urls]
 
+    @model_validator(mode="after")
+    def _engine_has_upstreams(self) -> Any:
+        if self.engine == "openai" and not self.engine_urls:
+            raise ValueError('ENGINE=openai needs ENGINE_URLS, e.g. ["http://gpu-1:8000/v1"]')
+        return self
+
+
+class HttpSettings(BaseModel):
+    """HTTP"""
+
+    host: str = Field("0.0.0.0", min_length=1, description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_key: str | None = Field(
         None,
         min_length=8,
@@ -94,11 +125,28 @@ class Settings(BaseSettings):
     )
     cors_origins: list[str] = Field(
         [],
+        max_length=256,
         description='Origins allowed to call the API from a browser, as JSON (["https://example.org"]); '
         "none by default.",
     )
+    max_waiting_requests: int = Field(
+        32, ge=0, le=10_000, description="Requests that may wait for the model; more get 503 with Retry-After."
+    )
+    request_timeout_seconds: float = Field(
+        600, gt=0, le=86_400, description="Longest a request may wait and generate before a 504 (the run is stopped)."
+    )
+    decode_workers: int = Field(
+        2, ge=1, le=64, description="Uploads decoded at once; more wait their turn (bounds CPU and memory)."
+    )
+    metrics_public: bool = Field(False, description="Serve GET /metrics without the API key (when API_KEY is set).")
+
+
+class MediaUrlSettings(BaseModel):
+    """Media URLs (/v1 `image_url`, `audio_url`, `video_url` that are not data URLs)"""
+
     media_url_hosts: list[str] = Field(
         [],
+        max_length=1024,
         description='Hosts whose http(s) media URLs /v1 may fetch, as JSON (["media.example.org"]); none by default.',
     )
     media_url_timeout_seconds: float = Field(
@@ -112,18 +160,11 @@ class Settings(BaseSettings):
         description="Let media URLs reach loopback, link-local and private addresses (checked on the address "
         "actually connected to); off by default.",
     )
-    max_waiting_requests: int = Field(
-        32, ge=0, le=10_000, description="Requests that may wait for the model; more get 503 with Retry-After."
-    )
-    request_timeout_seconds: float = Field(
-        600, gt=0, le=86_400, description="Longest a request may wait and generate before a 504 (the run is stopped)."
-    )
-    decode_workers: int = Field(
-        2, ge=1, le=64, description="Uploads decoded at once; more wait their turn (bounds CPU and memory)."
-    )
-    metrics_public: bool = Field(False, description="Serve GET /metrics without the API key (when API_KEY is set).")
 
-    # Generation
+
+class GenerationSettings(BaseModel):
+    """Generation"""
+
     default_system_prompt: str = Field(
         "You are a helpful assistant.",
         max_length=20_000,
@@ -131,60 +172,37 @@ class Settings(BaseSettings):
     )
     default_max_new_tokens: int = Field(512, ge=1, le=32768, description="max_new_tokens when a request sends none.")
     max_new_tokens_limit: int = Field(2048, ge=1, le=32768, description="Largest max_new_tokens a request may ask for.")
-    max_text_chars: int = Field(100_000, ge=1, description="Longest text or system_prompt a request may send.")
+    max_text_chars: int = Field(
+        100_000, ge=1, le=10_000_000, description="Longest text or system_prompt a request may send."
+    )
 
-    # Upload limits
-    max_file_mb: float = Field(512, gt=0, description="Largest single uploaded file, in MiB.")
-    max_request_mb: float = Field(1024, gt=0, description="Largest request body, in MiB, counted as it arrives.")
+
+class LimitSettings(BaseModel):
+    """Upload limits (each enforced with a clear 4xx)"""
+
+    max_file_mb: float = Field(512, gt=0, le=65_536, description="Largest single uploaded file, in MiB.")
+    max_request_mb: float = Field(
+        1024, gt=0, le=65_536, description="Largest request body, in MiB, counted as it arrives."
+    )
     body_timeout_seconds: float = Field(
         300, gt=0, le=86_400, description="Longest a request body may take to arrive (a slow-drip client gets 408)."
     )
     max_files_per_field: int = Field(8, ge=1, le=1000, description="Most files in each of images/audios/videos.")
     max_image_pixels: int = Field(
-        50_000_000, ge=1, description="Largest image (width x height) decoded; larger ones are refused unread."
+        50_000_000,
+        ge=1,
+        le=1_000_000_000,
+        description="Largest image (width x height) decoded; larger ones are refused unread.",
     )
     max_audio_seconds: float = Field(
         300, gt=0, le=300, description="Longest audio input, in seconds (the model's audio window is 300 s)."
     )
-    max_video_seconds: float = Field(1800, gt=0, description="Longest video, in seconds, judged by decoded timestamps.")
+    max_video_seconds: float = Field(
+        1800, gt=0, le=86_400, description="Longest video, in seconds, judged by decoded timestamps."
+    )
     decode_timeout_seconds: float = Field(
         120, gt=0, le=3600, description="Longest time one file may take to decode before it is refused."
     )
-
-    # Vision budgets (what reaches qwen-omni-utils and the processor)
-    image_min_pixels: int = Field(4 * 28 * 28, ge=28 * 28, description="Smallest image after resizing, in pixels.")
-    image_max_pixels: int = Field(
-        1280 * 28 * 28, ge=28 * 28, description="Largest image after resizing, in pixels (one token per 28x28)."
-    )
-    video_fps: float = Field(2.0, gt=0, le=30, description="Frames sampled per second of video.")
-    video_max_frames: int = Field(64, ge=2, le=768, description="Most frames sampled from one video.")
-    video_min_pixels: int = Field(128 * 28 * 28, ge=28 * 28, description="Smallest video frame after resizing.")
-    video_max_pixels: int = Field(768 * 28 * 28, ge=28 * 28, description="Largest video frame after resizing.")
-    video_total_pixels: int = Field(
-        4096 * 28 * 28, ge=28 * 28, description="Pixel budget shared by all frames of one video (tokens x 784)."
-    )
-    max_pixels_ceiling: int = Field(
-        16384 * 28 * 28, ge=28 * 28, description="Most pixels per image or frame a request's max_pixels may ask for."
-    )
-
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
-    log_format: Literal["text", "json"] = Field(
-        "text", description="Log lines as text, or as one JSON object each (for log collectors)."
-    )
-
-    @field_validator("engine_urls")
-    @classmethod
-    def _http_urls(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            if not re.match(r"^https?://[^/\s]+", url):
-                raise ValueError(f"{url!r} is not an http(s) URL such as http://gpu-1:8000/v1")
-        return [url.rstrip("/") for url in urls]
-
-    @model_validator(mode="after")
-    def _engine_has_upstreams(self) -> Settings:
-        if self.engine == "openai" and not self.engine_urls:
-            raise ValueError('ENGINE=openai needs ENGINE_URLS, e.g. ["http://gpu-1:8000/v1"]')
-        return self
 
     @property
     def max_file_bytes(self) -> int:
@@ -195,7 +213,81 @@ class Settings(BaseSettings):
         return int(self.max_request_mb * MiB)
 
 
-def load_settings(**overrides) -> Settings:
+class BudgetSettings(BaseModel):
+    """Vision budgets (one visual token per 28x28 pixels)"""
+
+    image_min_pixels: int = Field(
+        4 * PATCH, ge=PATCH, le=16384 * PATCH, description="Smallest image after resizing, in pixels."
+    )
+    image_max_pixels: int = Field(
+        1280 * PATCH,
+        ge=PATCH,
+        le=65536 * PATCH,
+        description="Largest image after resizing, in pixels (one token per 28x28).",
+    )
+    video_fps: float = Field(2.0, gt=0, le=30, description="Frames sampled per second of video.")
+    video_max_frames: int = Field(64, ge=2, le=768, description="Most frames sampled from one video.")
+    video_min_pixels: int = Field(
+        128 * PATCH, ge=PATCH, le=16384 * PATCH, description="Smallest video frame after resizing."
+    )
+    video_max_pixels: int = Field(
+        768 * PATCH, ge=PATCH, le=65536 * PATCH, description="Largest video frame after resizing."
+    )
+    video_total_pixels: int = Field(
+        4096 * PATCH,
+        ge=PATCH,
+        le=262144 * PATCH,
+        description="Pixel budget shared by all frames of one video (tokens x 784).",
+    )
+    max_pixels_ceiling: int = Field(
+        16384 * PATCH,
+        ge=PATCH,
+        le=65536 * PATCH,
+        description="Most pixels per image or frame a request's max_pixels may ask for.",
+    )
+
+
+class LogSettings(BaseModel):
+    """Logging"""
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as one JSON object each (for log collectors)."
+    )
+
+
+# The sections in the order the documentation lists them.
+SECTIONS: tuple[type[BaseModel], ...] = (
+    ModelSettings,
+    SpeechSettings,
+    UpstreamSettings,
+    HttpSettings,
+    MediaUrlSettings,
+    GenerationSettings,
+    LimitSettings,
+    BudgetSettings,
+    LogSettings,
+)
+
+
+class Settings(  # pydantic collects the fields of the last base first: the sections in reverse
+    LogSettings,
+    BudgetSettings,
+    LimitSettings,
+    GenerationSettings,
+    MediaUrlSettings,
+    HttpSettings,
+    UpstreamSettings,
+    SpeechSettings,
+    ModelSettings,
+    BaseSettings,
+):
+    """Server settings: every section's fields, each an environment variable of the same name in upper case."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+
+def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment and `.env`; on invalid values, exit naming each variable."""
     try:
         return Settings(**overrides)

@@ -1,103 +1,32 @@
-"""What routes share: the model's state, the dependencies that hand out settings, engine and worker,
-`run_generation`, which waits for the model thread on a request's behalf, and `wav_bytes` for
-spoken answers."""
+"""Admission and jobs: a request's place in the engine's queue (taken before its body is read), the decoding
+pool, and `run_generation`, which waits for the engine on a request's behalf and gives up cleanly when its
+client leaves or its time runs out."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import io
 import logging
 import threading
 import time
-from concurrent.futures import Future
-from typing import Annotated, Any, Callable, TypeVar
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any, TypeVar
 
-import numpy as np
-import soundfile
-from fastapi import Depends, HTTPException, Request
+from fastapi import Request
 
-from engine import Engine, EngineUnavailable, Worker
-from generation import Cancelled, GenerationRequest, OutOfMemory, with_parts_replaced
-from media import PictureFile
-from model_worker import ModelWorker, QueueFull
-from remote_engine import RemoteEngine, UpstreamWorker
-from settings import Settings
-from uploads import check_pictures
+from qwen_omni_server.api.errors import ApiError
+from qwen_omni_server.api.metrics import Metrics
+from qwen_omni_server.api.uploads import check_pictures
+from qwen_omni_server.core.errors import Cancelled
+from qwen_omni_server.core.media import PictureFile
+from qwen_omni_server.core.protocols import Engine, Worker
+from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.core.types import GenerationRequest, GenerationResult, with_parts_replaced
 
 logger = logging.getLogger("multimodal_api")
 T = TypeVar("T")
-
-
-class ModelState:
-    """The engine once loaded, or why it is not (yet): the model here (ENGINE=local) or the upstreams (openai)."""
-
-    def __init__(self, engine: Engine | None = None) -> None:
-        self.engine = engine
-        self.error: str | None = None
-        self.owned = False  # an engine made here is closed here; one handed in belongs to its maker
-
-    def load_in_background(self, settings: Settings, on_failure: Callable[[], None]) -> None:
-        if settings.engine == "openai":  # nothing to load: the upstreams are probed in the background
-            self.engine, self.owned = RemoteEngine(settings), True
-            return
-
-        from modeling_low_vram import ConfigError, ModelLoadError, OmniEngine  # torch: only for a local model
-
-        def load() -> None:
-            try:
-                self.engine = OmniEngine.load(settings)
-                logger.info("model ready: %s", self.engine.describe())
-            except (ModelLoadError, ConfigError) as error:
-                self.error = str(error)
-                logger.error("%s", error)
-                on_failure()
-            except Exception as error:  # noqa: BLE001 - anything else is still fatal, with its traceback
-                self.error = f"model failed to load: {error}"
-                logger.exception("model failed to load")
-                on_failure()
-
-        threading.Thread(target=load, name="model-loader", daemon=True).start()
-
-    def new_worker(self, settings: Settings) -> Worker:
-        """What runs the engine's jobs: the model's one thread, or threads for as many as the upstreams take."""
-        if isinstance(self.engine, RemoteEngine):
-            return UpstreamWorker(self.engine)
-        return ModelWorker(settings.max_waiting_requests)
-
-    def upstream_report(self) -> list[dict[str, Any]] | None:
-        """Each upstream's state, with ENGINE=openai; None for the model in this process."""
-        return self.engine.upstream_report() if isinstance(self.engine, RemoteEngine) else None
-
-    def close(self) -> None:
-        if self.owned and isinstance(self.engine, RemoteEngine):
-            self.engine.close()
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-def get_engine(request: Request) -> Engine:
-    state: ModelState = request.app.state.model
-    if state.engine is None:
-        raise HTTPException(
-            503,
-            "the model could not be loaded; see the server log"
-            if state.error
-            else "the model is still loading; retry shortly",
-            headers={"Retry-After": "5"},
-        )
-    return state.engine
-
-
-def get_worker(request: Request) -> Worker:
-    return request.app.state.worker
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
-WorkerDep = Annotated[Worker, Depends(get_worker)]
 
 
 # ---------------------------------------------------------------- admission and the model's queue
@@ -107,19 +36,14 @@ class Place:
     """A request's place in the model's queue, taken when it arrives, before its body is read or decoded:
     a request that could not be queued gets its 503 before any work is spent on it."""
 
-    def __init__(self, worker: ModelWorker, metrics=None, state: dict | None = None) -> None:
+    def __init__(self, worker: Worker, metrics: Metrics | None = None, state: dict | None = None) -> None:
         self.metrics = metrics
         self.state = state if state is not None else {}
-        try:
-            worker.reserve()
-        except QueueFull as error:
-            raise HTTPException(
-                503, f"the server is busy ({error}); retry shortly", headers={"Retry-After": "10"}
-            ) from None
+        worker.reserve()  # QueueFull: 503 with Retry-After (api.errors)
         self.worker = worker
         self.held = True
 
-    def observe(self, result) -> None:
+    def observe(self, result: GenerationResult) -> None:
         """Count a finished generation in the metrics and the request's log line (runs on the model thread)."""
         if self.metrics is not None:
             self.metrics.observe_result(result)
@@ -140,14 +64,9 @@ class Place:
             self.worker.release()
 
 
-def request_started(request: Request) -> float:
-    """When the request arrived (perf_counter), by the one request clock the RequestId middleware starts."""
-    return request.scope.get("state", {}).get("started") or time.perf_counter()
-
-
 def admit(request: Request) -> Place:
     """A place in the queue for this request, or 503 with Retry-After when none is left."""
-    return Place(request.app.state.worker, request.app.state.metrics, request.scope.setdefault("state", {}))
+    return Place(request.app.state.model.worker, request.app.state.metrics, request.scope.setdefault("state", {}))
 
 
 async def decode_off_loop(request: Request, function: Callable[..., T], *args: Any) -> T:
@@ -164,12 +83,9 @@ async def decode_off_loop(request: Request, function: Callable[..., T], *args: A
         state["decode_seconds"] = state.get("decode_seconds", 0.0) + seconds
 
 
-OUT_OF_MEMORY_RETRY_SECONDS = 10
-
-
-def out_of_memory_error(error: OutOfMemory) -> HTTPException:
-    """A request that ran out of memory: 503, retry later or with less (the message says what to lower)."""
-    return HTTPException(503, str(error), headers={"Retry-After": str(OUT_OF_MEMORY_RETRY_SECONDS)})
+def decoding_pool(settings: Settings) -> ThreadPoolExecutor:
+    """The threads uploads decode on: DECODE_WORKERS at once, the rest wait their turn."""
+    return ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
 
 
 class Job:
@@ -178,25 +94,20 @@ class Job:
     not keep its decoded frames until the model thread reaches it."""
 
     def __init__(
-        self, worker: ModelWorker, engine, generation: GenerationRequest, place: Place | None, deadline: float
+        self, worker: Worker, engine: Engine, generation: GenerationRequest, place: Place | None, deadline: float
     ) -> None:
-        generation.stop = self.stop = threading.Event()
-        self._box = [generation]
+        self.stop = threading.Event()
+        self._box = [replace(generation, stop=self.stop)]
         reserved = place.use() if place is not None else False
         self.place = place
-        try:
-            self.future: Future = worker.submit(self._run, engine.generate, reserved=reserved)
-        except QueueFull as error:
-            raise HTTPException(
-                503, f"the server is busy ({error}); retry shortly", headers={"Retry-After": "10"}
-            ) from None
+        self.future: Future = worker.submit(self._run, engine.generate, reserved=reserved)
         # REQUEST_TIMEOUT_SECONDS bounds the job itself, whoever is (or is not) waiting for it.
         loop = asyncio.get_running_loop()
         self.timed_out = False
         timer = loop.call_later(max(0.0, deadline - time.perf_counter()), self._time_out)
         self.future.add_done_callback(lambda _: loop.call_soon_threadsafe(timer.cancel))
 
-    def _run(self, generate: Callable[[GenerationRequest], Any]):
+    def _run(self, generate: Callable[[GenerationRequest], GenerationResult]) -> GenerationResult:
         if not self._box:
             raise Cancelled("the request was given up before its generation started")
         result = generate(self._box.pop())
@@ -219,13 +130,13 @@ class Job:
 
 async def run_generation(
     request: Request,
-    worker: ModelWorker,
-    engine,
+    worker: Worker,
+    engine: Engine,
     generation: GenerationRequest,
     timeout: float,
     started: float,
     place: Place | None = None,
-):
+) -> GenerationResult:
     """Run `generation` on the model thread; give up cleanly if the client leaves or time runs out.
 
     Giving up cancels a job that has not started and stops a running one at its next token
@@ -241,14 +152,11 @@ async def run_generation(
             return_when=asyncio.FIRST_COMPLETED,
         )
         if future in done and not job.timed_out:
-            try:
-                return future.result()
-            except EngineUnavailable as error:
-                raise HTTPException(error.status, str(error), headers={"Retry-After": "5"}) from None
+            return future.result()
         if gone in done:
             logger.info("client went away; its generation is cancelled")
-            raise HTTPException(499, "client closed the request")
-        raise HTTPException(
+            raise ApiError(499, "client closed the request")
+        raise ApiError(
             504, f"the request took longer than {timeout:g} s (REQUEST_TIMEOUT_SECONDS); its generation was stopped"
         )
     finally:
@@ -259,14 +167,14 @@ async def run_generation(
 async def run_generation_checking(
     request: Request,
     settings: Settings,
-    worker: ModelWorker,
-    engine,
+    worker: Worker,
+    engine: Engine,
     generation: GenerationRequest,
     pictures: list[tuple[str, PictureFile]],
     timeout: float,
     started: float,
     place: Place | None = None,
-):
+) -> GenerationResult:
     """`run_generation` while the pictures that went upstream as they came (ENGINE=openai) are decoded here in
     full, in the decoding pool, as every upload is: checking them adds no time to the answer. One that does not
     decode stops the generation, and its 4xx is the answer; one that decoded only in part (a cut file
@@ -320,10 +228,3 @@ async def _client_gone(request: Request) -> None:
     """Returns when the client disconnects (the body has been read: what arrives now is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
-    """A mono float waveform as a 16-bit PCM WAV file."""
-    out = io.BytesIO()
-    soundfile.write(out, np.clip(samples, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
-    return out.getvalue()

@@ -15,11 +15,10 @@ import re
 import time
 import uuid
 
-from fastapi import HTTPException
-from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from metrics import route_of
+from qwen_omni_server.api.errors import ApiError, is_openai
+from qwen_omni_server.api.metrics import route_of
 
 logger = logging.getLogger("multimodal_api")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -134,9 +133,8 @@ class RequestId:
         except Exception:  # noqa: BLE001 - whatever it was, the client gets a clean 500
             logger.exception("unexpected error")
             if not started:
-                await JSONResponse({"detail": f"internal error; request id {current}"}, 500)(
-                    scope, receive, send_with_id
-                )
+                error = ApiError(500, f"internal error; request id {current}")
+                await error.response(is_openai(scope))(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
 
@@ -157,13 +155,8 @@ class ApiKey:
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
             return await self.app(scope, receive, send)
         message = "a valid API key is required: send the header `Authorization: Bearer <API_KEY>`"
-        body = (
-            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
-            if scope["path"].startswith("/v1/")
-            else {"detail": message}
-        )
-        response = JSONResponse(body, 401, headers={"WWW-Authenticate": "Bearer"})
-        await response(scope, receive, send)
+        error = ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await error.response(is_openai(scope))(scope, receive, send)
 
 
 class BodySizeLimit:
@@ -181,7 +174,7 @@ class BodySizeLimit:
         message = f"request body is over {self.max_bytes:,} bytes (MAX_REQUEST_MB)"
         declared = dict(scope["headers"]).get(b"content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            return await JSONResponse({"detail": message}, 413)(scope, receive, send)
+            return await ApiError(413, message).response(is_openai(scope))(scope, receive, send)
         received = 0
         complete = False
         deadline = time.monotonic() + self.timeout
@@ -193,14 +186,14 @@ class BodySizeLimit:
             try:
                 event = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                raise HTTPException(
+                raise ApiError(
                     408, f"the request body took longer than {self.timeout:g} s to arrive (BODY_TIMEOUT_SECONDS)"
                 ) from None
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
                 complete = not event.get("more_body", False)
                 if received > self.max_bytes:
-                    raise HTTPException(413, message)
+                    raise ApiError(413, message)
             return event
 
         await self.app(scope, counting_receive, send)

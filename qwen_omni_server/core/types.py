@@ -1,6 +1,5 @@
-"""What a generation is: the request (text and media, or a whole conversation), its result and the
-errors it may end in. Plain data, no torch: the HTTP modules import these types; `streaming.py`
-holds the parts that plug into the model's generate()."""
+"""What a generation is: the request (text and media, or a whole conversation) and its result. Plain data,
+no torch: the API builds requests, the engines answer them. A request is frozen: a changed one is a copy."""
 
 from __future__ import annotations
 
@@ -12,31 +11,10 @@ import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
-    from media import PictureFile
+    from qwen_omni_server.core.media import PictureFile
 
-SPEECH_SAMPLE_RATE = 24_000  # spoken answers: token2wav's output rate, float32 mono
 # The seeds the sampler takes: 64-bit signed integers.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
-
-
-class InputRejected(ValueError):
-    """An input the model cannot take (an image too narrow to cut into patches…); the message says which."""
-
-
-class Cancelled(RuntimeError):
-    """The request was given up (client gone, time limit) before its generation started."""
-
-
-class PromptTooLong(InputRejected):
-    """The prompt alone would not fit MAX_CONTEXT_TOKENS; the message gives the counts and what to change."""
-
-
-class SpeechError(ValueError):
-    """Speech was asked for and cannot be given (no talker, unknown voice); the message says why."""
-
-
-class OutOfMemory(RuntimeError):
-    """The request ran out of GPU (or host) memory; its memory is freed. The message says what to lower."""
 
 
 @dataclass
@@ -51,13 +29,13 @@ class VideoInput:
 Part = "str | Image.Image | PictureFile | np.ndarray | VideoInput"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatTurn:
     role: str  # system, user or assistant
     parts: list  # of Part, in the order they are to be read
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationRequest:
     text: str | None
     system_prompt: str | None  # None: DEFAULT_SYSTEM_PROMPT (or the official one, for speech)
@@ -75,8 +53,8 @@ class GenerationRequest:
     top_k: int | None = None  # None: the checkpoint's; 0: off
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
-    on_text: Callable[[str], None] | None = None  # receives the answer's text as it is generated
-    on_audio: Callable[[np.ndarray], None] | None = None  # receives the spoken answer's samples as they are made
+    on_text: Callable[[str], object] | None = None  # receives the answer's text as it is generated
+    on_audio: Callable[[np.ndarray], object] | None = None  # receives the spoken answer's samples as they are made
 
 
 @dataclass
@@ -86,7 +64,7 @@ class GenerationResult:
     completion_tokens: int
     timings_ms: dict[str, float]
     completion_ids: list[int] = field(default_factory=list)
-    audio: np.ndarray | None = None  # float32 mono at SPEECH_SAMPLE_RATE, when speech was asked for
+    audio: np.ndarray | None = None  # float32 mono at audio.SPEECH_SAMPLE_RATE, when speech was asked for
     prompt_tokens_by_modality: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     finish_reason: str = "stop"  # or "length"

@@ -1,7 +1,7 @@
 """A Gradio chat for the Qwen2.5-Omni server: a client of its OpenAI-compatible API, it loads no model.
 
     pip install -r requirements-ui.txt
-    MULTIMODAL_API_URL=http://localhost:8000 python gradio_multimodal_app.py   # port: GRADIO_SERVER_PORT (7860)
+    MULTIMODAL_API_URL=http://localhost:8000 python -m qwen_omni_server.ui   # port: GRADIO_SERVER_PORT (7860)
 
 A conversation with history (every turn goes to `/v1/chat/completions` with the turns before it,
 pictures, sounds and videos in any turn), the answer streaming in as the model writes it, and,
@@ -12,12 +12,10 @@ Errors from the API are shown as readable messages.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import mimetypes
 import os
 import time
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,10 @@ from typing import Any
 import gradio as gr
 import httpx
 
+from qwen_omni_server.core.audio import SPEECH_SAMPLE_RATE, wav_of_pcm16
+
 API_URL = os.environ.get("MULTIMODAL_API_URL", "http://localhost:8000").rstrip("/")
 API_KEY = os.environ.get("MULTIMODAL_API_KEY") or os.environ.get("API_KEY")
-SAMPLE_RATE = 24_000  # the server's spoken answers: PCM16 mono
 PART_TYPES = {"image": "image_url", "audio": "audio_url", "video": "video_url"}
 
 
@@ -102,19 +101,8 @@ PLAY_PIECE = """(piece) => {
   voice.next += buffer.duration;
   voice.pieces += 1;
   voice.seconds += buffer.duration;
-}""".replace("RATE", str(SAMPLE_RATE))
+}""".replace("RATE", str(SPEECH_SAMPLE_RATE))
 SILENCE = "() => { if (window.omniVoice) { window.omniVoice.context.close(); window.omniVoice = null; } }"
-
-
-def wav_file(pcm16: bytes) -> bytes:
-    """The whole spoken answer as a WAV file, to play again or download."""
-    out = io.BytesIO()
-    with wave.open(out, "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(SAMPLE_RATE)
-        writer.writeframes(pcm16)
-    return out.getvalue()
 
 
 def stream_answer(body: dict[str, Any]) -> Iterator[tuple[str, str, bytes | None, dict]]:
@@ -176,7 +164,9 @@ def respond(
     if speak:
         body.update(modalities=["text", "audio"], audio={"voice": voice, "format": "pcm16"})
     yield {"text": "", "files": []}, chat, conversation, "", None, "", ""
-    started, first, usage, notes, answer, voice_pieces = time.perf_counter(), None, {}, "", "", []
+    started, first, notes, answer = time.perf_counter(), None, "", ""
+    usage: dict[str, Any] = {}
+    voice_pieces: list[bytes] = []
     try:
         for kind, text, audio, extra in stream_answer(body):
             first = first or time.perf_counter()
@@ -196,18 +186,24 @@ def respond(
         yield gr.skip(), chat, conversation, gr.skip(), gr.skip(), "", f"⚠️ {detail}"
         return
     conversation = [*conversation, turn, {"role": "assistant", "content": answer}]
-    timings = f"first token {((first or time.perf_counter()) - started) * 1000:.0f} ms · total "
-    timings += f"{(time.perf_counter() - started) * 1000:.0f} ms"
+    timings = timings_line(time.perf_counter() - started, (first or time.perf_counter()) - started, usage, voice_pieces)
+    whole = wav_of_pcm16(b"".join(voice_pieces)) if voice_pieces else None
+    yield gr.skip(), chat, conversation, gr.skip(), whole, timings + (f" · {notes}" if notes else ""), ""
+
+
+def timings_line(total: float, first: float, usage: dict, voice_pieces: list[bytes]) -> str:
+    """First token and total time, the prompt's and answer's tokens, and the voice's length."""
+    line = f"first token {first * 1000:.0f} ms · total {total * 1000:.0f} ms"
     if usage:
         by_modality = usage.get("prompt_tokens_details", {}).get("by_modality", {})
-        timings += (
+        line += (
             f" · prompt {usage['prompt_tokens']} tokens ({', '.join(f'{k} {v}' for k, v in by_modality.items() if v)})"
         )
-        timings += f" · answer {usage['completion_tokens']} tokens"
+        line += f" · answer {usage['completion_tokens']} tokens"
     if voice_pieces:
-        timings += f" · voice {sum(map(len, voice_pieces)) / 2 / SAMPLE_RATE:.1f} s in {len(voice_pieces)} pieces"
-    whole = wav_file(b"".join(voice_pieces)) if voice_pieces else None
-    yield gr.skip(), chat, conversation, gr.skip(), whole, timings + (f" · {notes}" if notes else ""), ""
+        seconds = sum(map(len, voice_pieces)) / 2 / SPEECH_SAMPLE_RATE
+        line += f" · voice {seconds:.1f} s in {len(voice_pieces)} pieces"
+    return line
 
 
 def build() -> gr.Blocks:
@@ -250,5 +246,5 @@ def build() -> gr.Blocks:
     return demo
 
 
-if __name__ == "__main__":
+def main() -> None:
     build().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))

@@ -14,20 +14,20 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from generation import ChatTurn, GenerationRequest, InputRejected, PromptTooLong, VideoInput
-from settings import Settings
-
-# The official system prompt: the talker only speaks under it (Qwen2.5-Omni README, "Prompt for audio output").
-OFFICIAL_SYSTEM_PROMPT = (
-    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
-    "auditory and visual inputs, as well as generating text and speech."
+from qwen_omni_server.core.conversation import (
+    conversation,
+    describe_audio,
+    describe_image,
+    describe_video,
+    interleaves_video_audio,
+    videos_of,
 )
-# With speech, a custom persona goes into the conversation as the model's authors advise (Qwen2.5-Omni
-# README, "Customization Settings"): a user turn with the persona, this answer, then the dialogue.
-PERSONA_ACKNOWLEDGEMENT = "Sure, I got it."
+from qwen_omni_server.core.errors import InputRejected, PromptTooLong
+from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.core.types import ChatTurn, GenerationRequest, VideoInput
+
 IMAGE_PATCH_SIZE = 14
 MERGE = 2  # 2x2 patches make one token
-AUDIO_SAMPLE_RATE = 16_000
 
 
 @dataclass(frozen=True)
@@ -82,27 +82,8 @@ class PromptBuilder:
     # -- the conversation
 
     def turns(self, request: GenerationRequest) -> list[ChatTurn]:
-        """The conversation, system turn first. Speech needs the official system prompt: a custom one goes
-        into the dialogue as the model's authors advise, a user turn and the model's acknowledgement."""
-        turns = (
-            list(request.turns)
-            if request.turns
-            else [ChatTurn("user", [*request.images, *request.audios, *request.videos, *filter(None, [request.text])])]
-        )
-        given = [part for turn in turns if turn.role == "system" for part in turn.parts if isinstance(part, str)]
-        if not given and request.system_prompt is not None:
-            given = [request.system_prompt]
-        system = "\n".join(given) if given else self.settings.default_system_prompt
-        dialogue = [turn for turn in turns if turn.role != "system"]
-        if request.return_audio:
-            if given and system.strip() and system != OFFICIAL_SYSTEM_PROMPT:
-                dialogue = [
-                    ChatTurn("user", [system.strip()]),
-                    ChatTurn("assistant", [PERSONA_ACKNOWLEDGEMENT]),
-                    *dialogue,
-                ]
-            system = OFFICIAL_SYSTEM_PROMPT
-        return [ChatTurn("system", [system]), *dialogue]
+        """The conversation the model reads (`core.conversation`, as the upstream engine sends it)."""
+        return conversation(request, self.settings.default_system_prompt)
 
     # -- the processor's inputs
 
@@ -111,9 +92,8 @@ class PromptBuilder:
         from qwen_omni_utils.v2_5.vision_process import fetch_image
 
         turns = self.turns(request)
-        videos, warnings = common_rate([p for turn in turns for p in turn.parts if isinstance(p, VideoInput)])
-        # The model interleaves a video's audio with its frames only when every video has audio.
-        use_audio_in_video = bool(videos) and all(v.audio is not None for v in videos)
+        videos, warnings = common_rate(videos_of(turns))
+        use_audio_in_video = interleaves_video_audio(videos)
         conversation, media = self._conversation(turns, iter(videos), use_audio_in_video)
         prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         image_max, frame_max = self._pixel_budgets(request)
@@ -224,34 +204,20 @@ class PromptBuilder:
     def _describe(
         self, inputs: dict[str, Any], images: list[Image.Image], media: _Media, use_audio_in_video: bool
     ) -> dict[str, list[dict]]:
-        """Per file, what the model got: sizes after resizing, seconds, frames and their real rate, tokens."""
+        """Per file, what the model got (`core.conversation`'s entries: sizes after resizing, seconds, frames and
+        their real rate) with its tokens, and whether a video's sound was interleaved with its frames."""
         audio_tokens = _audio_token_counts(inputs.get("feature_attention_mask"))
-        image_grids = inputs.get("image_grid_thw", [])
-        video_grids = inputs.get("video_grid_thw", [])
-        described: dict[str, list[dict]] = {
-            "images": [
-                {"width": image.width, "height": image.height, "tokens": int(grid.prod()) // MERGE**2}
-                for image, grid in zip(images, image_grids)
-            ],
-            "audios": [],
-            "videos": [],
-        }
         track_of = {owner: i for i, owner in enumerate(media.owners) if owner is not None}
-        for i, (samples, owner) in enumerate(zip(media.audios, media.owners)):
+        described: dict[str, list[dict]] = {"images": [], "audios": [], "videos": []}
+        for image, grid in zip(images, inputs.get("image_grid_thw", [])):
+            described["images"].append({**describe_image(image), "tokens": int(grid.prod()) // MERGE**2})
+        for samples, owner, tokens in zip(media.audios, media.owners, audio_tokens):
             if owner is None:
-                described["audios"].append(
-                    {"seconds": round(len(samples) / AUDIO_SAMPLE_RATE, 3), "tokens": audio_tokens[i]}
-                )
-        for index, (video, grid) in enumerate(zip(media.videos, video_grids)):
-            entry = {
-                "frames": len(video.frames),
-                "fps": round(video.fps, 3),
-                "seconds": round(len(video.frames) / video.fps, 3),
-                "tokens": int(grid.prod()) // MERGE**2,
-                "audio_interleaved": use_audio_in_video and index in track_of,
-            }
+                described["audios"].append({**describe_audio(samples), "tokens": tokens})
+        for index, (video, grid) in enumerate(zip(media.videos, inputs.get("video_grid_thw", []))):
+            entry = {**describe_video(video), "tokens": int(grid.prod()) // MERGE**2}
+            entry["audio_interleaved"] = use_audio_in_video and index in track_of
             if index in track_of:
-                entry["audio_seconds"] = round(len(video.audio) / AUDIO_SAMPLE_RATE, 3)
                 entry["audio_tokens"] = audio_tokens[track_of[index]]
             described["videos"].append(entry)
         return described
@@ -276,7 +242,7 @@ class PromptBuilder:
             counts = ", ".join(f"{name} {count}" for name, count in by_modality.items() if count)
             raise PromptTooLong(
                 f"the prompt is {prompt} tokens ({counts}), over MAX_CONTEXT_TOKENS={context}. "
-                f"{how_to_fit(max(by_modality, key=by_modality.get))}"
+                f"{how_to_fit(max(by_modality, key=lambda name: by_modality[name]))}"
             )
         room = context - prompt
         if max_new_tokens <= room:

@@ -1,0 +1,255 @@
+"""OpenAI-compatible routes: POST /v1/chat/completions (streaming too) and GET /v1/models.
+
+The request shape is the one vLLM accepts for Qwen2.5-Omni (`api.protocol`): `messages` whose content is
+a string or a list of `text`, `image_url`, `input_audio`, `audio_url` and `video_url` parts, with media as
+data URLs (remote URLs only for hosts listed in MEDIA_URL_HOSTS). All media decodes as uploads do, with the
+same limits as /multimodal. Errors use OpenAI's shape (`api.errors`).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import pybase64
+from fastapi import APIRouter, Request
+
+from qwen_omni_server.api import media_urls
+from qwen_omni_server.api.admission import Place, admit, check_pictures_first, decode_off_loop, run_generation_checking
+from qwen_omni_server.api.errors import ApiError, api_error
+from qwen_omni_server.api.limits import check_limits
+from qwen_omni_server.api.protocol import ChatCompletionRequest, ContentPart, Message, ProcessorOptions
+from qwen_omni_server.api.sse import AUDIO_LIFETIME_SECONDS, Stream, streamed, usage_of
+from qwen_omni_server.api.state import EngineDep, SettingsDep, WorkerDep, request_started
+from qwen_omni_server.api.uploads import decode_file
+from qwen_omni_server.core import media
+from qwen_omni_server.core.audio import pcm16, wav_bytes
+from qwen_omni_server.core.errors import SpeechError
+from qwen_omni_server.core.protocols import Engine
+from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.core.types import ChatTurn, GenerationRequest, GenerationResult, VideoInput
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+KINDS = {"image_url": "image", "input_audio": "audio", "audio_url": "audio", "video_url": "video"}
+Pictures = list[tuple[str, media.PictureFile]]
+
+
+# ---------------------------------------------------------------- messages to turns
+
+
+def count_parts(messages: list[Message], settings: Settings) -> None:
+    """MAX_FILES_PER_FIELD applies to each kind of media part (images, audios, videos), before any is read."""
+    counts = {"image": 0, "audio": 0, "video": 0}
+    for message in messages:
+        for part in message.content if isinstance(message.content, list) else []:
+            if part.type in KINDS:
+                counts[KINDS[part.type]] += 1
+    for kind, count in counts.items():
+        if count > settings.max_files_per_field:
+            raise ApiError(
+                413,
+                f"messages: {count} {kind} parts, at most {settings.max_files_per_field} are accepted "
+                "(MAX_FILES_PER_FIELD)",
+                param="messages",
+            )
+
+
+def part_url(part: ContentPart, what: str) -> str:
+    """Where a media part's bytes are: its URL, or its input_audio's base64 as a data URL."""
+    if part.type == "input_audio":
+        if part.input_audio is None:
+            raise ApiError(400, f"{what}: input_audio is missing", param=what)
+        return f"data:;base64,{part.input_audio.data}"
+    reference = getattr(part, part.type)
+    if reference is None:
+        raise ApiError(400, f"{what}: {part.type} is missing", param=what)
+    return reference if isinstance(reference, str) else reference.url
+
+
+def decode_part(kind: str, data: bytes, what: str, settings: Settings, passes_files: bool) -> tuple[Any, list[str]]:
+    """Bytes of one media part to the engine's input and its decoding warnings (runs in the decoding pool)."""
+    try:
+        return decode_file(kind, io.BytesIO(data), settings, passes_files)
+    except media.MediaError as error:
+        raise api_error(error, prefix=what, param=what) from None
+
+
+async def media_part(request: Request, part: ContentPart, what: str, settings: Settings, engine: Engine):
+    """One media part read (data URL or allowed remote URL) and decoded; its value and warnings."""
+    try:
+        data = await media_urls.read_url(part_url(part, what), settings)
+    except media_urls.FetchRefused as error:
+        raise api_error(error, prefix=what, param=what) from None
+    return await decode_off_loop(request, decode_part, KINDS[part.type], data, what, settings, engine.passes_files)
+
+
+async def to_turns(
+    request: Request, messages: list[Message], settings: Settings, engine: Engine
+) -> tuple[list[ChatTurn], list[str], Pictures]:
+    """OpenAI messages as the engine's turns, media decoded in order (in the bounded decoding pool), what
+    decoding warned of, and the pictures still to be checked (`uploads.check_pictures`)."""
+    count_parts(messages, settings)
+    turns, warnings, pictures = [], [], []
+    for m_index, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        if message.content is None or isinstance(message.content, str):
+            turns.append(ChatTurn(role, [message.content or ""]))
+            continue
+        parts: list = []
+        for p_index, part in enumerate(message.content):
+            what = f"messages[{m_index}].content[{p_index}]"
+            if part.type == "text":
+                if part.text is None:
+                    raise ApiError(400, f"{what}: text is missing", param=what)
+                parts.append(part.text)
+                continue
+            if role != "user":
+                raise ApiError(400, f"{what}: media is only accepted in user messages", param=what)
+            value, notes = await media_part(request, part, what, settings, engine)
+            parts.append(value)
+            warnings += [f"{what}: {note}" for note in notes]
+            if isinstance(value, media.PictureFile):
+                pictures.append((what, value))
+        turns.append(ChatTurn(role, parts))
+    for m_index, turn in enumerate(turns):
+        if turn.role == "user" and not any(not isinstance(part, str) or part.strip() for part in turn.parts):
+            what = f"messages[{m_index}].content"
+            raise ApiError(400, f"{what}: a user message needs text or media; this one is empty", param=what)
+    return turns, warnings, pictures
+
+
+def without_video_audio(turns: list[ChatTurn]) -> list[ChatTurn]:
+    """The turns with each video's own audio track left out (`use_audio_in_video: false`)."""
+    return [
+        ChatTurn(turn.role, [replace(p, audio=None) if isinstance(p, VideoInput) else p for p in turn.parts])
+        for turn in turns
+    ]
+
+
+# ---------------------------------------------------------------- the request's checks and the answer
+
+
+def check_request(body: ChatCompletionRequest, settings: Settings, engine: Engine) -> str | None:
+    """The checks that need no media: limits, and speech (the voice to speak with, when it is asked for)."""
+    options = body.mm_processor_kwargs or ProcessorOptions()
+    check_limits(
+        settings,
+        max_new_tokens=("max_tokens", body.max_completion_tokens or body.max_tokens),
+        max_pixels=("mm_processor_kwargs.max_pixels", options.max_pixels),
+    )
+    if "audio" not in body.modalities:
+        return None
+    try:
+        voice = engine.check_speech(body.audio.voice if body.audio else None)
+    except SpeechError as error:
+        raise ApiError(
+            400, str(error), param="audio.voice" if body.audio and body.audio.voice else "modalities"
+        ) from None
+    if body.stream and body.audio and body.audio.format == "wav":
+        raise ApiError(
+            400,
+            "audio.format: streamed speech arrives as pcm16 chunks (raw 24 kHz mono, 16-bit); "
+            "send format pcm16, or stream=false for one WAV",
+            param="audio.format",
+        )
+    return voice
+
+
+def generation_of(body: ChatCompletionRequest, settings: Settings, turns: list[ChatTurn], voice: str | None):
+    """The engine's request for this body's decoded turns."""
+    options = body.mm_processor_kwargs or ProcessorOptions()
+    return GenerationRequest(
+        text=None,
+        system_prompt=None,
+        turns=without_video_audio(turns) if options.use_audio_in_video is False else turns,
+        max_new_tokens=body.max_completion_tokens or body.max_tokens or settings.default_max_new_tokens,
+        return_audio="audio" in body.modalities,
+        speaker=voice,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=None if body.top_k is None else max(0, body.top_k),
+        seed=body.seed,
+        stop_strings=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        max_pixels=options.max_pixels,
+    )
+
+
+def audio_of(result: GenerationResult, audio_format: str = "wav") -> dict[str, Any] | None:
+    if result.audio is None:
+        return None
+    data = wav_bytes(result.audio) if audio_format == "wav" else pcm16(result.audio)
+    return {
+        "id": f"audio_{uuid.uuid4().hex[:24]}",
+        "data": pybase64.b64encode_as_string(data),
+        "expires_at": int(time.time()) + AUDIO_LIFETIME_SECONDS,
+        "transcript": result.text,
+    }
+
+
+def completion(body: ChatCompletionRequest, result: GenerationResult, model: str, warnings: list[str]) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": result.text}
+    if (audio := audio_of(result, (body.audio.format if body.audio else None) or "wav")) is not None:
+        message["audio"] = audio
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
+        "usage": usage_of(result),
+        "warnings": warnings + result.warnings,  # not OpenAI's: what decoding recovered, or a shortened bound
+    }
+
+
+# ---------------------------------------------------------------- routes
+
+
+@router.get("/models")
+async def list_models(engine: EngineDep) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [{"id": engine.describe()["model"], "object": "model", "created": 0, "owned_by": "qwen"}],
+    }
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    request: Request, body: ChatCompletionRequest, settings: SettingsDep, engine: EngineDep, worker: WorkerDep
+):
+    voice = check_request(body, settings, engine)
+    started = request_started(request)
+    place = admit(request)  # a 503 now, before any media is decoded, when the queue is full
+    try:
+        return await answer(request, body, settings, engine, worker, voice, place, started)
+    except BaseException:
+        place.release()
+        raise
+
+
+async def answer(
+    request: Request,
+    body: ChatCompletionRequest,
+    settings: Settings,
+    engine,
+    worker,
+    voice,
+    place: Place,
+    started: float,
+):
+    """The answer to a checked body, streamed or whole."""
+    turns, warnings, pictures = await to_turns(request, body.messages, settings, engine)
+    generation = generation_of(body, settings, turns, voice)
+    del turns
+    model = engine.describe()["model"]
+    timeout = settings.request_timeout_seconds
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        generation = await check_pictures_first(request, settings, generation, pictures, warnings)
+        return streamed(generation, Stream(worker, engine, model, include_usage, timeout, started, warnings, place))
+    result = await run_generation_checking(
+        request, settings, worker, engine, generation, pictures, timeout, started, place
+    )
+    return completion(body, result, model, warnings)

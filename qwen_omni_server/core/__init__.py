@@ -1,0 +1,1 @@
+"""Settings, request and result types, protocols, the conversation, audio and media: no torch, no FastAPI."""

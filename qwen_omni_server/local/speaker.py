@@ -1,0 +1,117 @@
+"""The speaker: a spoken answer, told as Qwen2.5-Omni's own pipeline tells it but able to stop and stream:
+the thinker writes the text (keeping its hidden states), the talker speaks the part that is returned, and
+token2wav turns the codes into audio, whole or chunk by chunk (`speech`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwen_omni_server.core.audio import SPEECH_SAMPLE_RATE
+from qwen_omni_server.core.types import GenerationRequest, cut_at_stop
+from qwen_omni_server.local.speech import (
+    NO_SPEECH_WARNING,
+    FirstTokens,
+    Stopped,
+    Token2Wav,
+    spoken_token_count,
+    talk,
+    talker_inputs,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Spoken:
+    """The answer's tokens (prompt included), its waveform (None when it went to `on_audio` chunk by chunk,
+    when it was stopped, or when the talker made no sound) and what to warn of."""
+
+    sequences: torch.Tensor
+    audio: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+class Speaker:
+    """Speaks the answers of one loaded model, in the voices of its checkpoint."""
+
+    def __init__(self, model: Any, tokenizer: Any, stop_ids: list[int]) -> None:
+        self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
+
+    def max_codes(self, max_seconds: float) -> int:
+        """The talker's length bound: `max_seconds` of speech in codes (each code is `repeats` mel frames)."""
+        token2wav = self.model.config.token2wav_config
+        samples_per_code = token2wav.dit_config.repeats * math.prod(token2wav.bigvgan_config.upsample_rates)
+        return max(1, int(max_seconds * SPEECH_SAMPLE_RATE / samples_per_code))
+
+    def speak(
+        self,
+        inputs: dict[str, Any],
+        use_audio_in_video: bool,
+        request: GenerationRequest,
+        voice: str,
+        thinker: dict[str, Any],
+        max_seconds: float,
+        chunk_blocks: int,
+    ) -> Spoken:
+        """Thinker (with `thinker`'s generate() arguments), then talker and token2wav over the text returned."""
+        limit = request.max_new_tokens
+        if "streamer" in thinker:
+            thinker = {**thinker, "streamer": FirstTokens(thinker["streamer"], limit)}
+        # One step more than the answer may have: that step computes the last answer token's hidden state.
+        output = self.model.thinker.generate(
+            **inputs,
+            use_audio_in_video=use_audio_in_video,
+            max_new_tokens=limit + 1,
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+            **thinker,
+        )
+        prompt = inputs["input_ids"].shape[1]
+        sequences = output.sequences[:, : prompt + limit]
+        generated = sequences[0, prompt:].tolist()
+        text, _ = cut_at_stop(self.tokenizer.decode(generated, skip_special_tokens=True), request.stop_strings)
+        spoken = min(spoken_token_count(self.tokenizer, generated, text, self.stop_ids), len(output.hidden_states) - 1)
+        stop = request.stop or threading.Event()
+        if stop.is_set():
+            return Spoken(sequences)
+        if spoken == 0:
+            return Spoken(sequences, warnings=[NO_SPEECH_WARNING])
+        bos = self.model.speaker_map[voice]["bos_token"]
+        arguments = talker_inputs(self.model, inputs, use_audio_in_video, output, spoken, bos)
+        del output  # every layer's hidden states of every step: the talker has what it needs
+        synthesis = Token2Wav(self.model, voice, seed=request.seed, stop=stop)
+        return self._voice(sequences, arguments, synthesis, request, self.max_codes(max_seconds), chunk_blocks)
+
+    def _voice(
+        self,
+        sequences: torch.Tensor,
+        arguments: dict[str, Any],
+        synthesis: Token2Wav,
+        request: GenerationRequest,
+        max_codes: int,
+        chunk_blocks: int,
+    ) -> Spoken:
+        """The talker's codes, and token2wav's audio of them (chunk by chunk to `on_audio`, or whole)."""
+        stop = synthesis.stop
+        chunked = synthesis.chunked(chunk_blocks, request.on_audio) if request.on_audio is not None else None
+        try:
+            codes = talk(self.model, arguments, max_codes, chunked.add if chunked else lambda codes: None, stop)
+            if codes.dropped:
+                logger.info("the talker sampled %d codes that are not speech; token2wav skipped them", codes.dropped)
+            if stop.is_set():
+                return Spoken(sequences)
+            if not codes.codes:
+                return Spoken(sequences, warnings=[NO_SPEECH_WARNING])
+            if chunked is not None:
+                chunked.finish()
+                return Spoken(sequences)
+            return Spoken(sequences, synthesis.whole(codes.codes))
+        except Stopped:  # given up while token2wav ran: nobody waits for this answer any more
+            return Spoken(sequences)

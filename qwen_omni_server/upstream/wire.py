@@ -1,0 +1,223 @@
+"""The wire format of ENGINE=openai: a request as a Chat Completions body (the shape vLLM documents for
+Qwen2.5-Omni), and the upstream's answer, whole or streamed, as a result.
+
+Media goes upstream as data URLs: pictures as they came when they are whole, upright, plain RGB JPEG, PNG or
+WebP (`media.PictureFile`: the routes decode them in full while the upstream works), else as lossless BMP
+`image_url`s of the pixels decoded here (so any format the server reads works upstream); audio as 16 kHz
+float WAV `input_audio`; each video as its own file in a `video_url`, with
+`mm_processor_kwargs: {"use_audio_in_video": true}` when they all carry sound (false otherwise, each sounding
+video's track then following it as audio: as the local model reads them). The conversation is the one the
+local engine reads (`core.conversation`). Speech asks for `modalities: ["text", "audio"]` (vLLM-Omni and this
+server give it; plain vLLM does not).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pybase64
+from PIL import Image
+
+from qwen_omni_server.core.audio import float_wav_bytes, read_wav
+from qwen_omni_server.core.conversation import conversation, interleaves_video_audio, videos_of
+from qwen_omni_server.core.errors import EngineUnavailable, InputRejected, PromptTooLong
+from qwen_omni_server.core.media import PictureFile
+from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.core.types import GenerationRequest, GenerationResult, VideoInput
+
+
+class Retry(Exception):
+    """The upstream failed before any text reached the client: another may take the request."""
+
+
+# ---------------------------------------------------------------- the request
+
+
+def chat_body(request: GenerationRequest, settings: Settings) -> dict[str, Any]:
+    """`request` as a Chat Completions body (without `model`): messages, decoding, media options, speech."""
+    turns = conversation(request, settings.default_system_prompt)  # as the local engine reads it
+    videos = videos_of(turns)
+    # As the local model: every video's sound interleaved with its frames, or (some silent) each track after
+    # its video as plain audio; the upstream is told not to take the tracks from the files itself.
+    interleave = interleaves_video_audio(videos)
+    body: dict[str, Any] = {
+        "messages": [{"role": turn.role, "content": _content(turn.parts, interleave)} for turn in turns],
+        "max_tokens": request.max_new_tokens,
+        # Streamed only for a client that streams (no per-token work otherwise); vLLM-Omni gives speech in one piece.
+        "stream": request.on_text is not None and not request.return_audio,
+        **_decoding(request),
+    }
+    if body["stream"]:
+        body["stream_options"] = {"include_usage": True}
+    processor: dict[str, Any] = {"use_audio_in_video": interleave} if videos else {}
+    if request.max_pixels is not None:
+        processor["max_pixels"] = request.max_pixels
+    if processor:
+        body["mm_processor_kwargs"] = processor
+    if request.return_audio:
+        body["modalities"] = ["text", "audio"]
+        body["audio"] = {"format": "wav", **({"voice": request.speaker} if request.speaker else {})}
+    return body
+
+
+def _decoding(request: GenerationRequest) -> dict[str, Any]:
+    """Sampling, seed and stop strings as the body's fields; what the request leaves unset, the upstream's."""
+    sampling = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
+    if sampling["top_k"] == 0:
+        sampling["top_k"] = -1  # off, in vLLM's terms
+    fields: dict[str, Any] = {name: value for name, value in sampling.items() if value is not None}
+    if request.seed is not None:
+        fields["seed"] = request.seed
+    if request.stop_strings:
+        fields["stop"] = request.stop_strings
+    return fields
+
+
+def _content(parts: list, interleave: bool) -> list[dict[str, Any]]:
+    content = []
+    for part in parts:
+        content.append(content_part(part))
+        if isinstance(part, VideoInput) and part.audio is not None and not interleave:
+            content.append(content_part(part.audio))
+    return content
+
+
+def text_part(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def content_part(part: Any) -> dict[str, Any]:
+    """One part of a turn as a Chat Completions content part; media as data URLs."""
+    if isinstance(part, str):
+        return text_part(part)
+    if isinstance(part, PictureFile):
+        return {"type": "image_url", "image_url": {"url": data_url(part.mime, part.data)}}
+    if isinstance(part, Image.Image):
+        out = io.BytesIO()
+        part.save(out, "BMP")  # lossless and fast to write: the pixels decoded here, whatever the source format
+        return {"type": "image_url", "image_url": {"url": data_url("image/bmp", out.getvalue())}}
+    if isinstance(part, np.ndarray):  # exactly the decoded samples
+        return {
+            "type": "input_audio",
+            "input_audio": {"data": pybase64.b64encode_as_string(float_wav_bytes(part)), "format": "wav"},
+        }
+    if isinstance(part, VideoInput):
+        if part.source is None:
+            raise InputRejected("a video can only be sent upstream as its file, and this one has none")
+        return {"type": "video_url", "video_url": {"url": data_url("video/mp4", part.source)}}
+    raise TypeError(f"unknown part {type(part).__name__}")
+
+
+def data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{pybase64.b64encode_as_string(data)}"
+
+
+# ---------------------------------------------------------------- the answer
+
+
+def upstream_error(status: int, raw: bytes) -> Exception:
+    """An upstream's error answer as the exception the routes map: a refusal of the input stays the client's."""
+    try:
+        payload = json.loads(raw)
+        error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
+        message = str(error.get("message") or payload.get("detail") or payload.get("message") or raw[:300])
+        code = error.get("code")
+    except (ValueError, AttributeError):
+        message, code = raw[:300].decode("utf-8", "replace"), None
+    if status >= 500 or status == 429:
+        return Retry(f"HTTP {status}: {message}")
+    if status in (401, 403):
+        return EngineUnavailable(f"the upstream refused this server's key (ENGINE_API_KEY): {message}", 502)
+    if code == "context_length_exceeded" or "context length" in message.lower():
+        return PromptTooLong(f"the upstream refused the prompt: {message}")
+    return InputRejected(f"the upstream refused the request: {message}")
+
+
+def _usage(usage: dict[str, Any] | None) -> tuple[int, int, dict[str, int]]:
+    usage = usage or {}
+    details = usage.get("prompt_tokens_details") or {}
+    by_modality = details.get("by_modality") if isinstance(details, dict) else None
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), dict(by_modality or {})
+
+
+def _speech(audio: dict[str, Any] | None) -> np.ndarray | None:
+    """A base64 WAV from the upstream as float32 mono at the speech rate."""
+    if not audio or not audio.get("data"):
+        return None
+    return read_wav(pybase64.b64decode(audio["data"]))
+
+
+def _emit(request: GenerationRequest, delivered: list[str], text: str) -> None:
+    """Pass `text` to a streaming client; once any has gone out, the request can no longer be retried elsewhere."""
+    if text and request.on_text is not None:
+        delivered.append(text)
+        request.on_text(text)
+
+
+def _with_speech_note(request: GenerationRequest, audio: np.ndarray | None, warnings: list[str]) -> list[str]:
+    if request.return_audio and audio is None:
+        warnings = [*warnings, "the upstream gave no speech (speech needs vLLM-Omni, or this server with audio)"]
+    return warnings
+
+
+def result_of_json(payload: dict[str, Any], request: GenerationRequest, delivered: list[str]) -> GenerationResult:
+    """A non-streamed answer. vLLM-Omni may put the text and the speech in separate choices."""
+    text, audio, finish = "", None, "stop"
+    for choice in payload.get("choices") or []:
+        message = choice.get("message") or {}
+        text = text or message.get("content") or ""
+        audio = audio if audio is not None else _speech(message.get("audio"))
+        finish = choice.get("finish_reason") or finish
+    _emit(request, delivered, text)
+    prompt, completion, by_modality = _usage(payload.get("usage"))
+    return GenerationResult(
+        text=text,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        timings_ms={},
+        audio=audio,
+        prompt_tokens_by_modality=by_modality,
+        warnings=_with_speech_note(request, audio, list(payload.get("warnings") or [])),
+        finish_reason=finish,
+    )
+
+
+async def result_of_stream(lines, request: GenerationRequest, delivered: list[str]) -> GenerationResult:
+    """A streamed answer (Server-Sent Events of chat.completion.chunk), its text passed on as it comes.
+    Speech is never asked for streamed (see chat_body), so only text is read here."""
+    finish, usage, ended = "stop", None, False
+    warnings: list[str] = []
+    text: list[str] = []
+    async for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            ended = True
+            break
+        event = json.loads(data)
+        if isinstance(event.get("error"), dict):  # an error after the stream began (vLLM and this server)
+            refused = event["error"].get("type") == "invalid_request_error"
+            raise upstream_error(400 if refused else 500, data.encode())
+        warnings += event.get("warnings") or []
+        usage = event.get("usage") or usage
+        for choice in event.get("choices") or []:
+            delta = choice.get("delta") or {}
+            text.append(delta.get("content") or "")
+            _emit(request, delivered, text[-1])
+            finish = choice.get("finish_reason") or finish
+    if not ended:
+        raise Retry("the stream ended before [DONE]")
+    prompt, completion, by_modality = _usage(usage)
+    return GenerationResult(
+        text="".join(text),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        timings_ms={},
+        prompt_tokens_by_modality=by_modality,
+        warnings=warnings,
+        finish_reason=finish,
+    )
