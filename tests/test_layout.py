@@ -95,3 +95,30 @@ def test_the_top_level_files_are_entry_points_over_the_package():
     for name in ("multimodal_api.py", "modeling_low_vram.py", "media.py"):
         text = (ROOT / name).read_text()
         assert "qwen_omni_server" in text and len(text.splitlines()) <= 20, name
+
+
+def test_the_package_builds_with_its_commands_and_configs(tmp_path):
+    """`pip install .` installs the package: every layer, the architecture configs, and the two commands."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"  # a copy: building writes build/ and egg-info beside the sources
+    shutil.copytree(PACKAGE, source / PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "requirements_multimodal.txt", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source), "-w", tmp_path],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("qwen_omni_server-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for layer in LAYERS:
+        assert f"qwen_omni_server/{layer}/__init__.py" in names
+    assert "qwen_omni_server/local/configs/qwen2.5-omni-3b.config.json" in names
+    scripts = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "qwen-omni-serve = qwen_omni_server.server:main" in scripts
+    assert "qwen-omni-plan = qwen_omni_server.local.plan:main" in scripts

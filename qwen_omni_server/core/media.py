@@ -446,21 +446,25 @@ def load_video(
         seconds = max(sampler.span, sampler.last_time)
         if not warnings and (note := _shortfall("video", seconds, _claimed_duration(container, stream))):
             warnings.append(note)
-        audio = None
-        if resampler is not None:
-            samples = resampler.finish()
-            if max_audio_seconds is not None and samples.size > max_audio_seconds * SAMPLE_RATE:
-                raise _audio_too_long(samples.size / SAMPLE_RATE, max_audio_seconds)
-            audio = DecodedAudio(samples) if samples.size else None
         times = [time for time, _ in sampler.frames]
         return DecodedVideo(
             frames=[image for _, image in sampler.frames],
             fps=real_rate(times, 1.0 / sampler.interval),
             seconds=seconds,
-            audio=audio,
+            audio=_track(resampler, max_audio_seconds),
             warnings=warnings,
             frame_times=times,
         )
+
+
+def _track(resampler: Resampler | None, max_seconds: float | None) -> DecodedAudio | None:
+    """A video's sound track, once its file is read (None when it has none)."""
+    if resampler is None:
+        return None
+    samples = resampler.finish()
+    if max_seconds is not None and samples.size > max_seconds * SAMPLE_RATE:
+        raise _audio_too_long(samples.size / SAMPLE_RATE, max_seconds)
+    return DecodedAudio(samples) if samples.size else None
 
 
 class _FrameSampler:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qwen_omni_server.core.audio import INPUT_SAMPLE_RATE
 from qwen_omni_server.core.errors import OutOfMemory
 from qwen_omni_server.core.types import GenerationRequest
 
@@ -123,7 +124,7 @@ def warm_up(engine) -> float:
         text="Hi.",
         system_prompt=None,
         images=[Image.new("RGB", (56, 56), (128, 96, 64))],
-        audios=[np.zeros(16_000, dtype=np.float32)],
+        audios=[np.zeros(INPUT_SAMPLE_RATE, dtype=np.float32)],  # a second of silence
         max_new_tokens=2,
     )
     engine.generate(request)
