@@ -4,6 +4,7 @@ clients that leave, hostile input, and a clean shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -116,7 +117,9 @@ LONG = {"text": "Tell a long story.", "max_new_tokens": "2048"}  # the tiny mode
 
 def test_the_time_limit_gives_504_and_stops_the_running_generation(counting_engine, tiny_model_dir):
     settings = tiny_settings(tiny_model_dir, request_timeout_seconds=1.5, max_new_tokens_limit=2048)
-    with TestClient(create_app(settings, engine=counting_engine)) as client:
+    # 2 ms per token: the whole answer takes over 4 s on any machine, so the time limit is what ends it.
+    pace = counting_engine.model.thinker.lm_head.register_forward_hook(lambda *args: time.sleep(0.002))
+    with pace_removed(pace), TestClient(create_app(settings, engine=counting_engine)) as client:
         response = client.post("/multimodal", data=LONG)
         assert response.status_code == 504 and "REQUEST_TIMEOUT_SECONDS" in response.json()["detail"]
         streamed = client.post("/multimodal", data={**LONG, "stream": "true"})
@@ -124,6 +127,14 @@ def test_the_time_limit_gives_504_and_stops_the_running_generation(counting_engi
     assert counting_engine.tokens - counting_engine.at_stop <= 3  # and stopped within a few tokens
     assert counting_engine.tokens < 2048
     assert '"code": "timeout"' in streamed.text and "REQUEST_TIMEOUT_SECONDS" in streamed.text
+
+
+@contextlib.contextmanager
+def pace_removed(hook):
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def _leave_when_running(base: str, engine, data: dict) -> None:

@@ -406,7 +406,8 @@ def test_killing_an_upstream_mid_run_loses_no_request(upstreams, tiny_model_dir,
     try:
         wait_until(lambda: all(u["state"] == "up" for u in httpx.get(f"{url}/health").json()["upstreams"]))
         results: list[dict] = []
-        runner = threading.Thread(target=lambda: results.extend(ask_many(url, 8, 128, streams=True)))
+        # Long enough answers that the doomed upstream is still on its first when it is killed, however fast.
+        runner = threading.Thread(target=lambda: results.extend(ask_many(url, 8, 1024, streams=True)))
         runner.start()
         wait_until(lambda: httpx.get(f"{url}/health").json()["upstreams"][1]["in_flight"] >= 3)
         doomed.kill()  # mid-run: one request generating on it, others waiting in its queue

@@ -370,7 +370,7 @@ def test_a_client_leaving_mid_speech_stops_the_talker(tiny_model_dir):
 def test_a_504_stops_the_talker_and_token2wav(tiny_model_dir):
     """A non-streamed spoken answer over REQUEST_TIMEOUT_SECONDS: the 504 stops the talker (and token2wav,
     which checks at each ODE step), not only the thinker; the model is free again at once."""
-    engine = speaker_without_end(tiny_model_dir, 60, request_timeout_seconds=3)
+    engine = speaker_without_end(tiny_model_dir, 600, request_timeout_seconds=3)  # it could talk for 30,000 codes
     steps: list[float] = []
     hooks = [
         engine.model.talker.register_forward_hook(lambda *args: steps.append(time.monotonic())),
@@ -386,7 +386,7 @@ def test_a_504_stops_the_talker_and_token2wav(tiny_model_dir):
             while client.get("/health").json()["generations"]["running"] and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert time.monotonic() < deadline
-        assert steps and steps[-1] - answered < 2 and len(steps) < 3000  # it ran, then stopped
+        assert steps and steps[-1] - answered < 2 and len(steps) < engine.max_speech_codes()  # it ran, then stopped
     finally:
         for hook in hooks:
             hook.remove()
