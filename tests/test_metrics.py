@@ -86,3 +86,28 @@ def test_log_format_json_writes_one_object_per_line(tiny_model_dir, tmp_path):
     access = [e for e in entries if e.get("route") == "/multimodal"]
     assert len(access) == 1 and access[0]["request_id"] == "json-1" and access[0]["status"] == 200
     assert access[0]["completion_tokens"] == 3 and access[0]["bytes_in"] > 0
+
+
+def test_metrics_and_health_answer_while_the_engine_loads(tmp_path):
+    """Before the engine is ready there is no queue yet: /metrics still answers (an empty queue), /health says
+    loading, and the routes that need the engine answer 503."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from qwen_omni_server.api.app import create_app
+    from qwen_omni_server.core.settings import Settings
+
+    release = threading.Event()
+
+    def slow_load(settings):
+        release.wait(30)
+        raise RuntimeError("never loads")
+
+    settings = Settings(_env_file=None, model_path=str(tmp_path))
+    with TestClient(create_app(settings, load_engine=slow_load)) as client:
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200 and "omni_queue_waiting 0.0" in metrics.text
+        assert client.get("/health").json()["status"] == "loading"
+        assert client.post("/multimodal", data={"text": "hi"}).status_code == 503
+        release.set()

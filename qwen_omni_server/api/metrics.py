@@ -9,11 +9,11 @@ once CUDA is initialised; this module never imports torch itself).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 ROUTES = frozenset({"/", "/health", "/metrics", "/multimodal", "/v1/chat/completions", "/v1/models", "/docs"})
@@ -26,7 +26,7 @@ def route_of(path: str) -> str:
 
 
 class Metrics:
-    """The server's Prometheus metrics; `worker` returns the current ModelWorker when scraped."""
+    """The server's Prometheus metrics; `worker` returns the engine's worker (None while it loads) when scraped."""
 
     def __init__(self, worker: Callable[[], Any]) -> None:
         self.registry = CollectorRegistry()
@@ -74,15 +74,17 @@ class _Live:
     def __init__(self, worker: Callable[[], Any]) -> None:
         self.worker = worker
 
-    def collect(self):
-        worker = self.worker()
-        stats = worker.stats()
+    def collect(self) -> Iterator[Metric]:
+        worker = self.worker()  # None while the engine loads: nothing is queued yet
+        stats = worker.stats() if worker is not None else {"waiting": 0, "running": 0}
         yield GaugeMetricFamily(
             "omni_queue_waiting", "Requests holding a place in the model's queue", value=stats["waiting"]
         )
-        yield GaugeMetricFamily("omni_queue_running", "Generations running (at most 1)", value=stats["running"])
+        yield GaugeMetricFamily("omni_queue_running", "Generations running", value=stats["running"])
         yield CounterMetricFamily(
-            "omni_queue_rejections", "Requests refused with 503 because the queue was full", value=worker.rejected
+            "omni_queue_rejections",
+            "Requests refused with 503 because the queue was full",
+            value=worker.rejected if worker is not None else 0,
         )
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -22,13 +22,13 @@ from qwen_omni_server.api.admission import Place, admit, check_pictures_first, d
 from qwen_omni_server.api.errors import ApiError, api_error
 from qwen_omni_server.api.limits import check_limits
 from qwen_omni_server.api.protocol import ChatCompletionRequest, ContentPart, Message, ProcessorOptions
-from qwen_omni_server.api.sse import AUDIO_LIFETIME_SECONDS, Stream, streamed, usage_of
+from qwen_omni_server.api.sse import AUDIO_LIFETIME_SECONDS, EventStream, Stream, streamed, usage_of
 from qwen_omni_server.api.state import EngineDep, SettingsDep, WorkerDep, request_started
 from qwen_omni_server.api.uploads import decode_file
 from qwen_omni_server.core import media
 from qwen_omni_server.core.audio import pcm16, wav_bytes
 from qwen_omni_server.core.errors import SpeechError
-from qwen_omni_server.core.protocols import Engine
+from qwen_omni_server.core.protocols import Engine, Worker
 from qwen_omni_server.core.settings import Settings
 from qwen_omni_server.core.types import ChatTurn, GenerationRequest, GenerationResult, VideoInput
 
@@ -77,7 +77,9 @@ def decode_part(kind: str, data: bytes, what: str, settings: Settings, passes_fi
         raise api_error(error, prefix=what, param=what) from None
 
 
-async def media_part(request: Request, part: ContentPart, what: str, settings: Settings, engine: Engine):
+async def media_part(
+    request: Request, part: ContentPart, what: str, settings: Settings, engine: Engine
+) -> tuple[Any, list[str]]:
     """One media part read (data URL or allowed remote URL) and decoded; its value and warnings."""
     try:
         data = await media_urls.read_url(part_url(part, what), settings)
@@ -158,7 +160,9 @@ def check_request(body: ChatCompletionRequest, settings: Settings, engine: Engin
     return voice
 
 
-def generation_of(body: ChatCompletionRequest, settings: Settings, turns: list[ChatTurn], voice: str | None):
+def generation_of(
+    body: ChatCompletionRequest, settings: Settings, turns: list[ChatTurn], voice: str | None
+) -> GenerationRequest:
     """The engine's request for this body's decoded turns."""
     options = body.mm_processor_kwargs or ProcessorOptions()
     return GenerationRequest(
@@ -233,12 +237,12 @@ async def answer(
     request: Request,
     body: ChatCompletionRequest,
     settings: Settings,
-    engine,
-    worker,
-    voice,
+    engine: Engine,
+    worker: Worker,
+    voice: str | None,
     place: Place,
     started: float,
-):
+) -> EventStream | dict[str, Any]:
     """The answer to a checked body, streamed or whole."""
     turns, warnings, pictures = await to_turns(request, body.messages, settings, engine)
     generation = generation_of(body, settings, turns, voice)
