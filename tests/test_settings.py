@@ -87,3 +87,36 @@ def test_byte_limits_follow_a_copy():
     assert settings.max_file_bytes == 512 * 1024 * 1024  # read once, as a cached property would keep it
     copy = settings.model_copy(update={"max_file_mb": 0.1, "max_request_mb": 1})
     assert copy.max_file_bytes == int(0.1 * 1024 * 1024) and copy.max_request_bytes == 1024 * 1024
+
+
+def test_every_setting_is_typed_bounded_and_described():
+    """Each field has a description; a number has both bounds; a text a longest length (or a fixed set of
+    values); a list a longest length, or bounded items."""
+    import typing
+
+    from qwen_omni_server.core.settings import SECTIONS
+
+    def metadata(field) -> dict:
+        found = {}
+        for item in field.metadata:
+            for name in ("ge", "gt", "le", "lt", "max_length", "min_length"):
+                if getattr(item, name, None) is not None:
+                    found[name] = getattr(item, name)
+        return found
+
+    loose = []
+    for section in SECTIONS:
+        for name, field in section.model_fields.items():
+            kinds = {a for a in typing.get_args(field.annotation) if a is not type(None)} or {field.annotation}
+            bounds = metadata(field)
+            if not field.description:
+                loose.append(f"{name}: no description")
+            elif kinds & {int, float} and not ({"ge", "gt"} & bounds.keys() and {"le", "lt"} & bounds.keys()):
+                loose.append(f"{name}: a number without both bounds")
+            elif str in kinds and "max_length" not in bounds:
+                loose.append(f"{name}: a text without a longest length")
+            elif any(typing.get_origin(kind) is list for kind in kinds) and "max_length" not in bounds:
+                items = typing.get_args(next(iter(kinds)))[0]
+                if not typing.get_args(items):  # list[Annotated[int, Field(...)]] bounds each item
+                    loose.append(f"{name}: a list without a longest length")
+    assert not loose, loose

@@ -24,11 +24,13 @@ class ModelSettings(BaseModel):
     model_path: str = Field(
         "Qwen/Qwen2.5-Omni-3B",
         min_length=1,
+        max_length=4096,
         description="Local folder or Hugging Face hub id of a Qwen2.5-Omni checkpoint (3B or 7B).",
     )
     device_map: str = Field(
         "auto",
         min_length=1,
+        max_length=4096,
         description="Where each component runs: 'auto' (planned for the GPU's memory; cpu without a GPU), 'gpu', "
         "'low-vram' (encoders offloaded: weights in RAM, run on the GPU), 'low-vram-cpu' (encoders run on the "
         "CPU), 'cpu', or a JSON object mapping components (language_model, lm_head, visual, audio_tower, talker, "
@@ -48,7 +50,9 @@ class ModelSettings(BaseModel):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 only where installed (falls back to sdpa)."
     )
-    gpu_device: str = Field("cuda", min_length=1, description="The GPU the presets' GPU side uses (cuda, cuda:1…).")
+    gpu_device: str = Field(
+        "cuda", min_length=1, max_length=64, description="The GPU the presets' GPU side uses (cuda, cuda:1…)."
+    )
     gpu_memory_gib: float = Field(
         0, ge=0, le=4096, description="GPU memory DEVICE_MAP=auto may plan for, in GiB; 0 uses what is free."
     )
@@ -92,10 +96,12 @@ class UpstreamSettings(BaseModel):
         '(["http://gpu-1:8000/v1", "http://gpu-2:8000/v1"]); each request goes to the least busy one.',
     )
     engine_api_key: str | None = Field(
-        None, description="With ENGINE=openai: sent to the upstreams as `Authorization: Bearer <key>`."
+        None, max_length=4096, description="With ENGINE=openai: sent to the upstreams as `Authorization: Bearer <key>`."
     )
     engine_model: str | None = Field(
-        None, description="With ENGINE=openai: the model name sent upstream; unset, each upstream's own /v1/models."
+        None,
+        max_length=1024,
+        description="With ENGINE=openai: the model name sent upstream; unset, each upstream's own /v1/models.",
     )
 
     @field_validator("engine_urls")
@@ -116,11 +122,12 @@ class UpstreamSettings(BaseModel):
 class HttpSettings(BaseModel):
     """HTTP"""
 
-    host: str = Field("0.0.0.0", min_length=1, description="Address to listen on.")
+    host: str = Field("0.0.0.0", min_length=1, max_length=255, description="Address to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_key: str | None = Field(
         None,
         min_length=8,
+        max_length=4096,
         description="When set (at least 8 characters), every endpoint but /health needs `Authorization: Bearer <key>`.",
     )
     cors_origins: list[str] = Field(
