@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from qwen_omni_server.api import app as api
-from qwen_omni_server.core.protocols import Engine
+from qwen_omni_server.core.engine import Engine
 from qwen_omni_server.core.settings import Settings, load_settings
 
 # ENGINE -> the package that makes it; each has `check(settings)` (before serving) and `load(settings)`.

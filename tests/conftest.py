@@ -19,8 +19,8 @@ import tiny_model  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from servers import free_port  # noqa: E402
 
+from qwen_omni_server.core.engine import BaseEngine  # noqa: E402
 from qwen_omni_server.core.errors import SpeechError  # noqa: E402
-from qwen_omni_server.core.protocols import BaseEngine  # noqa: E402
 from qwen_omni_server.core.settings import Settings  # noqa: E402
 from qwen_omni_server.core.types import GenerationRequest, GenerationResult  # noqa: E402
 from qwen_omni_server.local.engine import OmniEngine  # noqa: E402

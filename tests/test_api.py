@@ -229,3 +229,33 @@ def test_v1_bodies_that_say_nothing_are_refused_clearly(client, fake_engine, bod
     error = response.json()["error"]
     assert fragment in error["message"] and error["param"] == param
     assert not fake_engine.requests
+
+
+def test_an_engine_the_server_made_is_closed_at_stop_and_made_afresh_at_the_next_start(tmp_path):
+    """The app makes its engine when it starts and closes it when it stops; started again, it makes a new one
+    (a closed engine is never served)."""
+    from fastapi.testclient import TestClient
+
+    from qwen_omni_server.api.app import create_app
+    from qwen_omni_server.core.settings import Settings
+
+    class Closing(FakeEngine):
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    made: list[Closing] = []
+
+    def load(settings) -> Closing:
+        made.append(Closing())
+        return made[-1]
+
+    app = create_app(Settings(_env_file=None, model_path=str(tmp_path)), load_engine=load)
+    for start in range(2):
+        with TestClient(app) as client:
+            deadline = time.time() + 10
+            while client.get("/health").status_code != 200 and time.time() < deadline:
+                time.sleep(0.01)
+            assert client.post("/multimodal", data={"text": "hi"}).status_code == 200
+        assert len(made) == start + 1 and made[-1].closed and len(made[-1].requests) == 1

@@ -1,6 +1,6 @@
 """The package's layers keep their rules: imports point one way, and no unit grows past what a reader holds.
 
-core (settings, types, protocols, conversation, audio, media): no torch, no FastAPI, no other layer.
+core (settings, types, the engine protocol, conversation, audio, media): no torch, no FastAPI, no other layer.
 api (HTTP): no torch, no engine. local and upstream (the engines): no api, and not each other. ui: core only.
 `server` alone puts them together.
 """

@@ -313,3 +313,17 @@ def test_what_a_damaged_file_yielded_is_reported_not_dropped(client, live_server
         ) as response:
             first = json.loads(next(line for line in response.iter_lines() if line.startswith("data: "))[6:])
     assert first["warnings"][0].startswith("audios[0] 'cut.flac': audio is damaged")
+
+
+def test_the_default_answer_bound_is_held_to_the_limit_too(tmp_path):
+    """A /v1 request that sends no max_tokens gets DEFAULT_MAX_NEW_TOKENS, which MAX_NEW_TOKENS_LIMIT bounds as
+    it bounds a request's own."""
+    settings = Settings(
+        _env_file=None, model_path=str(tmp_path), default_max_new_tokens=4096, max_new_tokens_limit=2048
+    )
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(settings, engine=FakeEngine())) as client:
+        answer = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+    assert answer.status_code == 400 and "MAX_NEW_TOKENS_LIMIT" in answer.json()["error"]["message"]
+    assert answer.json()["error"]["param"] == "max_tokens"

@@ -19,9 +19,9 @@ from fastapi import Request
 from qwen_omni_server.api.errors import ApiError
 from qwen_omni_server.api.metrics import Metrics
 from qwen_omni_server.api.uploads import check_pictures
+from qwen_omni_server.core.engine import Engine, Worker
 from qwen_omni_server.core.errors import Cancelled
 from qwen_omni_server.core.media import PictureFile
-from qwen_omni_server.core.protocols import Engine, Worker
 from qwen_omni_server.core.settings import Settings
 from qwen_omni_server.core.types import GenerationRequest, GenerationResult, with_parts_replaced
 
@@ -29,11 +29,11 @@ logger = logging.getLogger("multimodal_api")
 T = TypeVar("T")
 
 
-# ---------------------------------------------------------------- admission and the model's queue
+# ---------------------------------------------------------------- admission and the engine's queue
 
 
 class Place:
-    """A request's place in the model's queue, taken when it arrives, before its body is read or decoded:
+    """A request's place in the engine's queue, taken when it arrives, before its body is read or decoded:
     a request that could not be queued gets its 503 before any work is spent on it."""
 
     def __init__(self, worker: Worker, metrics: Metrics | None = None, state: dict | None = None) -> None:
@@ -44,7 +44,7 @@ class Place:
         self.held = True
 
     def observe(self, result: GenerationResult) -> None:
-        """Count a finished generation in the metrics and the request's log line (runs on the model thread)."""
+        """Count a finished generation in the metrics and the request's log line (runs on the worker's thread)."""
         if self.metrics is not None:
             self.metrics.observe_result(result)
         self.state["usage"] = {
@@ -89,9 +89,9 @@ def decoding_pool(settings: Settings) -> ThreadPoolExecutor:
 
 
 class Job:
-    """A generation on the model thread. Its inputs are held in a box the model thread empties when it
+    """A generation on the engine's worker. Its inputs are held in a box the worker's thread empties when it
     starts, and `abandon()` empties when the request is given up, so a job cancelled while waiting does
-    not keep its decoded frames until the model thread reaches it."""
+    not keep its decoded frames until a thread reaches it."""
 
     def __init__(
         self, worker: Worker, engine: Engine, generation: GenerationRequest, place: Place | None, deadline: float
@@ -137,7 +137,7 @@ async def run_generation(
     started: float,
     place: Place | None = None,
 ) -> GenerationResult:
-    """Run `generation` on the model thread; give up cleanly if the client leaves or time runs out.
+    """Run `generation` on the engine's worker; give up cleanly if the client leaves or time runs out.
 
     Giving up cancels a job that has not started and stops a running one at its next token
     (the thread itself cannot be killed); either way the queue moves on at once.
@@ -175,7 +175,7 @@ async def run_generation_checking(
     started: float,
     place: Place | None = None,
 ) -> GenerationResult:
-    """`run_generation` while the pictures that went upstream as they came (ENGINE=openai) are decoded here in
+    """`run_generation` while the pictures that went on as they came (`Engine.passes_files`) are decoded here in
     full, in the decoding pool, as every upload is: checking them adds no time to the answer. One that does not
     decode stops the generation, and its 4xx is the answer; one that decoded only in part (a cut file
     recovered) makes the generation start over with the pixels that decoded, and the answer says so."""

@@ -28,7 +28,7 @@ from qwen_omni_server.api.metrics import Metrics
 from qwen_omni_server.api.middleware import AccessLog, ApiKey, BodySizeLimit, JsonFormatter, RequestId, RequestIdFilter
 from qwen_omni_server.api.routes import multimodal, openai, ops
 from qwen_omni_server.api.state import EngineLoader, ModelState
-from qwen_omni_server.core.protocols import Engine
+from qwen_omni_server.core.engine import Engine
 from qwen_omni_server.core.settings import Settings, load_settings
 
 logger = logging.getLogger("multimodal_api")

@@ -69,7 +69,7 @@ class ApiError(HTTPException):
 
     def event(self) -> str:
         """The error as a stream's last event (its status went out with the first byte)."""
-        return f"data: {json.dumps({'error': self.payload()}, ensure_ascii=False)}\n\n"
+        return f"data: {json.dumps({'error': self.payload()})}\n\n"
 
 
 def _kind(status: int) -> str:

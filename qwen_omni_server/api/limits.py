@@ -12,8 +12,8 @@ Value = tuple[str, int | None]  # the field's name in this API, and what the req
 def check_limits(
     settings: Settings,
     *,
-    max_new_tokens: Value,
-    max_pixels: Value,
+    max_new_tokens: Value = ("max_new_tokens", None),
+    max_pixels: Value = ("max_pixels", None),
     texts: dict[str, str | None] | None = None,
 ) -> None:
     """Refuse an answer bound over MAX_NEW_TOKENS_LIMIT, a pixel budget over MAX_PIXELS_CEILING, or a text

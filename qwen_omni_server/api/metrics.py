@@ -78,7 +78,7 @@ class _Live:
         worker = self.worker()  # None while the engine loads: nothing is queued yet
         stats = worker.stats() if worker is not None else {"waiting": 0, "running": 0}
         yield GaugeMetricFamily(
-            "omni_queue_waiting", "Requests holding a place in the model's queue", value=stats["waiting"]
+            "omni_queue_waiting", "Requests holding a place in the engine's queue", value=stats["waiting"]
         )
         yield GaugeMetricFamily("omni_queue_running", "Generations running", value=stats["running"])
         yield CounterMetricFamily(

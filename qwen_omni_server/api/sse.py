@@ -17,8 +17,8 @@ from starlette.types import Receive, Scope, Send
 from qwen_omni_server.api.admission import Job, Place
 from qwen_omni_server.api.errors import HANDLED, ApiError, api_error
 from qwen_omni_server.core.audio import pcm16
+from qwen_omni_server.core.engine import Engine, Worker
 from qwen_omni_server.core.errors import Cancelled
-from qwen_omni_server.core.protocols import Engine, Worker
 from qwen_omni_server.core.types import GenerationRequest, GenerationResult
 
 AUDIO_LIFETIME_SECONDS = 3600
@@ -73,7 +73,7 @@ class Stream:
     def deadline(self) -> float:
         return self.started + self.timeout
 
-    def timed_out(self) -> ApiError:
+    def timeout_error(self) -> ApiError:
         message = f"the request took longer than {self.timeout:g} s (REQUEST_TIMEOUT_SECONDS)"
         return ApiError(504, message, code="timeout")
 
@@ -128,7 +128,7 @@ async def _events(
         async for event in _ending(result, stream, ids):
             yield event
     except HANDLED as error:
-        yield (stream.timed_out() if isinstance(error, Cancelled) else api_error(error)).event()
+        yield (stream.timeout_error() if isinstance(error, Cancelled) else api_error(error)).event()
     finally:
         if job is not None:
             job.abandon()
@@ -156,9 +156,9 @@ async def _deltas(job: Job, stream: Stream, deltas: asyncio.Queue[tuple[str, Any
             continue
         getter.cancel()
         if not done or finished.cancelled() or job.timed_out:
-            raise stream.timed_out()
+            raise stream.timeout_error()
     if job.timed_out:
-        raise stream.timed_out()
+        raise stream.timeout_error()
 
 
 async def _ending(result: GenerationResult, stream: Stream, ids: Ids) -> AsyncIterator[str]:

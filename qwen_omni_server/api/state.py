@@ -10,9 +10,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from qwen_omni_server.api.errors import ApiError
+from qwen_omni_server.api.errors import UNAVAILABLE_RETRY_SECONDS, ApiError
+from qwen_omni_server.core.engine import Engine, Worker
 from qwen_omni_server.core.errors import EngineFailed
-from qwen_omni_server.core.protocols import Engine, Worker
 from qwen_omni_server.core.settings import Settings
 
 logger = logging.getLogger("multimodal_api")
@@ -56,11 +56,13 @@ class ModelState:
         logger.info("model ready: %s", engine.describe())
 
     def stop(self) -> None:
-        """The running generation finishes; waiting ones are cancelled; an engine made here is closed."""
+        """The running generation finishes; waiting ones are cancelled; an engine made here is closed, and the
+        next start makes a fresh one."""
         if self.worker is not None:
             self.worker.shutdown()
         if self.owned and self.engine is not None:
             self.engine.close()
+            self.engine, self.worker, self.owned = None, None, False
 
 
 def get_settings(request: Request) -> Settings:
@@ -71,7 +73,8 @@ def get_engine(request: Request) -> Engine:
     state: ModelState = request.app.state.model
     if state.engine is None:
         message = "the model could not be loaded; see the server log" if state.error else None
-        raise ApiError(503, message or "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+        retry = {"Retry-After": str(UNAVAILABLE_RETRY_SECONDS)}
+        raise ApiError(503, message or "the model is still loading; retry shortly", headers=retry)
     return state.engine
 
 

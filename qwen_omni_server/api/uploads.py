@@ -1,6 +1,6 @@
-"""Uploaded files to model inputs: limits, decoding through media.py, and errors that name the file.
+"""Uploaded files to model inputs: limits, decoding through `core.media`, and errors that name the file.
 
-HTTP glue around `media.py`: it knows FastAPI's UploadFile and answers a MediaError with the error whose
+HTTP glue around `core.media`: it knows FastAPI's UploadFile and answers a MediaError with the error whose
 message starts with the field and file (`videos[0] 'clip.mp4': ...`). A /v1 media part's bytes decode
 through the same `decode_file`. An engine that passes files on (`Engine.passes_files`) gets pictures that
 can go as they came as `PictureFile`s, and each video's file with its frames.

@@ -45,6 +45,7 @@ __all__ = [
     "MediaTooLarge",
     "PictureFile",
     "SAMPLE_RATE",
+    "Source",
     "UndecodableMedia",
     "UnsupportedMedia",
     "check_picture",
@@ -55,6 +56,7 @@ __all__ = [
     "load_video",
     "picture_file",
     "real_rate",
+    "rewind",
     "to_rgb",
 ]
 

@@ -96,7 +96,9 @@ class UpstreamSettings(BaseModel):
         '(["http://gpu-1:8000/v1", "http://gpu-2:8000/v1"]); each request goes to the least busy one.',
     )
     engine_api_key: str | None = Field(
-        None, max_length=4096, description="With ENGINE=openai: sent to the upstreams as `Authorization: Bearer <key>`."
+        None,
+        max_length=65_536,
+        description="With ENGINE=openai: sent to the upstreams as `Authorization: Bearer <key>`.",
     )
     engine_model: str | None = Field(
         None,
@@ -127,7 +129,7 @@ class HttpSettings(BaseModel):
     api_key: str | None = Field(
         None,
         min_length=8,
-        max_length=4096,
+        max_length=65_536,
         description="When set (at least 8 characters), every endpoint but /health needs `Authorization: Bearer <key>`.",
     )
     cors_origins: list[str] = Field(
@@ -198,7 +200,7 @@ class LimitSettings(BaseModel):
     max_image_pixels: int = Field(
         50_000_000,
         ge=1,
-        le=1_000_000_000,
+        le=100_000_000_000,
         description="Largest image (width x height) decoded; larger ones are refused unread.",
     )
     max_audio_seconds: float = Field(

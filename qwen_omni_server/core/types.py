@@ -22,10 +22,11 @@ class VideoInput:
     frames: list[Image.Image]
     fps: float
     audio: np.ndarray | None = None  # its own audio track, 16 kHz mono, given with the video
-    source: bytes | None = None  # the file itself, kept only where it is sent on (ENGINE=openai)
+    source: bytes | None = None  # the file itself, kept for an engine that passes files on
 
 
-# text, picture (decoded; or, ENGINE=openai, a media.PictureFile sent on as it came), 16 kHz mono audio, video
+# text, picture (decoded; or, for an engine that passes files on, a media.PictureFile as it came), 16 kHz mono
+# audio, video
 Part = "str | Image.Image | PictureFile | np.ndarray | VideoInput"
 
 
@@ -68,7 +69,7 @@ class GenerationResult:
     prompt_tokens_by_modality: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     finish_reason: str = "stop"  # or "length"
-    inputs: dict[str, list[dict]] = field(default_factory=dict)  # per file, what the model got (prompts.py)
+    inputs: dict[str, list[dict]] = field(default_factory=dict)  # per file, what the model got (core.conversation)
 
 
 def with_parts_replaced(request: GenerationRequest, new: dict[int, Any]) -> GenerationRequest:

@@ -14,7 +14,8 @@ T = TypeVar("T")
 
 
 class ModelWorker:
-    """The single thread that owns the model: jobs run one at a time, in arrival order.
+    """The threads that run an engine's jobs in arrival order: by default one, which owns the local model, so
+    jobs run one at a time.
 
     At most `max_waiting` jobs wait; more are refused at once (QueueFull). A waiter whose client
     went away cancels its job if it has not started; a running job always finishes (or is
@@ -45,7 +46,7 @@ class ModelWorker:
             self.waiting -= 1
 
     def submit(self, job: Callable[..., T], *args: Any, reserved: bool = False) -> Future:
-        """Queue `job(*args)` on the model thread; QueueFull when too many already wait."""
+        """Queue `job(*args)` on the worker's threads; QueueFull when too many already wait."""
         if not reserved:
             self.reserve()
         context = contextvars.copy_context()  # the request id follows the job into the log

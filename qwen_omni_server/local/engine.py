@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from transformers import StoppingCriteriaList
 
+from qwen_omni_server.core.engine import BaseEngine
 from qwen_omni_server.core.errors import Cancelled, SpeechError
-from qwen_omni_server.core.protocols import BaseEngine
 from qwen_omni_server.core.settings import Settings
 from qwen_omni_server.core.types import GenerationRequest, GenerationResult, cut_at_stop
 from qwen_omni_server.local import quantization

@@ -183,7 +183,10 @@ def load_model(settings: Settings) -> LoadedModel:
             quantization_config=quantization_config,
         ).eval()
         scheme = quantization.loaded_scheme(config, settings.quantization)
-        quantization.check_loaded(model, scheme, find_component(model, "language_model") or "")
+        language_model = find_component(model, "language_model")
+        if language_model is None:
+            raise ModelLoadError(f"MODEL_PATH={settings.model_path!r}: the checkpoint has no language model")
+        quantization.check_loaded(model, scheme, language_model)
         processor = Qwen2_5OmniProcessor.from_pretrained(settings.model_path)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"could not load the checkpoint at MODEL_PATH={settings.model_path!r}: {error}") from error

@@ -21,8 +21,8 @@ import httpx
 import orjson
 
 from qwen_omni_server.core.conversation import conversation, describe_inputs
+from qwen_omni_server.core.engine import BaseEngine, Worker
 from qwen_omni_server.core.errors import Cancelled, EngineUnavailable
-from qwen_omni_server.core.protocols import BaseEngine, Worker
 from qwen_omni_server.core.settings import Settings
 from qwen_omni_server.core.types import GenerationRequest, GenerationResult
 from qwen_omni_server.upstream.pool import CONNECT_SECONDS, Pool, Upstream, UpstreamWorker

@@ -22,8 +22,8 @@ from qwen_omni_server.api.sse import Stream, streamed
 from qwen_omni_server.api.state import EngineDep, SettingsDep, WorkerDep, request_started
 from qwen_omni_server.api.uploads import DecodeOptions, check_uploads, close_form, decode_uploads, read_form
 from qwen_omni_server.core.audio import SPEECH_SAMPLE_RATE, wav_bytes
+from qwen_omni_server.core.engine import Engine, Worker
 from qwen_omni_server.core.errors import SpeechError
-from qwen_omni_server.core.protocols import Engine, Worker
 from qwen_omni_server.core.settings import Settings
 from qwen_omni_server.core.types import GenerationRequest, GenerationResult
 

@@ -27,8 +27,8 @@ from qwen_omni_server.api.state import EngineDep, SettingsDep, WorkerDep, reques
 from qwen_omni_server.api.uploads import decode_file
 from qwen_omni_server.core import media
 from qwen_omni_server.core.audio import pcm16, wav_bytes
+from qwen_omni_server.core.engine import Engine, Worker
 from qwen_omni_server.core.errors import SpeechError
-from qwen_omni_server.core.protocols import Engine, Worker
 from qwen_omni_server.core.settings import Settings
 from qwen_omni_server.core.types import ChatTurn, GenerationRequest, GenerationResult, VideoInput
 
@@ -137,11 +137,19 @@ def without_video_audio(turns: list[ChatTurn]) -> list[ChatTurn]:
 def check_request(body: ChatCompletionRequest, settings: Settings, engine: Engine) -> str | None:
     """The checks that need no media: limits, and speech (the voice to speak with, when it is asked for)."""
     options = body.mm_processor_kwargs or ProcessorOptions()
-    check_limits(
-        settings,
-        max_new_tokens=("max_tokens", body.max_completion_tokens or body.max_tokens),
-        max_pixels=("mm_processor_kwargs.max_pixels", options.max_pixels),
-    )
+    check_limits(settings, max_new_tokens=("max_tokens", max_tokens(body, settings)))
+    voice = check_voice(body, engine)
+    check_limits(settings, max_pixels=("mm_processor_kwargs.max_pixels", options.max_pixels))
+    return voice
+
+
+def max_tokens(body: ChatCompletionRequest, settings: Settings) -> int:
+    """The answer's bound: the request's, else DEFAULT_MAX_NEW_TOKENS."""
+    return body.max_completion_tokens or body.max_tokens or settings.default_max_new_tokens
+
+
+def check_voice(body: ChatCompletionRequest, engine: Engine) -> str | None:
+    """The voice to speak with, when speech is asked for (a 400 when it cannot be given)."""
     if "audio" not in body.modalities:
         return None
     try:
@@ -169,7 +177,7 @@ def generation_of(
         text=None,
         system_prompt=None,
         turns=without_video_audio(turns) if options.use_audio_in_video is False else turns,
-        max_new_tokens=body.max_completion_tokens or body.max_tokens or settings.default_max_new_tokens,
+        max_new_tokens=max_tokens(body, settings),
         return_audio="audio" in body.modalities,
         speaker=voice,
         temperature=body.temperature,

@@ -12,7 +12,7 @@ from qwen_omni_server import __version__
 from qwen_omni_server.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from qwen_omni_server.api.protocol import FORM_FIELDS
 from qwen_omni_server.api.state import ModelState, SettingsDep
-from qwen_omni_server.core.protocols import Engine
+from qwen_omni_server.core.engine import Engine
 from qwen_omni_server.core.settings import Settings
 
 router = APIRouter()

@@ -70,11 +70,13 @@ class Engine(Protocol):
         ...
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """The answer; raises InputRejected (PromptTooLong), SpeechError, Cancelled or EngineUnavailable."""
+        """The answer; raises InputRejected (PromptTooLong), SpeechError, OutOfMemory, Cancelled or
+        EngineUnavailable."""
         ...
 
     def new_worker(self, max_waiting: int) -> Worker:
-        """A fresh worker for this engine's jobs (one per server start), admitting `max_waiting` beyond those running."""
+        """A fresh worker for this engine's jobs (one per server start); the local model's admits `max_waiting`
+        beyond the one running, the upstreams' as many as they take."""
         ...
 
     def close(self) -> None:
