@@ -94,7 +94,8 @@ class UpstreamEngine(BaseEngine):
         if request.stop is not None and request.stop.is_set():
             raise Cancelled("the request was cancelled before it started")
         started = time.perf_counter()
-        body = chat_body(request, self.settings)
+        turns = conversation(request, self.settings.default_system_prompt)
+        body = chat_body(request, turns)
         encoded = time.perf_counter()
         job = asyncio.run_coroutine_threadsafe(self._until_stopped(body, request), self._loop)
         try:
@@ -102,7 +103,7 @@ class UpstreamEngine(BaseEngine):
         finally:
             job.cancel()
         result.timings_ms = {"prepare": (encoded - started) * 1000, "generate": (time.perf_counter() - encoded) * 1000}
-        result.inputs = result.inputs or describe_inputs(conversation(request, self.settings.default_system_prompt))
+        result.inputs = result.inputs or describe_inputs(turns)
         return result
 
     # -- calling upstreams

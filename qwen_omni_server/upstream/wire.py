@@ -22,11 +22,10 @@ import pybase64
 from PIL import Image
 
 from qwen_omni_server.core.audio import float_wav_bytes, read_wav
-from qwen_omni_server.core.conversation import conversation, interleaves_video_audio, videos_of
+from qwen_omni_server.core.conversation import interleaves_video_audio, videos_of
 from qwen_omni_server.core.errors import EngineUnavailable, InputRejected, PromptTooLong
 from qwen_omni_server.core.media import PictureFile
-from qwen_omni_server.core.settings import Settings
-from qwen_omni_server.core.types import GenerationRequest, GenerationResult, VideoInput
+from qwen_omni_server.core.types import ChatTurn, GenerationRequest, GenerationResult, VideoInput
 
 
 class Retry(Exception):
@@ -36,9 +35,9 @@ class Retry(Exception):
 # ---------------------------------------------------------------- the request
 
 
-def chat_body(request: GenerationRequest, settings: Settings) -> dict[str, Any]:
-    """`request` as a Chat Completions body (without `model`): messages, decoding, media options, speech."""
-    turns = conversation(request, settings.default_system_prompt)  # as the local engine reads it
+def chat_body(request: GenerationRequest, turns: list[ChatTurn]) -> dict[str, Any]:
+    """`request`, whose conversation is `turns` (`core.conversation`, as the local engine reads it), as a Chat
+    Completions body (without `model`): messages, decoding, media options, speech."""
     videos = videos_of(turns)
     # As the local model: every video's sound interleaved with its frames, or (some silent) each track after
     # its video as plain audio; the upstream is told not to take the tracks from the files itself.
