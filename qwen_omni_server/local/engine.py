@@ -31,7 +31,7 @@ from qwen_omni_server.local.residency import (
     warm_up,
 )
 from qwen_omni_server.local.speaker import Speaker
-from qwen_omni_server.local.streaming import StopWhenSet, TextDeltas
+from qwen_omni_server.local.streaming import StopAtStopStrings, StopWhenSet, TextDeltas
 
 logger = logging.getLogger(__name__)
 
@@ -205,10 +205,13 @@ class OmniEngine(BaseEngine):
                 decoding["min_p"] = sampling["min_p"]
         if "repetition_penalty" in sampling:
             decoding["repetition_penalty"] = sampling["repetition_penalty"]
-        if request.stop_strings:
-            decoding.update(stop_strings=request.stop_strings, tokenizer=self.processor.tokenizer)
+        criteria = StoppingCriteriaList()
+        if request.stop_strings:  # not generate()'s stop_strings: those build tables over the whole vocabulary
+            criteria.append(StopAtStopStrings(self.processor.tokenizer, request.stop_strings))
         if request.stop is not None:
-            decoding["stopping_criteria"] = StoppingCriteriaList([StopWhenSet(request.stop)])
+            criteria.append(StopWhenSet(request.stop))
+        if criteria:
+            decoding["stopping_criteria"] = criteria
         if request.on_text is not None:
             decoding["streamer"] = TextDeltas(self.processor.tokenizer, request.on_text, request.stop_strings)
         return decoding
