@@ -2,7 +2,8 @@
 on the CPU for real, logits for the last position only, a warm-up, and recovery from out-of-memory.
 
 - `make_resident`: transformers maps checkpoint files into memory and reads them on first use, so a
-  server that says ready would pay for the disk on its first request; every weight is copied in.
+  server that says ready would pay for the disk on its first request; every weight is copied in, the
+  offloaded ones into one arena pinned as it is (`host_arena`: pinned bytes = the weights' bytes).
 - `run_on_cpu`: accelerate runs a module mapped to `cpu` in a GPU map *on the GPU*, streaming its
   weights in at each call; this puts an encoder's weights back on the CPU and computes there, so only
   its inputs and output embeddings cross PCIe.
@@ -18,7 +19,9 @@ import functools
 import gc
 import logging
 import time
-from typing import Callable
+import weakref
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,9 +37,10 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------- weights in memory
 
 
-def make_resident(model: torch.nn.Module) -> int:
-    """Copy every host-side weight into ordinary (or, with CUDA, pinned) memory, away from the
-    memory-mapped checkpoint; returns the bytes copied. Tied weights stay tied."""
+def make_resident(model: torch.nn.Module, pinning: HostPinning | None = None) -> int:
+    """Copy every host-side weight into ordinary memory, away from the memory-mapped checkpoint, the offloaded
+    ones into one arena that `pinning` pins (by default CudaHostPinning, where CUDA is available); returns the
+    bytes copied. Tied weights stay tied."""
     copied = 0
     seen: set[int] = set()
     for module in model.modules():
@@ -46,20 +50,86 @@ def make_resident(model: torch.nn.Module) -> int:
             seen.add(id(tensor))
             tensor.data = tensor.data.clone()
             copied += tensor.numel() * tensor.element_size()
-    # Offloaded weights live in accelerate's hooks; pinned memory also speeds their copies to the GPU.
-    stores = {id(store): store for store in _offload_stores(model)}
-    pin = torch.cuda.is_available()
-    for store in stores.values():
-        copies: dict[int, torch.Tensor] = {}
+    if pinning is None and torch.cuda.is_available():
+        pinning = CudaHostPinning()
+    return copied + _offloaded_into_arena(_offload_stores(model), pinning)
+
+
+def _offloaded_into_arena(stores: list[dict[str, torch.Tensor]], pinning: HostPinning | None) -> int:
+    """Replace the offloaded weights behind accelerate's hooks by copies in one host arena (pinned memory
+    speeds their copies to the GPU); returns the bytes copied."""
+    stores = list({id(store): store for store in stores}.values())
+    originals: dict[tuple, torch.Tensor] = {}
+    for store in stores:
+        for tensor in store.values():
+            if tensor.device.type == "cpu":
+                originals.setdefault(_identity(tensor), tensor)
+    copies = dict(zip(originals, host_arena(list(originals.values()), pinning)))
+    for store in stores:
         for key, tensor in store.items():
-            if tensor.device.type != "cpu":
-                continue
-            pointer = tensor.data_ptr()
-            if pointer not in copies:
-                copies[pointer] = tensor.pin_memory() if pin else tensor.clone()
-                copied += tensor.numel() * tensor.element_size()
-            store[key] = copies[pointer]
-    return copied
+            if tensor.device.type == "cpu":
+                store[key] = copies[_identity(tensor)]
+    return sum(tensor.numel() * tensor.element_size() for tensor in originals.values())
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    """Tensors with the same identity are one weight (tied ones): they get one copy."""
+    return tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride())
+
+
+ARENA_ALIGNMENT = 64  # bytes: each copy starts on a cache line, aligned for every dtype
+
+
+def host_arena(
+    tensors: list[torch.Tensor], pinning: HostPinning | None = None, alignment: int = ARENA_ALIGNMENT
+) -> list[torch.Tensor]:
+    """Copies of `tensors` in one ordinary host allocation, each at an aligned offset; it lives as long as any
+    copy does. With `pinning`, the allocation is registered once, exactly its size, and unregistered when it
+    is freed."""
+    offsets, size = [], 0
+    for tensor in tensors:
+        offsets.append(size)
+        size += -(-tensor.numel() * tensor.element_size() // alignment) * alignment
+    buffer = np.empty(size + alignment, dtype=np.uint8)  # the torch tensors below keep it alive
+    start = -buffer.ctypes.data % alignment
+    arena = torch.from_numpy(buffer)[start : start + size]
+    copies = []
+    with torch.no_grad():
+        for tensor, offset in zip(tensors, offsets):
+            piece = arena[offset : offset + tensor.numel() * tensor.element_size()]
+            copies.append(piece.view(tensor.dtype).view(tensor.shape).copy_(tensor))
+    if pinning is not None and size and pinning.register(arena.data_ptr(), size):
+        weakref.finalize(buffer, pinning.unregister, arena.data_ptr()).atexit = False  # the process frees it all
+    return copies
+
+
+class HostPinning(Protocol):
+    """Page-locks a range of host memory for the GPU (whether it did), and releases it."""
+
+    def register(self, pointer: int, size: int) -> bool: ...
+
+    def unregister(self, pointer: int) -> None: ...
+
+
+class CudaHostPinning:
+    """Registers host memory with the CUDA driver as it is, exactly the range given. (Tensor.pin_memory() copies
+    into torch's caching host allocator instead, whose blocks are rounded up to a power of two: a 136 MB weight
+    takes 256 MB.) A range that cannot be pinned stays pageable: its copies to the GPU are slower, not wrong."""
+
+    def register(self, pointer: int, size: int) -> bool:
+        try:
+            torch.cuda.check_error(int(torch.cuda.cudart().cudaHostRegister(pointer, size, 0)))
+        except (RuntimeError, AssertionError) as error:  # CudaError, or a torch without the CUDA runtime
+            logger.warning("could not pin %.2f GiB of offloaded weights (%s): they stay pageable", size / 2**30, error)
+            return False
+        logger.info("offloaded weights: %.2f GiB of host memory pinned", size / 2**30)
+        return True
+
+    def unregister(self, pointer: int) -> None:
+        try:
+            torch.cuda.check_error(int(torch.cuda.cudart().cudaHostUnregister(pointer)))
+        except RuntimeError as error:
+            logger.warning("could not unpin the offloaded weights' memory (%s)", error)
 
 
 def _offload_stores(model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
