@@ -8,6 +8,8 @@ fits in memory. The time inside the decoder layers is clocked, and the full 36-l
 tokens/s are the time outside them (embeddings, lm_head, generation) plus 36 times the measured
 time per layer. The encoders are cut to one layer each (this bench reads text). Prefill: logits of the last position only,
 as the engine computes them. bfloat16 is measured against float32 in the same run (ratio < 1: slower).
+The last line is DTYPE=auto's start-up check in the same run (`devices.measure_matmul_pace`: one MLP product
+of the thinker, for a decoding step and a 64-token prefill), to compare with what the whole model shows.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from qwen_omni_server.local.loading import MODEL_SHORTHANDS, load_config  # noqa: E402
-from qwen_omni_server.local.residency import keep_last_logits  # noqa: E402
+from qwen_omni_server.local.devices import measure_matmul_pace, thinker_widths
+from qwen_omni_server.local.loading import MODEL_SHORTHANDS, load_config
+from qwen_omni_server.local.residency import keep_last_logits
 
 OUT = ROOT / "bench" / "out"
 
@@ -89,6 +92,23 @@ def measure(thinker, prompt: int, new: int, repeats: int, full_layers: int) -> d
     }
 
 
+def startup_check() -> dict[str, float]:
+    """DTYPE=auto's start-up measurement on the 3B's shapes: bfloat16 / float32 speed, as the ratios above."""
+    widths = thinker_widths(load_config(str(MODEL_SHORTHANDS["3b"])))
+    fp32, bf16 = (measure_matmul_pace(dtype, *widths) for dtype in (torch.float32, torch.bfloat16))
+    ratios = {
+        "prefill": fp32.prefill_s / bf16.prefill_s,
+        "decode": fp32.decode_s / bf16.decode_s,
+        "reference_request": fp32.reference_request_s() / bf16.reference_request_s(),
+    }
+    print(
+        f"DTYPE=auto's start-up check, bfloat16 / float32 speed: prefill {ratios['prefill']:.2f}, decode "
+        f"{ratios['decode']:.2f}, reference request {ratios['reference_request']:.2f}: picks "
+        f"{'bfloat16' if ratios['reference_request'] > 1 else 'float32'} (float32: {fp32}; bfloat16: {bf16})"
+    )
+    return ratios
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (OMP)")
@@ -130,10 +150,11 @@ def main() -> int:
         f"bfloat16 / float32 tokens/s: prefill {ratios['prefill']:.2f}, decode {ratios['decode']:.2f} "
         f"({args.threads} thread(s), {args.prompt}-token prompt, {args.new} new tokens)"
     )
+    check = startup_check()
     OUT.mkdir(parents=True, exist_ok=True)
     report = {"threads": args.threads, "prompt": args.prompt, "new": args.new, "repeats": args.repeats}
     report["layers"] = args.layers
-    report.update(results=results, ratios=ratios)
+    report.update(results=results, ratios=ratios, startup_check=check)
     (OUT / "cpu_dtype_bench.json").write_text(json.dumps(report, indent=2))
     return 0
 

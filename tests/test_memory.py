@@ -15,6 +15,7 @@ from conftest import tiny_settings
 from fastapi.testclient import TestClient
 
 from qwen_omni_server.core.types import GenerationRequest
+from qwen_omni_server.local import devices
 from qwen_omni_server.local.devices import cpu_dtype
 from qwen_omni_server.local.engine import OmniEngine
 from qwen_omni_server.local.loading import load_config
@@ -129,16 +130,57 @@ def test_an_offloaded_encoder_can_be_made_to_compute_on_the_cpu(engine):
             remove_hook_from_module(visual, recurse=True)
 
 
-def test_dtype_auto_on_the_cpu_follows_the_free_ram(tiny_model_dir):
+# Seconds of the 3B thinker's MLP product for a decoding step and a 64-token prefill, 1 thread: measured on
+# a CPU with AVX512-BF16, and bfloat16 4x slower than float32 as on an AVX2-only CPU.
+BF16_FASTER = {torch.float32: (0.0036, 0.0295), torch.bfloat16: (0.0022, 0.0069)}
+FP32_FASTER = {torch.float32: (0.0036, 0.0295), torch.bfloat16: (0.0144, 0.118)}
+
+
+class Paces:
+    """Hands `cpu_dtype` the given paces instead of measuring them, and remembers which dtypes it asked for."""
+
+    def __init__(self, seconds: dict[torch.dtype, tuple[float, float]]) -> None:
+        self.seconds, self.asked = seconds, []
+
+    def __call__(self, dtype: torch.dtype) -> devices.MatmulPace:
+        self.asked.append(dtype)
+        return devices.MatmulPace(*self.seconds[dtype])
+
+
+@pytest.fixture(scope="module")
+def config_3b():
     from conftest import ROOT
 
-    config = load_config(str(ROOT / "configs" / "qwen2.5-omni-3b.config.json"))
+    return load_config(str(ROOT / "configs" / "qwen2.5-omni-3b.config.json"))
+
+
+def test_dtype_auto_on_the_cpu_takes_bfloat16_where_it_is_faster(tiny_model_dir, config_3b):
     settings = tiny_settings(tiny_model_dir, dtype="auto")
-    dtype, why = cpu_dtype(settings, config, available_bytes=64 * GiB)
-    assert dtype == torch.float32 and "float32 needs" in why
-    dtype, why = cpu_dtype(settings, config, available_bytes=16 * GiB)  # 18.8 GB of float32 weights do not fit
-    assert dtype == torch.bfloat16 and "bfloat16 needs" in why
-    assert cpu_dtype(settings, load_config(str(tiny_model_dir)), available_bytes=4 * GiB)[0] == torch.float32
+    dtype, why = cpu_dtype(settings, config_3b, available_bytes=64 * GiB, pace=Paces(BF16_FASTER))  # both fit
+    assert dtype == torch.bfloat16, why
+    assert "x0.42 the time" in why and "float32: 3.6 ms a decoding step, 29.5 ms a 64-token prefill" in why
+    assert "bfloat16: 2.2 ms a decoding step" in why and "GiB of RAM" in why and "64.0 GiB is free" in why
+
+
+def test_dtype_auto_on_the_cpu_takes_float32_where_it_is_faster_and_fits(tiny_model_dir, config_3b):
+    settings = tiny_settings(tiny_model_dir, dtype="auto")
+    dtype, why = cpu_dtype(settings, config_3b, available_bytes=64 * GiB, pace=Paces(FP32_FASTER))
+    assert dtype == torch.float32 and "x4.00 the time" in why, why
+    dtype, why = cpu_dtype(settings, load_config(str(tiny_model_dir)), available_bytes=4 * GiB)  # measured here
+    assert dtype == torch.float32 and "a model this small" in why, why  # fast in either: the exact one
+
+
+def test_dtype_auto_on_the_cpu_takes_bfloat16_where_only_it_fits(tiny_model_dir, config_3b):
+    settings = tiny_settings(tiny_model_dir, dtype="auto")
+    paces = Paces(FP32_FASTER)
+    dtype, why = cpu_dtype(settings, config_3b, available_bytes=16 * GiB, pace=paces)  # float32 needs about 21.5 GiB
+    assert dtype == torch.bfloat16 and why.startswith("only bfloat16 fits") and not paces.asked
+
+
+def test_the_cpu_pace_is_measured_on_the_thinkers_shapes(config_3b):
+    assert devices.thinker_widths(config_3b) == (2048, 11008)
+    pace = devices.measure_matmul_pace(torch.bfloat16, 64, 96, tokens=8, seconds=0.01)
+    assert 0 < pace.decode_s and 0 < pace.prefill_s and pace.prefill_tokens == 8
 
 
 # ---------------------------------------------------------------- out of memory, injected into a real generation

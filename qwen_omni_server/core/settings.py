@@ -38,8 +38,8 @@ class ModelSettings(BaseModel):
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto",
-        description="Weights dtype: 'auto' is bf16 on GPUs that support it, else fp16; on the CPU fp32 where it "
-        "fits the free RAM with headroom, else bf16.",
+        description="Weights dtype: 'auto' is bf16 on GPUs that support it, else fp16; on the CPU the faster of fp32 "
+        "and bf16 (timed at start-up on the model's shapes) that fits the free RAM with headroom.",
     )
     quantization: Literal["none", "int8", "nf4"] = Field(
         "none",

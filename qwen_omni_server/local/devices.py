@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,8 +136,8 @@ def _gpu_budget(settings: Settings) -> int:
 
 
 def resolve_dtype(settings: Settings, uses_gpu: bool, config=None) -> torch.dtype:
-    """DTYPE as a torch dtype: auto is bf16 where the GPU supports it, else fp16; on the CPU, float32
-    where the whole model fits the free RAM with headroom (see `cpu_dtype`), else bfloat16."""
+    """DTYPE as a torch dtype: auto is bf16 where the GPU supports it, else fp16; on the CPU, the faster of
+    float32 and bfloat16 on this CPU that fits the free RAM with headroom (see `cpu_dtype`)."""
     if settings.dtype != "auto":
         return getattr(torch, settings.dtype)
     if uses_gpu and torch.cuda.is_available():
@@ -148,23 +150,83 @@ def resolve_dtype(settings: Settings, uses_gpu: bool, config=None) -> torch.dtyp
 
 
 HOST_HEADROOM = 1.15  # what DTYPE=auto leaves free beyond the plan's host RAM, as a factor
+# DTYPE=auto on the CPU weighs the dtypes' paces over a reference request: an image at the default pixel
+# budget (1,280 tokens) or a long text prompt, and a short answer.
+REFERENCE_PROMPT_TOKENS = 1024
+REFERENCE_ANSWER_TOKENS = 128
+PREFILL_TOKENS = 64  # the prompt tokens of the measured prefill product
+PACE_MATTERS_S = 0.05  # below this for a reference request in float32, the model is fast either way: float32
 
 
-def cpu_dtype(settings: Settings, config, available_bytes: int | None = None) -> tuple[torch.dtype, str]:
-    """float32 where the all-CPU plan in float32 fits the available RAM with headroom (fast on every
-    CPU), else bfloat16 (half the memory; slow on CPUs without AVX512-BF16/AMX); and why."""
+def cpu_dtype(
+    settings: Settings,
+    config,
+    available_bytes: int | None = None,
+    pace: Callable[[torch.dtype], MatmulPace] | None = None,
+) -> tuple[torch.dtype, str]:
+    """The faster of float32 and bfloat16 on this CPU (`pace`: the thinker's matrix products measured in each,
+    by default `measure_matmul_pace`) of those whose all-CPU plan fits the available RAM with headroom:
+    bfloat16 where float32 does not fit; and why, with the figures."""
     available = available_host_bytes() if available_bytes is None else available_bytes
-    needed = cpu_plan(settings, config, torch.float32).host_bytes
-    if needed * HOST_HEADROOM <= available:
-        return torch.float32, f"float32 needs {needed / GiB:.1f} GiB of RAM, {available / GiB:.1f} GiB is available"
-    half = cpu_plan(settings, config, torch.bfloat16).host_bytes
-    return torch.bfloat16, (
-        f"float32 would need {needed / GiB:.1f} GiB of RAM, only {available / GiB:.1f} GiB is available: "
-        f"bfloat16 needs {half / GiB:.1f} GiB (slower on CPUs without AVX512-BF16/AMX; set DTYPE to choose)"
+    full, half = (cpu_plan(settings, config, dtype).host_bytes for dtype in (torch.float32, torch.bfloat16))
+    ram = f"float32 needs {full / GiB:.1f} GiB of RAM, bfloat16 {half / GiB:.1f} GiB; {available / GiB:.1f} GiB is free"
+    if full * HOST_HEADROOM > available:
+        return torch.bfloat16, f"only bfloat16 fits: {ram}"
+    if pace is None:
+        hidden, intermediate = thinker_widths(config)
+        pace = functools.partial(measure_matmul_pace, hidden=hidden, intermediate=intermediate)
+    paces = {dtype: pace(dtype) for dtype in (torch.float32, torch.bfloat16)}
+    seconds = {dtype: measured.reference_request_s() for dtype, measured in paces.items()}
+    figures = "; ".join(f"{str(dtype).removeprefix('torch.')}: {measured}" for dtype, measured in paces.items())
+    if seconds[torch.float32] < PACE_MATTERS_S:
+        return torch.float32, f"the exact one, for a model this small is fast in either ({figures}); {ram}"
+    faster = min(seconds, key=seconds.__getitem__)
+    return faster, (
+        f"the faster here: over {REFERENCE_PROMPT_TOKENS} prompt and {REFERENCE_ANSWER_TOKENS} answer tokens, "
+        f"bfloat16's matrix products take x{seconds[torch.bfloat16] / seconds[torch.float32]:.2f} the time of "
+        f"float32's ({figures}); {ram}"
     )
 
 
 def cpu_plan(settings: Settings, config, dtype: torch.dtype) -> Plan:
+@dataclass(frozen=True)
+class MatmulPace:
+    """Seconds of one of the thinker's MLP products ([tokens, hidden] x [hidden, intermediate]) in one dtype:
+    for a decoding step (1 token) and for a block of `prefill_tokens` prompt tokens."""
+
+    decode_s: float
+    prefill_s: float
+    prefill_tokens: int = PREFILL_TOKENS
+
+    def reference_request_s(self) -> float:
+        """The product's seconds over a reference request (REFERENCE_PROMPT_TOKENS, REFERENCE_ANSWER_TOKENS)."""
+        return REFERENCE_PROMPT_TOKENS / self.prefill_tokens * self.prefill_s + REFERENCE_ANSWER_TOKENS * self.decode_s
+
+    def __str__(self) -> str:
+        decode, prefill = self.decode_s * 1000, self.prefill_s * 1000
+        return f"{decode:.3g} ms a decoding step, {prefill:.3g} ms a {self.prefill_tokens}-token prefill"
+
+
+def thinker_widths(config) -> tuple[int, int]:
+    """The thinker's decoder widths: hidden and MLP intermediate sizes."""
+    text = config.thinker_config.text_config
+    return text.hidden_size, text.intermediate_size
+
+
+def measure_matmul_pace(
+    dtype: torch.dtype, hidden: int, intermediate: int, tokens: int = PREFILL_TOKENS, seconds: float = 0.1
+) -> MatmulPace:
+    """The thinker's MLP up-projection timed on this CPU in `dtype`, laid out as its nn.Linear lays it out
+    (the layout changes the kernel and its pace; the values do not): for one token and for `tokens`, the
+    best of the runs in `seconds` (at least two each, at most ten)."""
+    weight = torch.full((intermediate, hidden), 0.01, dtype=dtype)
+    step, block = (torch.full((rows, hidden), 0.5, dtype=dtype) for rows in (1, tokens))
+    with torch.inference_mode():
+        decode = _best_seconds(lambda: torch.nn.functional.linear(step, weight), seconds, most_runs=10)
+        prefill = _best_seconds(lambda: torch.nn.functional.linear(block, weight), seconds, most_runs=10)
+    return MatmulPace(decode, prefill, tokens)
+
+
     """The all-CPU placement's costs, host RAM included."""
     config = copy.deepcopy(config)
     return plan_placement(
@@ -212,13 +274,20 @@ def cpu_matmul_flops(dtype: torch.dtype, seconds: float = 0.3) -> float:
     """Measured multiply-add throughput of this CPU in `dtype` (FLOP/s), on a decoder-sized product."""
     a = torch.randn(256, 2048).to(dtype)
     b = torch.randn(2048, 2048).to(dtype)
-    best, deadline = float("inf"), time.perf_counter() + seconds
     with torch.inference_mode():
-        while time.perf_counter() < deadline or best == float("inf"):
-            started = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - started)
-    return 2 * 256 * 2048 * 2048 / best
+        return 2 * 256 * 2048 * 2048 / _best_seconds(lambda: a @ b, seconds)
+
+
+def _best_seconds(run: Callable[[], object], seconds: float, most_runs: int | None = None) -> float:
+    """The shortest of the runs of `run` made within `seconds` (at least two, at most `most_runs`), after one
+    that warms up."""
+    run()
+    best, runs, deadline = float("inf"), 0, time.perf_counter() + seconds
+    while runs < 2 or (time.perf_counter() < deadline and runs != most_runs):
+        started = time.perf_counter()
+        run()
+        best, runs = min(best, time.perf_counter() - started), runs + 1
+    return best
 
 
 def cpu_image_seconds(model: Any, pixels: int, flops: float) -> float:
