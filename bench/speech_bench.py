@@ -9,8 +9,8 @@ audio against the whole answer, and peak memory, each against a baseline measure
    frames very little, so it is measured again with its attention and output layers scaled up (a DiT
    whose frames do depend on their neighbours), with the default context and with twice as much.
 2. A ~`--seconds` s spoken answer (a talker whose end codes are switched off, so it speaks for
-   MAX_SPEECH_SECONDS) in a fresh process per mode: non-streamed (thinker, talker, whole
-   synthesis) and streamed (the same, chunked): time to the first audio against the whole time, and
+   MAX_SPEECH_SECONDS) in a fresh process per mode: non-streamed (thinker, talker, chunks collected
+   into one waveform) and streamed (the same chunks sent as made): time to the first audio against the whole time, and
    the peak resident memory above the loaded model's while it runs.
 The real-size talker and token2wav on a GPU are not measured here (no GPU): that figure is pending.
 """

@@ -247,9 +247,11 @@ def test_vocoder_reach_bounds_what_bigvgan_reads(speaking_engine):
 
 @pytest.mark.parametrize("chunk_blocks", [1, 3])
 def test_chunks_decode_to_the_whole_answers_audio(speaking_engine, chunk_blocks):
-    """Tolerance: 1e-4 of the loudest sample. Each chunk's DiT window has the context its block attention
-    reads in one pass and BigVGAN gets its full reach on both sides, with the same noise per frame; what
-    is left is float rounding (windows of other lengths sum in another order), about 1e-6 here."""
+    """Chunked synthesis (every answer's) against the reference, whole synthesis. Tolerance: 1e-4 of the
+    loudest sample. Each chunk's DiT window has the context its block attention reads in one pass and
+    BigVGAN gets its full reach on both sides, with the same noise per frame; what is left is the context
+    frames feeding back into the kept ones at each of the ODE's DiT evaluations (tiny where frames mix as
+    little as in this random DiT; see bench/chunked_speech_bench.py for the real size) and float rounding."""
     codes = some_codes(150)
     synthesis = Token2Wav(speaking_engine.model, "Ethan", seed=11)
     whole = synthesis.whole(codes)
@@ -267,17 +269,28 @@ def test_chunks_decode_to_the_whole_answers_audio(speaking_engine, chunk_blocks)
     assert np.abs(other_noise - whole).max() > 1e-2 * np.abs(whole).max()  # the tolerance can tell noises apart
 
 
+def test_a_talker_that_does_not_end_stops_soon_after_a_short_answer(tiny_model_dir):
+    """SPEECH_SECONDS_PER_TOKEN bounds the talker by the text it speaks: 2 s plus 0.25 s for each of the
+    answer's 2 tokens, where MAX_SPEECH_SECONDS alone let it talk for 8 s."""
+    engine = speaker_without_end(tiny_model_dir, 8, speech_seconds_per_token=0.25)
+    result = engine.generate(GenerationRequest("Say something.", None, max_new_tokens=2, return_audio=True, seed=2))
+    assert len(result.completion_ids) == 2 and not set(result.completion_ids) & set(engine._stop_ids)  # both spoken
+    seconds = len(result.audio) / 24000 if result.audio is not None else 0
+    assert seconds == 2 + 2 * 0.25, f"{seconds} s of speech"
+    assert engine.max_speech_codes() == 400  # the absolute bound: 8 s of 50 codes
+
+
 # ---------------------------------------------------------------- streamed speech over HTTP
 
 
 def speaker_without_end(tiny_model_dir, seconds: float, **settings):
-    """The tiny model with a talker that speaks until MAX_SPEECH_SECONDS: its end codes' output weights are
-    zeroed and the others scaled up, so an end code's probability is nil (a random talker ends within a
-    few dozen codes)."""
+    """The tiny model with a talker that speaks until MAX_SPEECH_SECONDS (SPEECH_SECONDS_PER_TOKEN as long, so
+    that even a one-token answer may take it all, unless `settings` say otherwise): its end codes' output
+    weights are zeroed and the others scaled up, so an end code's probability is nil (a random talker ends
+    within a few dozen codes)."""
+    settings = {"speech_seconds_per_token": seconds, "speech_chunk_blocks": 1, **settings}
     engine = OmniEngine.load(
-        tiny_settings(
-            tiny_model_dir, enable_audio_output=True, max_speech_seconds=seconds, speech_chunk_blocks=1, **settings
-        )
+        tiny_settings(tiny_model_dir, enable_audio_output=True, max_speech_seconds=seconds, **settings)
     )
     with torch.no_grad():
         head = engine.model.talker.codec_head.weight
@@ -330,7 +343,7 @@ def test_speech_streams_in_openai_shape(three_seconds):
     streamed = np.frombuffer(b"".join(pieces), "<i2")
     samples, rate = soundfile.read(io.BytesIO(base64.b64decode(whole.choices[0].message.audio.data)), dtype="int16")
     assert rate == 24000 and len(streamed) == len(samples) == 3 * 24000  # 150 codes of 480 samples
-    assert np.abs(streamed.astype(int) - samples).max() <= 1
+    assert np.array_equal(streamed, samples)  # the same chunks, streamed or collected
 
 
 def test_multimodal_streams_speech_the_same_way(three_seconds):

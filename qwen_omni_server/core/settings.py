@@ -72,12 +72,20 @@ class SpeechSettings(BaseModel):
     max_speech_seconds: float = Field(
         180, gt=0, le=3600, description="Longest spoken answer, in seconds (bounds the talker's codec tokens)."
     )
+    speech_seconds_per_token: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="The most seconds of speech one text token of the answer may take: the talker stops after 2 s "
+        "plus this much per spoken token (or MAX_SPEECH_SECONDS, whichever is less), so a talker that does not end "
+        "stops soon after its text. The default leaves room for digits spelled out and slow voices.",
+    )
     speech_chunk_blocks: int = Field(
         3,
         ge=1,
         le=64,
-        description="Streamed speech: token2wav makes audio in chunks of this many DiT blocks (24 mel frames, "
-        "0.48 s of speech each); fewer starts the voice sooner, more costs less per second of speech.",
+        description="token2wav makes every spoken answer in chunks of this many DiT blocks (24 mel frames, 0.48 s "
+        "of speech each), streamed or not; fewer starts a streamed voice sooner, more costs less per second of speech.",
     )
 
 

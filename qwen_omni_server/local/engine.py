@@ -128,7 +128,8 @@ class OmniEngine(BaseEngine):
         return speaker
 
     def max_speech_codes(self) -> int:
-        """The talker's length bound: MAX_SPEECH_SECONDS in codes."""
+        """The talker's absolute length bound: MAX_SPEECH_SECONDS in codes (an answer's own bound, from its
+        spoken tokens and SPEECH_SECONDS_PER_TOKEN, may be lower)."""
         return self.speaker.max_codes(self.settings.max_speech_seconds)
 
     # -- generation
@@ -160,16 +161,7 @@ class OmniEngine(BaseEngine):
                         **inputs, use_audio_in_video=use_audio_in_video, max_new_tokens=max_new_tokens, **thinker
                     )
                 else:
-                    s = self.settings
-                    spoken = self.speaker.speak(
-                        inputs,
-                        use_audio_in_video,
-                        request,
-                        speaker,
-                        thinker,
-                        s.max_speech_seconds,
-                        s.speech_chunk_blocks,
-                    )
+                    spoken = self.speaker.speak(inputs, use_audio_in_video, request, speaker, thinker, self.settings)
                     sequences, audio, warnings = spoken.sequences, spoken.audio, warnings + spoken.warnings
             prompt_tokens = int(inputs["input_ids"].shape[1])
             generated = sequences[0, prompt_tokens:].cpu()

@@ -1,6 +1,6 @@
 """The speaker: a spoken answer, told as Qwen2.5-Omni's own pipeline tells it but able to stop and stream:
 the thinker writes the text (keeping its hidden states), the talker speaks the part that is returned, and
-token2wav turns the codes into audio, whole or chunk by chunk (`speech`)."""
+token2wav turns the codes into audio chunk by chunk (`speech`), streamed or collected into one waveform."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from qwen_omni_server.core.audio import SPEECH_SAMPLE_RATE
+from qwen_omni_server.core.settings import SpeechSettings
 from qwen_omni_server.core.types import GenerationRequest, cut_at_stop
 from qwen_omni_server.local.speech import (
     NO_SPEECH_WARNING,
@@ -26,6 +27,8 @@ from qwen_omni_server.local.speech import (
 )
 
 logger = logging.getLogger(__name__)
+
+SPEECH_ALLOWANCE_SECONDS = 2.0  # speech an answer may take besides its tokens' (SPEECH_SECONDS_PER_TOKEN each)
 
 
 @dataclass
@@ -45,10 +48,15 @@ class Speaker:
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
 
     def max_codes(self, max_seconds: float) -> int:
-        """The talker's length bound: `max_seconds` of speech in codes (each code is `repeats` mel frames)."""
+        """`max_seconds` of speech in codes (each code is `repeats` mel frames)."""
         token2wav = self.model.config.token2wav_config
         samples_per_code = token2wav.dit_config.repeats * math.prod(token2wav.bigvgan_config.upsample_rates)
         return max(1, int(max_seconds * SPEECH_SAMPLE_RATE / samples_per_code))
+
+    def talker_max_codes(self, spoken_tokens: int, max_seconds: float, seconds_per_token: float) -> int:
+        """The talker's length bound for an answer of `spoken_tokens` text tokens: `seconds_per_token` each and
+        SPEECH_ALLOWANCE_SECONDS more, never past `max_seconds` (a talker that never ends stops there)."""
+        return self.max_codes(min(max_seconds, SPEECH_ALLOWANCE_SECONDS + spoken_tokens * seconds_per_token))
 
     def speak(
         self,
@@ -57,8 +65,7 @@ class Speaker:
         request: GenerationRequest,
         voice: str,
         thinker: dict[str, Any],
-        max_seconds: float,
-        chunk_blocks: int,
+        settings: SpeechSettings,
     ) -> Spoken:
         """Thinker (with `thinker`'s generate() arguments), then talker and token2wav over the text returned."""
         limit = request.max_new_tokens
@@ -87,7 +94,8 @@ class Speaker:
         arguments = talker_inputs(self.model, inputs, use_audio_in_video, output, spoken, bos)
         del output  # every layer's hidden states of every step: the talker has what it needs
         synthesis = Token2Wav(self.model, voice, seed=request.seed, stop=stop)
-        return self._voice(sequences, arguments, synthesis, request, self.max_codes(max_seconds), chunk_blocks)
+        max_codes = self.talker_max_codes(spoken, settings.max_speech_seconds, settings.speech_seconds_per_token)
+        return self._voice(sequences, arguments, synthesis, request, max_codes, settings.speech_chunk_blocks)
 
     def _voice(
         self,
@@ -98,20 +106,24 @@ class Speaker:
         max_codes: int,
         chunk_blocks: int,
     ) -> Spoken:
-        """The talker's codes, and token2wav's audio of them (chunk by chunk to `on_audio`, or whole)."""
+        """The talker's codes, and token2wav's audio of them chunk by chunk as they come: to `on_audio`, or
+        collected into one waveform."""
         stop = synthesis.stop
-        chunked = synthesis.chunked(chunk_blocks, request.on_audio) if request.on_audio is not None else None
+        pieces: list[np.ndarray] = []
+        # A copy: a piece is a view of its BigVGAN run's output, which holds the margins around it too.
+        on_audio = request.on_audio if request.on_audio is not None else lambda audio: pieces.append(audio.copy())
+        chunked = synthesis.chunked(chunk_blocks, on_audio)
         try:
-            codes = talk(self.model, arguments, max_codes, chunked.add if chunked else lambda codes: None, stop)
+            codes = talk(self.model, arguments, max_codes, chunked.add, stop)
             if codes.dropped:
                 logger.info("the talker sampled %d codes that are not speech; token2wav skipped them", codes.dropped)
             if stop.is_set():
                 return Spoken(sequences)
             if not codes.codes:
                 return Spoken(sequences, warnings=[NO_SPEECH_WARNING])
-            if chunked is not None:
-                chunked.finish()
+            chunked.finish()
+            if stop.is_set() or request.on_audio is not None:
                 return Spoken(sequences)
-            return Spoken(sequences, synthesis.whole(codes.codes))
+            return Spoken(sequences, np.concatenate(pieces))
         except Stopped:  # given up while token2wav ran: nobody waits for this answer any more
             return Spoken(sequences)

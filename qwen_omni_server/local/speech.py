@@ -9,11 +9,15 @@ The pipeline after the thinker (Qwen2.5-Omni's own, re-told so that it can stop 
 2. `talk`: the talker samples codec codes; a streamer hands each one on, a stop event ends it at the
    next code, and codes that are not speech (the codec's control codes, codes outside token2wav's
    codebook) never reach token2wav.
-3. `Token2Wav`: the DiT's ODE from fixed, seeded noise per mel frame, then BigVGAN; `whole` for one
-   piece, `Chunked` for audio as the codes arrive. The DiT attends in blocks (`block_size` mel
-   frames, one block more per look-back / look-ahead layer), so each chunk is solved with that many
-   blocks of context on each side; BigVGAN is convolutional, so each run of mel is vocoded with its
-   full reach (`vocoder_reach`) on both sides and its samples equal whole synthesis'.
+3. `Token2Wav`: the DiT's ODE from fixed, seeded noise per mel frame, then BigVGAN. Every answer,
+   streamed or not, is made by `Chunked` as the codes arrive, so its memory is the same at any length
+   (solving all N mel frames at once builds [2, heads, N, N] attention masks in every DiT layer);
+   `whole` is the reference it is compared with. The DiT attends in blocks (`block_size` mel frames,
+   one block more per look-back / look-ahead layer), so each chunk is solved with that many blocks of
+   context on each side (close to whole synthesis, not equal: the context frames feed back into the
+   kept ones at each of the ODE's steps; bench/chunked_speech_bench.py measures it); BigVGAN is
+   convolutional, so each run of mel is vocoded with its full reach (`vocoder_reach`) on both sides
+   and its samples equal whole synthesis'.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from __future__ import annotations
 import math
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -254,23 +259,22 @@ class Token2Wav:
         self.hop = math.prod(self.vocoder.config.upsample_rates)
         self.seed = secrets.randbits(62) if seed is None else seed
         self.mel_dim = config.mel_dim
-        self.noise_blocks: dict[int, torch.Tensor] = {}
 
     def noise(self, start: int, end: int) -> torch.Tensor:
         """The ODE's starting noise for mel frames [start, end): [1, end - start, mel_dim], drawn block by
-        block from generators seeded by (seed, block), so a frame's noise never depends on the chunking."""
+        block from generators seeded by (seed, block), so a frame's noise never depends on the chunking
+        (drawn afresh for each window: nothing kept grows with the answer)."""
         first, last = start // self.block, (end - 1) // self.block
         for index in range(first, last + 1):
-            if index not in self.noise_blocks:
-                generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % 2**63)
-                self.noise_blocks[index] = torch.randn([1, self.block, self.mel_dim], generator=generator)
-        blocks = torch.cat([self.noise_blocks[i] for i in range(first, last + 1)], dim=1)
-        return blocks[:, start - first * self.block : end - first * self.block]
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % 2**63)
+            blocks.append(torch.randn([1, self.block, self.mel_dim], generator=generator))
+        return torch.cat(blocks, dim=1)[:, start - first * self.block : end - first * self.block]
 
     @torch.inference_mode()
     def mel(self, codes: list[int], start: int, end: int) -> torch.Tensor:
         """The DiT's mel for frames [start, end) of `codes`' speech (start on a block boundary), from that
         window alone: [1, mel_dim, end - start]."""
+        blocks = []
         code = torch.tensor([codes[start // self.repeats : end // self.repeats]], device=self.device)
         noise = self.noise(start, end).to(self.device)
         condition = self.condition.unsqueeze(1).repeat(1, end - start, 1)
@@ -299,7 +303,8 @@ class Token2Wav:
         return self.vocoder(mel).reshape(-1).float().numpy()
 
     def whole(self, codes: list[int]) -> np.ndarray:
-        """All the codes in one piece (float32 mono at SPEECH_SAMPLE_RATE)."""
+        """The reference: all the codes solved in one piece (float32 mono at SPEECH_SAMPLE_RATE). Its memory
+        grows with the square of the length; answers are made by `chunked`, this is what it is compared with."""
         return self.vocode(self.mel(codes, 0, len(codes) * self.repeats))
 
     def chunked(
