@@ -110,8 +110,11 @@ def test_3b_text_image_and_audio_fit_8_gib_with_the_whole_language_model_on_the_
     plan = plan_placement(config_3b, 8 * GiB, torch.bfloat16, **default_budgets())
     assert plan.fits and plan.placement["language_model"] == GPU and plan.placement["lm_head"] == GPU
     assert plan.moved_per_token == 0 and not plan.language_model_layers
-    assert plan.placement["visual"] == plan.placement["audio_tower"] == OFFLOAD
-    assert plan.costs["visual"].moved_per_request == plan.components["visual"].bytes
+    # The encoders leave the GPU: the vision encoder on the largest image the defaults admit (32,768 patches)
+    # needs 1.42 GiB, which the memory check tracks (scripts/memory_check.py); offloaded, its weights would
+    # still cross PCIe for each request, and with them the plan is 0.03 GiB over 8 GiB: they run on the CPU.
+    assert plan.placement["visual"] == plan.placement["audio_tower"] == CPU
+    assert plan.activations["vision"] > 1.4 * GiB and plan.costs["visual"].host_bytes == plan.components["visual"].bytes
 
 
 def test_offload_and_cpu_encoders_are_costed_honestly(config_3b):
@@ -187,7 +190,7 @@ def test_plan_command_needs_no_download(tmp_path, model):
     expected = {"3b": 3085938688, "7b": 7070619136}[model]
     assert abs(plan["components"]["language_model"]["params"] - expected) < 10**7
     if model == "3b":
-        assert plan["placement"]["visual"] == "offload" and 7 * GiB < plan["predicted_gpu_bytes"] <= 8 * GiB
+        assert plan["placement"]["visual"] == "cpu" and 7 * GiB < plan["predicted_gpu_bytes"] <= 8 * GiB
     text = subprocess.run(
         [sys.executable, str(ROOT / "modeling_low_vram.py"), "plan", "--model", model, "--gpu-gib", "8"],
         capture_output=True,

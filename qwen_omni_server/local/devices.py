@@ -116,6 +116,7 @@ def planning_budgets(settings: Settings) -> dict[str, Any]:
         "max_visual_patches": largest_visual_patches(settings),
         "max_audio_seconds": settings.max_audio_seconds * settings.max_files_per_field,
         "max_speech_seconds": settings.max_speech_seconds,
+        "speech_chunk_blocks": settings.speech_chunk_blocks,
     }
 
 
@@ -188,7 +189,6 @@ def cpu_dtype(
     )
 
 
-def cpu_plan(settings: Settings, config, dtype: torch.dtype) -> Plan:
 @dataclass(frozen=True)
 class MatmulPace:
     """Seconds of one of the thinker's MLP products ([tokens, hidden] x [hidden, intermediate]) in one dtype:
@@ -227,6 +227,7 @@ def measure_matmul_pace(
     return MatmulPace(decode, prefill, tokens)
 
 
+def cpu_plan(settings: Settings, config, dtype: torch.dtype) -> Plan:
     """The all-CPU placement's costs, host RAM included."""
     config = copy.deepcopy(config)
     return plan_placement(

@@ -195,6 +195,8 @@ def load_model(settings: Settings) -> LoadedModel:
         if uses_gpu and placement.components.get(encoder) == CPU:
             run_on_cpu(model.get_submodule(find_component(model, encoder)))
     keep_last_logits(model.thinker.lm_head)
+    if getattr(model, "has_talker", False):
+        keep_last_logits(model.talker.codec_head)  # its prefill's logits: [prompt, 8448] in float32
     resident = make_resident(model)
     if not uses_gpu:
         updates, cost = cpu_budgets(settings, model, dtype)

@@ -56,7 +56,35 @@ PRESETS: dict[str, dict[str, str]] = {
     "low-vram-cpu": {**dict.fromkeys(COMPONENTS, GPU), "visual": CPU, "audio_tower": CPU},
     "cpu": dict.fromkeys(COMPONENTS, CPU),
 }
-WORKSPACE_BYTES = 256 * 1024**2  # CUDA kernels' scratch space, allocator fragmentation
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class FixedCost:
+    """GPU memory a plan reserves that no tensor of the model holds (the memory check cannot see it)."""
+
+    name: str
+    bytes: int
+    source: str
+
+
+# In every GPU plan's headroom. The CUDA context itself (driver state and the kernels loaded lazily, about
+# 0.3-0.5 GiB) is outside torch's allocator and outside the budget: GPU_MEMORY_GIB is what torch may allocate.
+FIXED_COSTS = (
+    FixedCost(
+        "cuBLAS and cuBLASLt workspaces",
+        64 * MiB,
+        "torch's CublasHandlePool gives each handle and stream a workspace from the caching allocator: "
+        "CUBLAS_WORKSPACE_CONFIG's default is 8 x 4 MiB on Hopper (:4096:2:16:8, 8.1 MiB, before), cuBLASLt one more",
+    ),
+    FixedCost(
+        "allocator rounding and fragmentation",
+        192 * MiB,
+        "the caching allocator rounds large blocks to 2 MiB and keeps freed blocks for reuse, so what it reserves "
+        "exceeds what is allocated at the peak; kernels' own scratch (attention, convolutions) is drawn from it too",
+    ),
+)
+FIXED_COST_BYTES = sum(cost.bytes for cost in FIXED_COSTS)
 
 
 class ConfigError(ValueError):
@@ -190,19 +218,20 @@ def build_skeleton(config) -> torch.nn.Module:
 
 PCIE_BYTES_PER_SECOND = 25e9  # a PCIe 4.0 x16 link in practice: the plan's transfer-time estimates
 HOST_BASE_BYTES = 2 * GiB  # Python, torch, the processor and the CUDA context, on the host
-TOKEN2WAV_DIT_CALLS = 36  # token2wav's Runge-Kutta solver calls its DiT 4 times in each of 9 steps
+TOKEN2WAV_DIT_CALLS = 36  # per chunk of speech: token2wav's Runge-Kutta solver calls its DiT 4 times in each of 9 steps
 CODES_PER_SECOND = 50  # the talker's codec tokens per second of speech (24 kHz / 480 samples)
 AUDIO_TOKENS_PER_SECOND = 25
 # When the model does not fit, these moves are tried in order; the language model is split last.
 # `offload` keeps an encoder's speed (its weights cross PCIe once per request); `cpu` frees its
-# activations too but computes on the CPU; an offloaded talker moves its weights for every codec token.
+# activations too but computes on the CPU; an offloaded talker moves its weights for every codec token,
+# an offloaded token2wav its DiT's 36 times for every chunk of speech (more bytes per second of speech).
 FIT_STEPS = (
     ("audio_tower", OFFLOAD),
     ("visual", OFFLOAD),
-    ("token2wav", OFFLOAD),
     ("audio_tower", CPU),
     ("visual", CPU),
     ("talker", OFFLOAD),
+    ("token2wav", OFFLOAD),
 )
 
 
@@ -214,6 +243,7 @@ class Budgets:
     max_visual_patches: int | None = None  # vision patches of one request; None: all the context admits
     max_audio_seconds: float = 300  # audio of one request, all clips together
     max_speech_seconds: float = 180  # the longest spoken answer
+    speech_chunk_blocks: int = 3  # token2wav's chunk, in DiT blocks (SPEECH_CHUNK_BLOCKS)
 
 
 @dataclass
@@ -231,7 +261,7 @@ class Cost:
     gpu_bytes: int  # weights resident on the GPU
     host_bytes: int  # weights in host RAM
     moved_per_request: int = 0
-    moved_per_token: int = 0  # per new text token (talker: per codec token)
+    moved_per_token: int = 0  # per new text token (talker, token2wav: per codec token)
     slow: str = ""
 
 
@@ -276,50 +306,101 @@ def activation_bytes(config, budgets: Budgets, dtype: torch.dtype, audio_output:
 
     vision: the vision encoder on every patch one request may bring (never more than the context
     admits); audio: the audio encoder on the longest audio allowed; kv_cache: the thinker's cache for
-    the whole context; prefill: one decoder layer's activations over the prompt (logits for its last
-    position only); talker_states: the thinker's hidden states of every layer, which the talker reads;
-    talker and token2wav: the longest spoken answer."""
+    the whole context; prefill: the prefill's peak above the cache (logits for its last position only);
+    talker_states: the thinker's hidden states of every layer, which the talker reads; talker and
+    token2wav: the longest spoken answer. Each term follows what the memory check tracks on the real
+    architectures (scripts/memory_check.py): the tensors alive at that part's peak."""
     element = torch.finfo(dtype).bits // 8
     thinker = config.thinker_config
-    text, vision, audio = thinker.text_config, thinker.vision_config, thinker.audio_config
+    text = thinker.text_config
     tokens = budgets.context_tokens
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    patches = tokens * vision.spatial_merge_size**2
+    patches = tokens * thinker.vision_config.spatial_merge_size**2
     if budgets.max_visual_patches is not None:
         patches = min(patches, budgets.max_visual_patches)
-    pixels_per_patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     seconds = min(budgets.max_audio_seconds, tokens / AUDIO_TOKENS_PER_SECOND)
-    positions = int(seconds * 2 * AUDIO_TOKENS_PER_SECOND)  # after the encoder's stride-2 convolution
+    head_dim = _head_dim(text)
     acts = {
-        "vision": patches * (2 * vision.intermediate_size + 6 * vision.hidden_size + pixels_per_patch) * element,
-        "audio": positions * (2 * audio.encoder_ffn_dim + 6 * audio.d_model + 2 * audio.num_mel_bins) * element,
-        "kv_cache": 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * tokens * element,
-        "prefill": tokens * (3 * text.intermediate_size + 7 * text.hidden_size) * element + text.vocab_size * 8,
+        "vision": patches * _vision_bytes_per_patch(thinker.vision_config, element),
+        "audio": _audio_bytes(thinker.audio_config, seconds, element),
+        "kv_cache": tokens * _kv_bytes_per_token(text, element),
+        "prefill": tokens * (3 * text.intermediate_size + 4 * text.hidden_size + 2 * head_dim) * element
+        + text.vocab_size * (element + 4),  # the last position's logits, and their float32 copy
         "talker_states": 0,
         "talker": 0,
         "token2wav": 0,
     }
     if audio_output:
-        talker = config.talker_config
         codes = int(budgets.max_speech_seconds * CODES_PER_SECOND)
-        talker_head = getattr(talker, "head_dim", None) or talker.hidden_size // talker.num_attention_heads
-        acts["talker_states"] = (text.num_hidden_layers + 2) * tokens * text.hidden_size * element
-        acts["talker"] = (
-            2 * talker.num_hidden_layers * talker.num_key_value_heads * talker_head * (tokens + codes) * element
-            + tokens * (3 * talker.intermediate_size + 7 * talker.hidden_size + talker.embedding_size) * element
-        )
-        dit, bigvgan = config.token2wav_config.dit_config, config.token2wav_config.bigvgan_config
-        frames = codes * dit.repeats
-        # The DiT runs guided and unguided together (batch 2) with a frame-by-frame block mask.
-        dit_bytes = (2 * frames * dit.hidden_size * (2 * dit.ff_mult + 6) + frames * frames) * 4
-        length, channels, stage = frames, bigvgan.upsample_initial_channel, 0
-        for rate in bigvgan.upsample_rates:
-            length, channels = length * rate, channels // 2
-            stage = max(stage, length * channels * 4)
-        acts["token2wav"] = max(dit_bytes, 4 * stage)  # input, output, a residual block's and its upsampled copy
+        acts["talker_states"] = (text.num_hidden_layers + 1) * tokens * text.hidden_size * element
+        acts["talker"] = _talker_bytes(config.talker_config, tokens, codes, element)
+        acts["token2wav"] = token2wav_bytes(config.token2wav_config, codes, budgets.speech_chunk_blocks)
     acts["vision_patches"] = patches
     acts["audio_seconds"] = int(seconds)
     return acts
+
+
+def token2wav_bytes(token2wav, codes: int, chunk_blocks: int) -> int:
+    """token2wav's peak (float32), the same at any length: every answer is made chunk by chunk (speech.py).
+    The DiT solves a window of `chunk_blocks` blocks and its context (guided and unguided together, a
+    block mask per head); BigVGAN vocodes a chunk's mel with its reach on both sides, and its peak is at
+    its widest stage: the stage's input, its anti-aliased activation's upsampled copies and products
+    (twelve of the stage's size)."""
+    from qwen_omni_server.local.speech import vocoder_reach
+
+    dit, bigvgan = token2wav.dit_config, token2wav.bigvgan_config
+    context = (len(dit.look_backward_layers) + len(dit.look_ahead_layers)) * dit.block_size
+    window = min(codes * dit.repeats, chunk_blocks * dit.block_size + context)
+    dit_bytes = (
+        2 * window * dit.hidden_size * (2 * dit.ff_mult + 6) + 2 * dit.num_attention_heads * window * window
+    ) * 4
+    length = min(codes * dit.repeats, chunk_blocks * dit.block_size) + 2 * vocoder_reach(bigvgan)
+    channels, stage = bigvgan.upsample_initial_channel, 0
+    for rate in bigvgan.upsample_rates:
+        length, channels = length * rate, channels // 2
+        stage = max(stage, length * channels * 4)
+    return max(dit_bytes, 12 * stage)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _kv_bytes_per_token(config, element: int) -> int:
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * _head_dim(config) * element
+
+
+def _vision_bytes_per_patch(vision, element: int) -> int:
+    """The vision encoder's peak is in a block's attention: the hidden states, their norm and q, k, v, the
+    rotary tables (float32), and the rotary step's float32 copies and products of q and k (six, four
+    when the model already runs in float32); or in its MLP. The pixels it was given live throughout."""
+    head_dim = vision.hidden_size // vision.num_heads
+    rotary_copies = 4 if element == 4 else 6
+    attention = 5 * vision.hidden_size * element + 2 * head_dim * 4 + rotary_copies * vision.hidden_size * 4
+    mlp = (2 * vision.hidden_size + 3 * vision.intermediate_size) * element
+    pixels = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * element  # the input
+    return pixels + max(attention, mlp) + 16  # and the window order's index tensors
+
+
+def _audio_bytes(audio, seconds: float, element: int) -> int:
+    """The audio encoder's peak, in a layer's MLP: per position (two mel frames after the stride-2
+    convolution) the MLP's input and its two wide products, the residual, the mel features twice (as
+    given, and padded into chunks)."""
+    positions = int(seconds * 2 * AUDIO_TOKENS_PER_SECOND)
+    index_tensors = 32  # int64: valid positions, pooled positions, chunk lengths
+    return positions * (
+        (2 * audio.encoder_ffn_dim + 3 * audio.d_model + 4 * audio.num_mel_bins) * element + index_tensors
+    )
+
+
+def _talker_bytes(talker, tokens: int, codes: int, element: int) -> int:
+    """The talker's peak: its prefill over the prompt (a decoder layer's MLP with the cache being built), or
+    its last decoding step (the cache over prompt and codes, one layer's twice while it grows); its inputs
+    (the thinker's states of prompt and answer, at the thinker's width) live throughout."""
+    kv = _kv_bytes_per_token(talker, element)
+    inputs = tokens * talker.embedding_size * element
+    layer = (3 * talker.intermediate_size + 4 * talker.hidden_size + 2 * _head_dim(talker)) * element
+    last_step = (tokens + codes) * kv * (talker.num_hidden_layers + 2) // talker.num_hidden_layers
+    return inputs + max(tokens * (kv + layer), last_step)
 
 
 def runs_on_gpu(device: str) -> bool:
@@ -405,13 +486,13 @@ def headroom_bytes(
     audio_output: bool = False,
     budgets: Budgets | None = None,
 ) -> int:
-    """GPU memory beyond the weights for `placement`: see `activation_bytes` and `_peak_activations`."""
+    """GPU memory beyond the weights for `placement`: see `activation_bytes` and `peak_activations`."""
     budgets = budgets or Budgets(context_tokens, max_visual_patches)
     acts = activation_bytes(config, budgets, dtype, audio_output)
-    return _peak_activations(acts, placement, on_gpu_side=True) + WORKSPACE_BYTES
+    return peak_activations(acts, placement, on_gpu_side=True) + FIXED_COST_BYTES
 
 
-def _peak_activations(acts: dict[str, int], placement: dict[str, str], on_gpu_side: bool) -> int:
+def peak_activations(acts: dict[str, int], placement: dict[str, str], on_gpu_side: bool) -> int:
     """The largest phase of a request, counting what runs on the GPU (or on the host): the encoders
     run one after the other before the prefill; the thinker's cache and hidden states live on while
     the talker and token2wav speak."""
@@ -439,8 +520,11 @@ def _component_cost(
     layer: ComponentSize | None,
     gpu_layers: int | None,
     host_layer_bytes: int | None,
+    chunk_codes: int = 36,
 ) -> Cost:
-    """What one component costs where it is placed: bytes on the GPU and the host, and over PCIe."""
+    """What one component costs where it is placed: bytes on the GPU and the host, and over PCIe (per
+    token: per text token, or for the talker and token2wav per codec token; token2wav's chunk of speech
+    holds `chunk_codes` codes)."""
     if device == SPLIT:
         assert layer is not None and gpu_layers is not None, "a split needs the layer's size and the GPU's layers"
         layers = _layer_count(config)
@@ -459,8 +543,14 @@ def _component_cost(
         if name in ("language_model", "lm_head", "talker"):  # used for every token
             cost.moved_per_token = size.bytes
             cost.slow = f"its weights cross PCIe every token (~{size.bytes / PCIE_BYTES_PER_SECOND:.2f} s/token)"
+        elif name == "token2wav":
+            cost.moved_per_token = size.bytes * TOKEN2WAV_DIT_CALLS // chunk_codes
+            seconds = cost.moved_per_token * CODES_PER_SECOND / PCIE_BYTES_PER_SECOND
+            cost.slow = (
+                f"its DiT crosses PCIe {TOKEN2WAV_DIT_CALLS} times a chunk (~{seconds:.1f} s per second of speech)"
+            )
         else:
-            cost.moved_per_request = size.bytes * (TOKEN2WAV_DIT_CALLS if name == "token2wav" else 1)
+            cost.moved_per_request = size.bytes
             seconds = cost.moved_per_request / PCIE_BYTES_PER_SECOND
             cost.slow = f"~{seconds:.1f} s over PCIe per request" if seconds >= 1 else ""
         return cost
@@ -488,7 +578,9 @@ def evaluate_placement(
     audio_output = "talker" in placement
     acts = activation_bytes(config, budgets, dtype, audio_output)
     costs = {
-        name: _component_cost(name, size, placement[name], config, layer, gpu_layers, host_layer_bytes)
+        name: _component_cost(
+            name, size, placement[name], config, layer, gpu_layers, host_layer_bytes, _chunk_codes(config, budgets)
+        )
         for name, size in sizes.items()
     }
     gpu_used = any(runs_on_gpu(d) for d in placement.values())
@@ -500,13 +592,13 @@ def evaluate_placement(
         [sizes[n].largest_module_bytes for n, d in placement.items() if d == OFFLOAD]
         + [layer.largest_module_bytes if layer and placement.get("language_model") == SPLIT else 0]
     )
-    headroom = _peak_activations(acts, placement, on_gpu_side=True) + offload_buffer + WORKSPACE_BYTES
+    headroom = peak_activations(acts, placement, on_gpu_side=True) + offload_buffer + FIXED_COST_BYTES
     if runs_on_gpu(placement.get("language_model", CPU)):
         headroom += dequantize_bytes  # a quantized product's transient copy of one weight (prefill)
     headroom = headroom if gpu_used else 0
     weights = sum(c.gpu_bytes for c in costs.values())
     host = HOST_BASE_BYTES + sum(c.host_bytes for c in costs.values())
-    host += _peak_activations(acts, placement, on_gpu_side=False)
+    host += peak_activations(acts, placement, on_gpu_side=False)
     plan = Plan(
         placement=dict(placement),
         components=sizes,
@@ -525,6 +617,11 @@ def evaluate_placement(
     if gpu_layers is not None:
         plan.language_model_layers = {"gpu": gpu_layers, "cpu": _layer_count(config) - gpu_layers}
     return plan
+
+
+def _chunk_codes(config, budgets: Budgets) -> int:
+    dit = config.token2wav_config.dit_config
+    return max(1, budgets.speech_chunk_blocks * dit.block_size // dit.repeats)
 
 
 def _layer_count(config) -> int:
@@ -554,6 +651,7 @@ def plan_placement(
     max_visual_patches: int | None = None,
     max_audio_seconds: float = 300,
     max_speech_seconds: float = 180,
+    speech_chunk_blocks: int = 3,
     placement: dict[str, str] | None = None,
     gpu_layers: int | None = None,
     quantization: str = "none",
@@ -572,7 +670,7 @@ def plan_placement(
     unquantized_on_cpu = scheme in ("int8", "nf4")  # bitsandbytes quantizes the GPU side only
     if not audio_output:
         sizes = {c: s for c, s in sizes.items() if c not in SPEECH_COMPONENTS}
-    budgets = Budgets(context_tokens, max_visual_patches, max_audio_seconds, max_speech_seconds)
+    budgets = Budgets(context_tokens, max_visual_patches, max_audio_seconds, max_speech_seconds, speech_chunk_blocks)
     layer = _layer_size(skeleton, dtype, scheme, group_size)
     host_layer = int(layer.params * bytes_per_param("language_model", dtype)) if unquantized_on_cpu else None
 

@@ -8,7 +8,8 @@ on the CPU for real, logits for the last position only, a warm-up, and recovery 
   weights in at each call; this puts an encoder's weights back on the CPU and computes there, so only
   its inputs and output embeddings cross PCIe.
 - `keep_last_logits`: the thinker's forward has no `logits_to_keep`, so the prefill would build logits
-  for every prompt position (8192 x 151936 in bf16 is 2.3 GiB); generation reads only the last.
+  for every prompt position (8192 x 151936 in bf16 is 2.3 GiB); generation reads only the last. The
+  talker's prefill likewise (8192 x 8448, in bf16 and again in float32: 0.39 GiB).
 - `recovers_from_out_of_memory`: a request that runs out of memory fails alone, with advice, and
   leaves nothing allocated behind it.
 """

@@ -40,6 +40,17 @@ from qwen_omni_server.local.streaming import StopWhenSet
 # The wrapper's (Qwen2_5OmniForConditionalGeneration.generate) defaults for the talker and token2wav.
 TALKER_SAMPLING = {"do_sample": True, "top_k": 40, "top_p": 0.8, "temperature": 0.9, "repetition_penalty": 1.05}
 ODE_STEPS, GUIDANCE_SCALE, SWAY_COEFFICIENT = 10, 0.5, -1.0
+
+
+def _ode_times() -> list[float]:
+    """The ODE's time grid (sway sampling), as numbers: the solver compares them at every step, which on a
+    tensor on the GPU would wait for the device (and on fake tensors, for the memory check, cannot be done)."""
+    times = torch.linspace(0, 1, ODE_STEPS)
+    times += SWAY_COEFFICIENT * (torch.cos(torch.pi / 2 * times) - 1 + times)
+    return times.tolist()
+
+
+ODE_TIMES = _ode_times()
 NO_SPEECH_WARNING = "the talker ended before it spoke a sound: this answer has no audio"
 
 
@@ -265,21 +276,21 @@ class Token2Wav:
         block from generators seeded by (seed, block), so a frame's noise never depends on the chunking
         (drawn afresh for each window: nothing kept grows with the answer)."""
         first, last = start // self.block, (end - 1) // self.block
+        blocks = []
         for index in range(first, last + 1):
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % 2**63)
             blocks.append(torch.randn([1, self.block, self.mel_dim], generator=generator))
         return torch.cat(blocks, dim=1)[:, start - first * self.block : end - first * self.block]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def mel(self, codes: list[int], start: int, end: int) -> torch.Tensor:
         """The DiT's mel for frames [start, end) of `codes`' speech (start on a block boundary), from that
         window alone: [1, mel_dim, end - start]."""
-        blocks = []
         code = torch.tensor([codes[start // self.repeats : end // self.repeats]], device=self.device)
         noise = self.noise(start, end).to(self.device)
         condition = self.condition.unsqueeze(1).repeat(1, end - start, 1)
 
-        def velocity(time_step, state):
+        def velocity(time_step: float, state: torch.Tensor) -> torch.Tensor:
             if self.stop.is_set():
                 raise Stopped("the request was given up")
             output = self.dit(
@@ -287,15 +298,13 @@ class Token2Wav:
                 quantized_code=code,
                 speaker_embedding=condition,
                 condition_vector=self.reference_mel,
-                time_step=time_step,
+                time_step=torch.tensor(time_step, device=self.device),
                 apply_cfg=True,
             )
             guided, unguided = torch.chunk(output, 2, dim=0)
             return guided + (guided - unguided) * GUIDANCE_SCALE
 
-        times = torch.linspace(0, 1, ODE_STEPS, device=self.device)
-        times += SWAY_COEFFICIENT * (torch.cos(torch.pi / 2 * times) - 1 + times)
-        solution = RungeKutta4ODESolver(function=velocity, initial_value=noise).integrate(times)[-1]
+        solution = RungeKutta4ODESolver(function=velocity, initial_value=noise).integrate(ODE_TIMES)[-1]
         return solution.permute(0, 2, 1)
 
     @torch.inference_mode()
