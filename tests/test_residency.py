@@ -82,17 +82,11 @@ def test_the_arena_is_pinned_once_at_its_size_and_released_with_it():
     assert pinning.unregistered == [pointer]  # with the last weight in it
 
 
-def test_without_cuda_nothing_is_pinned(monkeypatch):
-    pinning = PinningRecorder()
-    monkeypatch.setattr(residency.CudaHostPinning, "register", lambda _self, *given: pinning.register(*given))
-    monkeypatch.setattr(residency.CudaHostPinning, "unregister", lambda _self, pointer: pinning.unregister(pointer))
+def test_without_cuda_nothing_is_pinned():
+    assert not torch.cuda.is_available() and residency.default_pinning() is None
     model, _ = offloaded_model()
-    assert make_resident(model) > 0 and not pinning.registered
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    model, store = offloaded_model()
-    size = arena_size(weight_bytes(store))
-    make_resident(model)
-    assert [registered for _, registered in pinning.registered] == [size]
+    expected = model(torch.ones(1, 8))
+    assert make_resident(model) > 0 and torch.equal(model(torch.ones(1, 8)), expected)  # copied, unpinned
 
 
 def test_the_arena_copies_any_tensor():
@@ -127,18 +121,17 @@ class FakeCudaRuntime:
         return torch._C._cudart.cudaError(self.code)
 
 
-def test_cuda_pinning_registers_the_range_as_it_is_and_survives_a_refusal(monkeypatch, caplog):
+def test_cuda_pinning_registers_the_range_as_it_is_and_survives_a_refusal(caplog):
     runtime = FakeCudaRuntime(0)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: runtime)
-    copies = residency.host_arena([torch.ones(1000), torch.ones(3, dtype=torch.bfloat16)], residency.CudaHostPinning())
+    pinning = residency.CudaHostPinning(runtime)
+    copies = residency.host_arena([torch.ones(1000), torch.ones(3, dtype=torch.bfloat16)], pinning)
     pointer = copies[0].data_ptr()
     assert runtime.calls == [("register", pointer, 4032 + 64, 0)]  # each copy padded to 64 bytes; flags: default
     del copies
     gc.collect()
     assert runtime.calls[1:] == [("unregister", pointer)]
     refusing = FakeCudaRuntime(2)  # cudaErrorMemoryAllocation
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: refusing)
-    copies = residency.host_arena([torch.ones(10)], residency.CudaHostPinning())
+    copies = residency.host_arena([torch.ones(10)], residency.CudaHostPinning(refusing))
     assert torch.equal(copies[0], torch.ones(10)) and "they stay pageable" in caplog.text
     del copies
     gc.collect()

@@ -22,7 +22,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -51,8 +51,7 @@ def make_resident(model: torch.nn.Module, pinning: HostPinning | None = None) ->
             seen.add(id(tensor))
             tensor.data = tensor.data.clone()
             copied += tensor.numel() * tensor.element_size()
-    if pinning is None and torch.cuda.is_available():
-        pinning = CudaHostPinning()
+    pinning = pinning if pinning is not None else default_pinning()
     return copied + _offloaded_into_arena(_offload_stores(model), pinning)
 
 
@@ -112,14 +111,25 @@ class HostPinning(Protocol):
     def unregister(self, pointer: int) -> None: ...
 
 
+def default_pinning() -> CudaHostPinning | None:
+    """Pinning where CUDA is available (pinned memory speeds the copies to the GPU), none elsewhere."""
+    return CudaHostPinning() if torch.cuda.is_available() else None
+
+
 class CudaHostPinning:
     """Registers host memory with the CUDA driver as it is, exactly the range given. (Tensor.pin_memory() copies
     into torch's caching host allocator instead, whose blocks are rounded up to a power of two: a 136 MB weight
     takes 256 MB.) A range that cannot be pinned stays pageable: its copies to the GPU are slower, not wrong."""
 
+    def __init__(self, runtime: Any = None) -> None:
+        self.runtime = runtime  # torch.cuda.cudart() when None (tests give a stand-in: there is no GPU)
+
+    def _cudart(self) -> Any:
+        return self.runtime if self.runtime is not None else torch.cuda.cudart()
+
     def register(self, pointer: int, size: int) -> bool:
         try:
-            torch.cuda.check_error(int(torch.cuda.cudart().cudaHostRegister(pointer, size, 0)))
+            torch.cuda.check_error(int(self._cudart().cudaHostRegister(pointer, size, 0)))
         except (RuntimeError, AssertionError) as error:  # CudaError, or a torch without the CUDA runtime
             logger.warning("could not pin %.2f GiB of offloaded weights (%s): they stay pageable", size / 2**30, error)
             return False
@@ -128,7 +138,7 @@ class CudaHostPinning:
 
     def unregister(self, pointer: int) -> None:
         try:
-            torch.cuda.check_error(int(torch.cuda.cudart().cudaHostUnregister(pointer)))
+            torch.cuda.check_error(int(self._cudart().cudaHostUnregister(pointer)))
         except RuntimeError as error:
             logger.warning("could not unpin the offloaded weights' memory (%s)", error)
 

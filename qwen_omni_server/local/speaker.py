@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from qwen_omni_server.core.settings import SpeechSettings
 from qwen_omni_server.core.types import GenerationRequest, cut_at_stop
 from qwen_omni_server.local.speech import (
     NO_SPEECH_WARNING,
+    CodeStream,
     FirstTokens,
     Stopped,
     Token2Wav,
@@ -44,8 +46,11 @@ class Spoken:
 class Speaker:
     """Speaks the answers of one loaded model, in the voices of its checkpoint."""
 
-    def __init__(self, model: Any, tokenizer: Any, stop_ids: list[int]) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, stop_ids: list[int], talker: Callable[..., CodeStream] = talk
+    ) -> None:
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
+        self.talk = talker  # `speech.talk`: the talker's codes as they are sampled (tests hand over fixed codes)
 
     def max_codes(self, max_seconds: float) -> int:
         """`max_seconds` of speech in codes (each code is `repeats` mel frames)."""
@@ -114,7 +119,7 @@ class Speaker:
         on_audio = request.on_audio if request.on_audio is not None else lambda audio: pieces.append(audio.copy())
         chunked = synthesis.chunked(chunk_blocks, on_audio)
         try:
-            codes = talk(self.model, arguments, max_codes, chunked.add, stop)
+            codes = self.talk(self.model, arguments, max_codes, chunked.add, stop)
             if codes.dropped:
                 logger.info("the talker sampled %d codes that are not speech; token2wav skipped them", codes.dropped)
             if stop.is_set():
