@@ -145,35 +145,14 @@ def make_inputs() -> dict[str, GenerationRequest]:
 
 
 def build_checkpoint(model: str, folder: Path, device: str = "cuda") -> Path:
-    """The real architecture with random weights, built on the GPU, saved with a tokenizer made here
-    (the config's special-token ids are mapped onto it)."""
+    """The real architecture with random weights (the thinker alone), built on the GPU, saved with a
+    tokenizer made here (tiny_model.build_real_size)."""
     import tiny_model
-    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 
-    tokenizer = tiny_model.build_tokenizer()
-    first = 151643  # the released tokenizer's id of the first special token
-    real_ids = {first + i: tokenizer.convert_tokens_to_ids(t) for i, t in enumerate(tiny_model.SPECIAL_TOKENS)}
-
-    def remap(value, key=""):
-        if isinstance(value, dict):
-            return {k: remap(v, k) for k, v in value.items()}
-        if isinstance(value, int) and key.endswith(("_id", "_index")) and value in real_ids:
-            return real_ids[value]
-        return value
-
-    data = remap(json.loads(Path(MODEL_SHORTHANDS[model]).read_text()))
-    config = Qwen2_5OmniConfig.from_dict(data)
-    config.enable_audio_output = False
-    torch.manual_seed(0)
-    with torch.device(device):
-        network = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=DTYPE)
-    network.save_pretrained(folder)
-    del network
+    tiny_model.build_real_size(MODEL_SHORTHANDS[model], folder, device, DTYPE, audio_output=False)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    tiny_model.build_processor(tokenizer).save_pretrained(folder)
-    torch.save(tiny_model.build_speakers(config, tokenizer), folder / "spk_dict.pt")
     return folder
 
 

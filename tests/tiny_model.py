@@ -270,6 +270,40 @@ def build(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def build_real_size(
+    config_file: str | Path,
+    out_dir: str | Path,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    audio_output: bool = True,
+) -> Path:
+    """A released architecture (a config file of configs/) with random weights, saved with the tokenizer
+    made here (the config's special-token ids mapped onto it): real memory and time, gibberish answers."""
+    tokenizer = build_tokenizer()
+    first = 151643  # the released tokenizer's id of the first special token
+    real_ids = {first + i: tokenizer.convert_tokens_to_ids(t) for i, t in enumerate(SPECIAL_TOKENS)}
+
+    def remap(value, key=""):
+        if isinstance(value, dict):
+            return {k: remap(v, k) for k, v in value.items()}
+        if isinstance(value, int) and key.endswith(("_id", "_index")) and value in real_ids:
+            return real_ids[value]
+        return value
+
+    config = Qwen2_5OmniConfig.from_dict(remap(json.loads(Path(config_file).read_text())))
+    config.enable_audio_output = audio_output
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    del model
+    build_processor(tokenizer).save_pretrained(out)
+    torch.save(build_speakers(config, tokenizer), out / "spk_dict.pt")
+    return out
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python tests/tiny_model.py OUT_DIR")
