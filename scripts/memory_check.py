@@ -62,6 +62,7 @@ from qwen_omni_server.local.placement import (
     Plan,
     activation_bytes,
     build_skeleton,
+    head_dim,
     peak_activations,
     plan_placement,
 )
@@ -208,7 +209,7 @@ def talker_phase(fake: FakeCuda, talker, tokens: int, reply: int, codes: int) ->
     width = config.embedding_size
     prompt = tokens - reply
     positions = fake.empty(3, 1, prompt, dtype=torch.long)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_width = head_dim(config)
     with fake.tracking() as live:
         embeds = torch.empty(1, prompt, width, dtype=DTYPE, device="cuda")  # talker_inputs builds them
         reply_part = torch.empty(1, reply, width, dtype=DTYPE, device="cuda")
@@ -217,7 +218,7 @@ def talker_phase(fake: FakeCuda, talker, tokens: int, reply: int, codes: int) ->
         del output, cache
         cache = DynamicCache(config=config)
         for layer in range(config.num_hidden_layers):
-            shape = (1, config.num_key_value_heads, prompt + codes - 1, head_dim)
+            shape = (1, config.num_key_value_heads, prompt + codes - 1, head_width)
             cache.update(
                 torch.empty(shape, dtype=DTYPE, device="cuda"), torch.empty(shape, dtype=DTYPE, device="cuda"), layer
             )
@@ -337,8 +338,9 @@ def request_shapes(settings: Settings, config) -> list[Shape]:
     context = settings.max_context_tokens
     vision = config.thinker_config.vision_config
     merge = vision.spatial_merge_size**2
-    patches = min(context * merge, planning_budgets(settings)["max_visual_patches"])
-    seconds = min(context / AUDIO_TOKENS_PER_SECOND, planning_budgets(settings)["max_audio_seconds"])
+    largest = planning_budgets(settings)
+    patches = min(context * merge, largest["max_visual_patches"])
+    seconds = min(context / AUDIO_TOKENS_PER_SECOND, largest["max_audio_seconds"])
     per_image = settings.max_pixels_ceiling // (vision.patch_size**2)
     frames = settings.video_max_frames
     frame_patches = settings.video_total_pixels // (vision.patch_size**2) // (frames // 2) // 64 * 64
@@ -470,7 +472,7 @@ def plan_row(name: str, plan: Plan, tracked_max: dict[str, int]) -> PlanRow:
     tracked = peak_activations(tracked_max, plan.placement, on_gpu_side=True)
     predicted = peak_activations(plan.activations, plan.placement, on_gpu_side=True)
     tracked_total = plan.predicted_gpu_bytes - predicted + tracked  # the same weights, buffers and fixed costs
-    gpu_used = predicted > 0 or plan.headroom_bytes > 0
+    gpu_used = plan.headroom_bytes > 0  # a plan with nothing on the GPU reserves no headroom
     row = PlanRow(
         name,
         plan.quantization,

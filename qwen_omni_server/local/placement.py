@@ -318,12 +318,12 @@ def activation_bytes(config, budgets: Budgets, dtype: torch.dtype, audio_output:
     if budgets.max_visual_patches is not None:
         patches = min(patches, budgets.max_visual_patches)
     seconds = min(budgets.max_audio_seconds, tokens / AUDIO_TOKENS_PER_SECOND)
-    head_dim = _head_dim(text)
+    head_width = head_dim(text)
     acts = {
         "vision": patches * _vision_bytes_per_patch(thinker.vision_config, element),
         "audio": _audio_bytes(thinker.audio_config, seconds, element),
         "kv_cache": tokens * _kv_bytes_per_token(text, element),
-        "prefill": tokens * (3 * text.intermediate_size + 4 * text.hidden_size + 2 * head_dim) * element
+        "prefill": tokens * (3 * text.intermediate_size + 4 * text.hidden_size + 2 * head_width) * element
         + text.vocab_size * (element + 4),  # the last position's logits, and their float32 copy
         "talker_states": 0,
         "talker": 0,
@@ -361,21 +361,22 @@ def token2wav_bytes(token2wav, codes: int, chunk_blocks: int) -> int:
     return max(dit_bytes, 12 * stage)
 
 
-def _head_dim(config) -> int:
+def head_dim(config) -> int:
+    """A decoder config's attention head width (its own `head_dim`, else hidden size over heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _kv_bytes_per_token(config, element: int) -> int:
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * _head_dim(config) * element
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * element
 
 
 def _vision_bytes_per_patch(vision, element: int) -> int:
     """The vision encoder's peak is in a block's attention: the hidden states, their norm and q, k, v, the
     rotary tables (float32), and the rotary step's float32 copies and products of q and k (six, four
     when the model already runs in float32); or in its MLP. The pixels it was given live throughout."""
-    head_dim = vision.hidden_size // vision.num_heads
+    head_width = vision.hidden_size // vision.num_heads
     rotary_copies = 4 if element == 4 else 6
-    attention = 5 * vision.hidden_size * element + 2 * head_dim * 4 + rotary_copies * vision.hidden_size * 4
+    attention = 5 * vision.hidden_size * element + 2 * head_width * 4 + rotary_copies * vision.hidden_size * 4
     mlp = (2 * vision.hidden_size + 3 * vision.intermediate_size) * element
     pixels = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * element  # the input
     return pixels + max(attention, mlp) + 16  # and the window order's index tensors
@@ -398,7 +399,7 @@ def _talker_bytes(talker, tokens: int, codes: int, element: int) -> int:
     (the thinker's states of prompt and answer, at the thinker's width) live throughout."""
     kv = _kv_bytes_per_token(talker, element)
     inputs = tokens * talker.embedding_size * element
-    layer = (3 * talker.intermediate_size + 4 * talker.hidden_size + 2 * _head_dim(talker)) * element
+    layer = (3 * talker.intermediate_size + 4 * talker.hidden_size + 2 * head_dim(talker)) * element
     last_step = (tokens + codes) * kv * (talker.num_hidden_layers + 2) // talker.num_hidden_layers
     return inputs + max(tokens * (kv + layer), last_step)
 
