@@ -65,7 +65,7 @@ def ui(api, tmp_path_factory):
     """The Gradio app, as a separate process in its own environment, pointed at the live server."""
     port = free_port()
     env = {
-        **os.environ,
+        **{name: value for name, value in os.environ.items() if name not in ("UI_USERNAME", "UI_PASSWORD")},
         "MULTIMODAL_API_URL": api,
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_SERVER_NAME": "127.0.0.1",

@@ -7,16 +7,24 @@ A conversation with history (every turn goes to `/v1/chat/completions` with the 
 pictures, sounds and videos in any turn), the answer streaming in as the model writes it, and,
 when the server speaks, the voice playing as it is made. "Start over" clears the conversation.
 Errors from the API are shown as readable messages.
+
+Access: the UI sends the server's API key (MULTIMODAL_API_KEY or API_KEY) for whoever uses it, so it
+listens on 127.0.0.1 unless GRADIO_SERVER_NAME says otherwise. With UI_USERNAME and UI_PASSWORD set
+it asks for that login (on any address). Listening beyond loopback (0.0.0.0, ::, a LAN address, a
+host name other than localhost, or GRADIO_SHARE=True) while holding an API key needs them: without
+a login it refuses to start.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import mimetypes
 import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +34,14 @@ import httpx
 from qwen_omni_server.core.audio import SPEECH_SAMPLE_RATE, wav_of_pcm16
 
 API_URL = os.environ.get("MULTIMODAL_API_URL", "http://localhost:8000").rstrip("/")
-API_KEY = os.environ.get("MULTIMODAL_API_KEY") or os.environ.get("API_KEY")
+
+
+def api_key(environ: Mapping[str, str]) -> str | None:
+    """The key the UI sends to the API: MULTIMODAL_API_KEY, else API_KEY."""
+    return environ.get("MULTIMODAL_API_KEY") or environ.get("API_KEY") or None
+
+
+API_KEY = api_key(os.environ)
 PART_TYPES = {"image": "image_url", "audio": "audio_url", "video": "video_url"}
 
 
@@ -246,5 +261,52 @@ def build() -> gr.Blocks:
     return demo
 
 
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` reaches this machine alone (a name other than localhost counts as not)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def launch_options(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Gradio's `launch` arguments for this environment: the address (127.0.0.1 by default) and the
+    login (UI_USERNAME, UI_PASSWORD) when set. Raises SystemExit with one line when only half a
+    login is set, or when the UI would listen beyond loopback with an API key and no login."""
+    host = environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    options: dict[str, Any] = {"server_name": host}
+    if (environ.get("GRADIO_SHARE") or "").lower() == "true":
+        options["share"] = True
+    username, password = environ.get("UI_USERNAME") or "", environ.get("UI_PASSWORD") or ""
+    if username and password:
+        options["auth"] = [(username, password)]
+    elif username or password:
+        raise SystemExit("qwen_omni_server.ui: set both UI_USERNAME and UI_PASSWORD for the UI's login, or neither")
+    elif api_key(environ) and exposed(options):
+        where = "a public share link" if options.get("share") else host
+        raise SystemExit(
+            f"qwen_omni_server.ui: refusing to serve the API key on {where} without a login: set UI_USERNAME"
+            " and UI_PASSWORD, or listen on 127.0.0.1 (GRADIO_SERVER_NAME, GRADIO_SHARE unset)"
+        )
+    return options
+
+
+def exposed(options: Mapping[str, Any]) -> bool:
+    """Whether `launch(**options)` can be reached from other machines."""
+    return bool(options.get("share")) or not is_loopback(options["server_name"])
+
+
 def main() -> None:
-    build().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"))
+    """Check who may reach the UI, then serve it."""
+    options = launch_options(os.environ)
+    if "auth" not in options and exposed(options):
+        print(
+            f"qwen_omni_server.ui: reachable beyond this machine ({options['server_name']}) without a login;"
+            " it holds no API key",
+            file=sys.stderr,
+        )
+    build().launch(**options)
