@@ -21,8 +21,10 @@ from conftest import FakeEngine, serve, tiny_settings, upload
 from fastapi.testclient import TestClient
 
 from qwen_omni_server.core.conversation import OFFICIAL_SYSTEM_PROMPT
+from qwen_omni_server.core.errors import OutOfMemory
 from qwen_omni_server.core.types import GenerationRequest
 from qwen_omni_server.local.engine import OmniEngine
+from qwen_omni_server.local.speaker import Speaker
 from qwen_omni_server.local.speech import NO_SPEECH_WARNING, Codec, CodeStream, Token2Wav
 from qwen_omni_server.server import create_app
 
@@ -403,3 +405,92 @@ def test_a_504_stops_the_talker_and_token2wav(tiny_model_dir):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+# ---------------------------------------------------------------- each request's own random draws
+
+
+def sampled(engine, seed: int | None = None, **extra):
+    request = GenerationRequest("Write anything.", None, max_new_tokens=12, temperature=1.0, seed=seed, **extra)
+    return engine.generate(request)
+
+
+def test_a_seeded_request_leaves_torchs_global_generator_as_it_was(speaking_engine):
+    """A request's seed seeded torch's global generator (torch.manual_seed): whatever drew from it next drew
+    numbers the client had chosen. Now the thinker and the talker draw from streams of their own."""
+    torch.manual_seed(1234)
+    before = torch.random.get_rng_state()
+    sampled(speaking_engine, seed=5)
+    sampled(speaking_engine, seed=5, return_audio=True)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_unseeded_requests_after_the_same_seeded_one_differ(speaking_engine):
+    """An unseeded request used to go on from where the seeded one before it left the global generator:
+    after the same seeded request, the same "random" answer."""
+    answers = []
+    for _ in range(2):
+        sampled(speaking_engine, seed=5)
+        answers.append(sampled(speaking_engine).completion_ids)
+    assert answers[0] != answers[1]
+    assert sampled(speaking_engine, seed=5).completion_ids == sampled(speaking_engine, seed=5).completion_ids
+
+
+def test_the_talkers_draws_do_not_depend_on_the_thinkers(speaking_engine):
+    """The same seed, the thinker greedy (no draws) or sampling (a draw a token): the talker draws the same
+    numbers. It used to go on from where the thinker left the one global generator."""
+    draws: list[torch.Tensor] = []
+
+    def talk(model, arguments, max_codes, on_codes, stop) -> CodeStream:
+        draws.append(torch.rand(4))  # what the talker's sampling would draw
+        return CodeStream(Codec.of(model.config), on_codes)  # no codes: a silent answer
+
+    own = speaking_engine.speaker
+    speaking_engine.speaker = Speaker(own.model, own.tokenizer, own.stop_ids, talker=talk)
+    try:
+        for temperature in (0.0, 1.0):
+            request = GenerationRequest("Say hello.", None, max_new_tokens=8, return_audio=True, seed=4)
+            speaking_engine.generate(dataclasses.replace(request, temperature=temperature))
+    finally:
+        speaking_engine.speaker = own
+    assert len(draws) == 2 and torch.equal(draws[0], draws[1])
+
+
+# ---------------------------------------------------------------- out of memory while speaking
+
+
+class OutOfMemoryIn:
+    """A forward hook that raises torch.OutOfMemoryError at each call of its module."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, *_args) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@pytest.mark.parametrize("where", ["talker", "token2wav", "thinker"])
+def test_out_of_memory_while_speaking_names_the_speech_settings_first(speaking_engine, where):
+    """The advice named the pixel budgets only, whatever ran out; the talker and token2wav are bounded by
+    MAX_SPEECH_SECONDS and SPEECH_CHUNK_BLOCKS."""
+    model = speaking_engine.model
+    module = {
+        "talker": model.talker,
+        "token2wav": model.token2wav.code2wav_dit_model,
+        "thinker": model.thinker.model.language_model.layers[0],
+    }[where]
+    fault = OutOfMemoryIn(module)
+    try:
+        with pytest.raises(OutOfMemory) as raised:
+            speaking_engine.generate(GenerationRequest("Say hello.", None, max_new_tokens=8, return_audio=True, seed=1))
+    finally:
+        fault.handle.remove()
+    message = str(raised.value)
+    assert "IMAGE_MAX_PIXELS" in message
+    if where == "thinker":
+        assert "SPEECH_CHUNK_BLOCKS" not in message and "while speaking" not in message
+    else:
+        assert "while speaking" in message
+        assert message.index("SPEECH_CHUNK_BLOCKS (now 3") < message.index("IMAGE_MAX_PIXELS")
+        assert message.index("MAX_SPEECH_SECONDS (now 2") < message.index("IMAGE_MAX_PIXELS")
+    assert speaking_engine.generate(GenerationRequest("Say hello.", None, max_new_tokens=8, return_audio=True, seed=1))

@@ -2,7 +2,8 @@
 
 `OmniEngine.load` makes it ready (`loading`: placement, dtype, weights resident, warm-up); `generate` builds
 the prompt (`prompts`), runs the thinker with the request's sampling, stop strings, streamer and stop
-event, and has the `speaker` speak the answer when speech is asked for.
+event, and has the `speaker` speak the answer when speech is asked for. Each request samples from random
+draws of its own (`streaming.RequestDraws`): torch's global generators are left as they were.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from qwen_omni_server.local.residency import (
     warm_up,
 )
 from qwen_omni_server.local.speaker import Speaker
-from qwen_omni_server.local.streaming import StopAtStopStrings, StopWhenSet, TextDeltas
+from qwen_omni_server.local.streaming import RequestDraws, StopAtStopStrings, StopWhenSet, TextDeltas, cuda_devices
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class OmniEngine(BaseEngine):
         self.prompts = PromptBuilder(processor, MediaTokenIds.of(model.config.thinker_config), settings)
         self.speaker = Speaker(model, tokenizer, self._stop_ids)
         self.sampling_defaults = sampling_defaults(getattr(model, "generation_config", None))
+        self._cuda = cuda_devices(model)  # where the samplers draw, besides the CPU
         self._description = self._describe()
         self.startup: dict[str, float] = {}  # load and warm-up seconds, set by `load`
 
@@ -153,15 +155,17 @@ class OmniEngine(BaseEngine):
             prepared = time.perf_counter()
             audio = None
             thinker = {"eos_token_id": self._stop_ids, "pad_token_id": self._pad_id, **self._decoding(request)}
+            draws = RequestDraws.of(request.seed, self._cuda)
             with torch.inference_mode():
-                if request.seed is not None:
-                    torch.manual_seed(request.seed)
                 if speaker is None:
-                    sequences = self.model.thinker.generate(
-                        **inputs, use_audio_in_video=use_audio_in_video, max_new_tokens=max_new_tokens, **thinker
-                    )
+                    with draws.thinker.drawing():
+                        sequences = self.model.thinker.generate(
+                            **inputs, use_audio_in_video=use_audio_in_video, max_new_tokens=max_new_tokens, **thinker
+                        )
                 else:
-                    spoken = self.speaker.speak(inputs, use_audio_in_video, request, speaker, thinker, self.settings)
+                    spoken = self.speaker.speak(
+                        inputs, use_audio_in_video, request, speaker, thinker, self.settings, draws
+                    )
                     sequences, audio, warnings = spoken.sequences, spoken.audio, warnings + spoken.warnings
             prompt_tokens = int(inputs["input_ids"].shape[1])
             generated = sequences[0, prompt_tokens:].cpu()

@@ -10,8 +10,8 @@ on the CPU for real, logits for the last position only, a warm-up, and recovery 
 - `keep_last_logits`: the thinker's forward has no `logits_to_keep`, so the prefill would build logits
   for every prompt position (8192 x 151936 in bf16 is 2.3 GiB); generation reads only the last. The
   talker's prefill likewise (8192 x 8448, in bf16 and again in float32: 0.39 GiB).
-- `recovers_from_out_of_memory`: a request that runs out of memory fails alone, with advice, and
-  leaves nothing allocated behind it.
+- `recovers_from_out_of_memory`: a request that runs out of memory fails alone, with advice (the speech
+  settings first when it ran out while speaking), and leaves nothing allocated behind it.
 """
 
 from __future__ import annotations
@@ -231,17 +231,29 @@ def release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def out_of_memory_advice(settings, placement: dict[str, str]) -> str:
-    """What to lower so that the next request fits, in the settings' own names."""
+class OutOfMemoryWhileSpeaking(torch.OutOfMemoryError):
+    """Out of memory in the talker or token2wav, after the thinker had written the answer."""
+
+
+def out_of_memory_advice(settings, placement: dict[str, str], speaking: bool = False) -> str:
+    """What to lower so that the next request fits, in the settings' own names: when it ran out while
+    speaking, the speech settings first (the talker's prefill reads the whole prompt, so the budgets follow)."""
     preset = (
         "DEVICE_MAP=low-vram-cpu (the encoders run on the CPU)"
         if placement.get("visual") == "offload"
         else "DEVICE_MAP=low-vram (the encoders' weights leave the GPU)"
     )
-    return (
+    general = (
         f"lower IMAGE_MAX_PIXELS (now {settings.image_max_pixels}), VIDEO_TOTAL_PIXELS (now "
         f"{settings.video_total_pixels}) or MAX_CONTEXT_TOKENS (now {settings.max_context_tokens}), send smaller "
         f"or fewer files, or use {preset} or a lower GPU_MEMORY_GIB so the plan leaves more room"
+    )
+    if not speaking:
+        return general
+    return (
+        f"lower SPEECH_CHUNK_BLOCKS (now {settings.speech_chunk_blocks}: token2wav's DiT blocks per chunk) or "
+        f"MAX_SPEECH_SECONDS (now {settings.max_speech_seconds:g}: the talker's cache grows with the speech), ask "
+        f"for a text answer, or {general}"
     )
 
 
@@ -255,12 +267,14 @@ def recovers_from_out_of_memory(generate: Callable) -> Callable:
             return generate(engine, request)
         except torch.OutOfMemoryError as error:
             reason = (str(error).splitlines() or ["out of memory"])[0]
+            speaking = isinstance(error, OutOfMemoryWhileSpeaking)
         # Outside the except block: the traceback, and the request's tensors its frames held, are gone.
         release_cached_memory()
-        logger.warning("a request ran out of memory (%s); the cache was freed", reason)
+        when = " while speaking its answer" if speaking else ""
+        logger.warning("a request ran out of memory%s (%s); the cache was freed", when, reason)
         raise OutOfMemory(
-            "the model ran out of memory on this request; retry with smaller inputs, or "
-            f"{out_of_memory_advice(engine.settings, engine.placement.components)}"
+            f"the model ran out of memory on this request{when}; retry with smaller inputs, or "
+            f"{out_of_memory_advice(engine.settings, engine.placement.components, speaking)}"
         )
 
     return guarded

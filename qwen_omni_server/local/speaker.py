@@ -17,6 +17,7 @@ import torch
 from qwen_omni_server.core.audio import SPEECH_SAMPLE_RATE
 from qwen_omni_server.core.settings import SpeechSettings
 from qwen_omni_server.core.types import GenerationRequest, cut_at_stop
+from qwen_omni_server.local.residency import OutOfMemoryWhileSpeaking
 from qwen_omni_server.local.speech import (
     NO_SPEECH_WARNING,
     CodeStream,
@@ -27,6 +28,7 @@ from qwen_omni_server.local.speech import (
     talk,
     talker_inputs,
 )
+from qwen_omni_server.local.streaming import RequestDraws
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +73,24 @@ class Speaker:
         voice: str,
         thinker: dict[str, Any],
         settings: SpeechSettings,
+        draws: RequestDraws,
     ) -> Spoken:
-        """Thinker (with `thinker`'s generate() arguments), then talker and token2wav over the text returned."""
+        """Thinker (with `thinker`'s generate() arguments), then talker and token2wav over the text returned, the
+        thinker and the talker each drawing from its own stream of `draws`. Out of memory after the thinker is
+        OutOfMemoryWhileSpeaking."""
         limit = request.max_new_tokens
         if "streamer" in thinker:
             thinker = {**thinker, "streamer": FirstTokens(thinker["streamer"], limit)}
         # One step more than the answer may have: that step computes the last answer token's hidden state.
-        output = self.model.thinker.generate(
-            **inputs,
-            use_audio_in_video=use_audio_in_video,
-            max_new_tokens=limit + 1,
-            output_hidden_states=True,
-            return_dict_in_generate=True,
-            **thinker,
-        )
+        with draws.thinker.drawing():
+            output = self.model.thinker.generate(
+                **inputs,
+                use_audio_in_video=use_audio_in_video,
+                max_new_tokens=limit + 1,
+                output_hidden_states=True,
+                return_dict_in_generate=True,
+                **thinker,
+            )
         prompt = inputs["input_ids"].shape[1]
         sequences = output.sequences[:, : prompt + limit]
         generated = sequences[0, prompt:].tolist()
@@ -96,11 +102,15 @@ class Speaker:
         if spoken == 0:
             return Spoken(sequences, warnings=[NO_SPEECH_WARNING])
         bos = self.model.speaker_map[voice]["bos_token"]
-        arguments = talker_inputs(self.model, inputs, use_audio_in_video, output, spoken, bos)
-        del output  # every layer's hidden states of every step: the talker has what it needs
-        synthesis = Token2Wav(self.model, voice, seed=request.seed, stop=stop)
-        max_codes = self.talker_max_codes(spoken, settings.max_speech_seconds, settings.speech_seconds_per_token)
-        return self._voice(sequences, arguments, synthesis, request, max_codes, settings.speech_chunk_blocks)
+        try:
+            arguments = talker_inputs(self.model, inputs, use_audio_in_video, output, spoken, bos)
+            del output  # every layer's hidden states of every step: the talker has what it needs
+            synthesis = Token2Wav(self.model, voice, seed=draws.seed, stop=stop)
+            max_codes = self.talker_max_codes(spoken, settings.max_speech_seconds, settings.speech_seconds_per_token)
+            with draws.talker.drawing():
+                return self._voice(sequences, arguments, synthesis, request, max_codes, settings.speech_chunk_blocks)
+        except torch.OutOfMemoryError as error:
+            raise OutOfMemoryWhileSpeaking(str(error)) from None
 
     def _voice(
         self,

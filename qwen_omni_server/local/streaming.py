@@ -1,14 +1,22 @@
-"""The answer as it is generated: its text handed over piece by piece, its stop strings, and the cooperative stop.
+"""The answer as it is generated: its text handed over piece by piece, its stop strings, the cooperative stop,
+and its random draws.
 
 They plug into transformers' `generate()` (a streamer and stopping criteria) on the model's thread; the
 HTTP side only sees the `on_text` callback, the stop strings and the stop event of a GenerationRequest.
+`RequestDraws`: each request samples from generators of its own, torch's global ones left as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
 import logging
+import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import StoppingCriteria
@@ -141,3 +149,72 @@ class StopWhenSet(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+# ---------------------------------------------------------------- random draws
+
+
+class OwnDraws:
+    """One sampler's random draws (the thinker's or the talker's), of its own. transformers' generate() takes no
+    generator: it draws from torch's global ones. Inside `drawing` they hold this stream's state (on the CPU and
+    on the CUDA devices `cuda`); after it, the stream keeps where it got to and theirs is back as it was. So the
+    same seed gives the same draws, whatever else draws before, between or after."""
+
+    def __init__(self, seed: int, cuda: Sequence[int] = ()) -> None:
+        self.seed, self.cuda = seed, list(cuda)
+        self._states: list[torch.Tensor] | None = None  # where the stream got to, once it has drawn
+
+    @contextlib.contextmanager
+    def drawing(self) -> Iterator[None]:
+        """torch's global generators draw this stream's numbers within the block (generate() runs in one)."""
+        with torch.random.fork_rng(devices=self.cuda, device_type="cuda"):
+            self._put_in()
+            try:
+                yield
+            finally:
+                self._states = [torch.random.get_rng_state(), *(torch.cuda.get_rng_state(i) for i in self.cuda)]
+
+    def _put_in(self) -> None:
+        if self._states is None:
+            torch.random.default_generator.manual_seed(self.seed)
+            for index in self.cuda:
+                torch.cuda.default_generators[index].manual_seed(self.seed)
+            return
+        torch.random.set_rng_state(self._states[0])
+        for index, state in zip(self.cuda, self._states[1:]):
+            torch.cuda.set_rng_state(state, index)
+
+
+def derived_seed(seed: int, name: str) -> int:
+    """A seed of its own for `name`'s draws, fixed by `seed` (63 bits)."""
+    digest = hashlib.blake2b(f"{name}:{seed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+@dataclass(frozen=True)
+class RequestDraws:
+    """A request's random draws: `seed` (the request's, else fresh entropy) fixes all of them; the thinker draws
+    from its stream (seeded with `seed` itself), the talker from another, so neither's draws depend on the
+    other's. token2wav's noise is seeded with `seed` too (`speech.Token2Wav`)."""
+
+    seed: int
+    thinker: OwnDraws
+    talker: OwnDraws
+
+    @classmethod
+    def of(cls, seed: int | None, cuda: Sequence[int] = ()) -> RequestDraws:
+        seed = secrets.randbits(63) if seed is None else seed
+        return cls(seed, OwnDraws(seed, cuda), OwnDraws(derived_seed(seed, "talker"), cuda))
+
+
+def cuda_devices(model: Any) -> list[int]:
+    """The CUDA devices `model` computes on: where its weights are, and where accelerate's hooks run the
+    offloaded ones."""
+    devices = {tensor.device for tensor in itertools.chain(model.parameters(), model.buffers())}
+    for module in model.modules():
+        execution = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if execution is not None:
+            devices.add(torch.device(execution))
+    return sorted(
+        {d.index if d.index is not None else torch.cuda.current_device() for d in devices if d.type == "cuda"}
+    )
