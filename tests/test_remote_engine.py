@@ -15,7 +15,9 @@ import make_media
 import openai
 import pytest
 from conftest import CORPUS, FakeEngine, serve
+from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
+from PIL import Image
 from servers import free_port, start_server
 
 from qwen_omni_server.core import media
@@ -201,6 +203,87 @@ def test_a_picture_cut_inside_goes_again_as_the_pixels_that_decoded(upstreams, f
         assert via_front.json()["usage"]["prompt_tokens"] == direct.json()["usage"]["prompt_tokens"]
         assert via_front.json()["warnings"][0] == direct.json()["warnings"][0]
         assert via_front.json()["warnings"][0].startswith("messages[0].content[0]: image file is truncated")
+
+
+def recording_upstream(bodies: list[dict]):
+    """A stand-in upstream: it keeps each Chat Completions body it is sent and answers "ok"."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": "stand-in", "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    async def complete(request: Request) -> dict:
+        bodies.append(await request.json())
+        message = {"role": "assistant", "content": "ok"}
+        return {
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+        }
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    """A front over a recording stand-in upstream: its URL, and the bodies the upstream was sent."""
+    bodies: list[dict] = []
+    upstream = serve(recording_upstream(bodies))
+    server, url = start_front(front_settings([next(upstream)]))
+    yield url, bodies
+    server.close()
+    upstream.close()
+
+
+def sent_pictures(body: dict) -> list[tuple[str, Image.Image]]:
+    """Each picture of a Chat Completions body: its data URL's header, and the picture."""
+    pictures = []
+    for message in body["messages"]:
+        for part in message["content"] if isinstance(message["content"], list) else []:
+            if part["type"] == "image_url":
+                header, data = part["image_url"]["url"].split(",", 1)
+                pictures.append((header, Image.open(io.BytesIO(base64.b64decode(data)))))
+    return pictures
+
+
+def big_tiff() -> bytes:
+    """A 4000 x 3000 picture in a format that is converted here (not sent as it came)."""
+    tiff = make_media.image_bytes("TIFF", (4000, 3000), compression="tiff_deflate")
+    assert media.picture_file(io.BytesIO(tiff), max_pixels=10**8) is None
+    return tiff
+
+
+@pytest.mark.parametrize("max_pixels", [None, 40000])
+def test_a_big_decoded_picture_goes_upstream_as_a_png_within_the_pixel_budget(recorded, max_pixels):
+    """It went as a BMP of every pixel decoded (36 MB here, 150 MB at 50 MP); the model reads at most the budget
+    (IMAGE_MAX_PIXELS, or the request's max_pixels), so it goes resized as the model's processor resizes it."""
+    from qwen_omni_utils.v2_5.vision_process import smart_resize
+
+    url, bodies = recorded
+    form = {"text": "Hi", **({"max_pixels": str(max_pixels)} if max_pixels else {})}
+    files = [("images", ("big.tif", big_tiff(), "image/tiff"))]
+    answer = httpx.post(f"{url}/multimodal", data=form, files=files, timeout=120)
+    assert answer.status_code == 200, answer.text
+    [(header, picture)] = sent_pictures(bodies[-1])
+    budget = max_pixels or Settings(_env_file=None).image_max_pixels
+    assert header == "data:image/png;base64" and picture.format == "PNG"
+    assert picture.width * picture.height <= budget
+    assert picture.size[::-1] == smart_resize(3000, 4000, 28, min_pixels=28 * 28, max_pixels=budget)
+    small = make_media.image_bytes("TIFF", (96, 64))
+    answer = httpx.post(f"{url}/multimodal", data={"text": "Hi"}, files=[("images", ("s.tif", small, "image/tiff"))])
+    [(header, picture)] = sent_pictures(bodies[-1])
+    assert answer.status_code == 200 and header == "data:image/png;base64" and picture.size == (96, 64)
+
+
+def test_a_big_decoded_picture_gets_the_upstreams_own_answer(upstreams, front):
+    """Resized here as the model's processor resizes it (size and filter), it reaches the model as the same
+    pixels: the same answer and prompt tokens as the upstream gives the file itself."""
+    files = [("images", ("big.tif", big_tiff(), "image/tiff"))]
+    direct = httpx.post(f"{upstreams[0]}/multimodal", data={"text": "Hi"}, files=files, timeout=120)
+    via_front = httpx.post(f"{front}/multimodal", data={"text": "Hi"}, files=files, timeout=120)
+    assert direct.status_code == via_front.status_code == 200, via_front.text
+    same_answer(direct.json(), via_front.json())
 
 
 class UntilStopped(FakeEngine):

@@ -95,7 +95,7 @@ class UpstreamEngine(BaseEngine):
             raise Cancelled("the request was cancelled before it started")
         started = time.perf_counter()
         turns = conversation(request, self.settings.default_system_prompt)
-        body = chat_body(request, turns)
+        body = chat_body(request, turns, self.settings)
         encoded = time.perf_counter()
         job = asyncio.run_coroutine_threadsafe(self._until_stopped(body, request), self._loop)
         try:

@@ -2,8 +2,9 @@
 Qwen2.5-Omni), and the upstream's answer, whole or streamed, as a result.
 
 Media goes upstream as data URLs: pictures as they came when they are whole, upright, plain RGB JPEG, PNG or
-WebP (`media.PictureFile`: the routes decode them in full while the upstream works), else as lossless BMP
-`image_url`s of the pixels decoded here (so any format the server reads works upstream); audio as 16 kHz
+WebP (`media.PictureFile`: the routes decode them in full while the upstream works), else as lossless PNG
+`image_url`s of the pixels decoded here (so any format the server reads works upstream), first resized to the
+request's pixel budget as the local model's processor resizes them; audio as 16 kHz
 float WAV `input_audio`; each video as its own file in a `video_url`, with
 `mm_processor_kwargs: {"use_audio_in_video": true}` when they all carry sound (false otherwise, each sounding
 video's track then following it as audio: as the local model reads them). The conversation is the one the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,7 @@ from qwen_omni_server.core.audio import float_wav_bytes, read_wav
 from qwen_omni_server.core.conversation import interleaves_video_audio, videos_of
 from qwen_omni_server.core.errors import EngineUnavailable, InputRejected, PromptTooLong
 from qwen_omni_server.core.media import PictureFile
+from qwen_omni_server.core.settings import BudgetSettings
 from qwen_omni_server.core.types import ChatTurn, GenerationRequest, GenerationResult, VideoInput
 
 
@@ -35,15 +38,18 @@ class Retry(Exception):
 # ---------------------------------------------------------------- the request
 
 
-def chat_body(request: GenerationRequest, turns: list[ChatTurn]) -> dict[str, Any]:
+def chat_body(request: GenerationRequest, turns: list[ChatTurn], budgets: BudgetSettings) -> dict[str, Any]:
     """`request`, whose conversation is `turns` (`core.conversation`, as the local engine reads it), as a Chat
-    Completions body (without `model`): messages, decoding, media options, speech."""
+    Completions body (without `model`): messages, decoding, media options, speech. Decoded pictures are sent
+    within the pixel budget the local engine gives them: the request's max_pixels (at most MAX_PIXELS_CEILING),
+    else IMAGE_MAX_PIXELS."""
     videos = videos_of(turns)
     # As the local model: every video's sound interleaved with its frames, or (some silent) each track after
     # its video as plain audio; the upstream is told not to take the tracks from the files itself.
     interleave = interleaves_video_audio(videos)
+    max_pixels = min(request.max_pixels, budgets.max_pixels_ceiling) if request.max_pixels else budgets.image_max_pixels
     body: dict[str, Any] = {
-        "messages": [{"role": turn.role, "content": _content(turn.parts, interleave)} for turn in turns],
+        "messages": [{"role": turn.role, "content": _content(turn.parts, interleave, max_pixels)} for turn in turns],
         "max_tokens": request.max_new_tokens,
         # Streamed only for a client that streams (no per-token work otherwise); vLLM-Omni gives speech in one piece.
         "stream": request.on_text is not None and not request.return_audio,
@@ -75,12 +81,12 @@ def _decoding(request: GenerationRequest) -> dict[str, Any]:
     return fields
 
 
-def _content(parts: list, interleave: bool) -> list[dict[str, Any]]:
+def _content(parts: list, interleave: bool, max_pixels: int) -> list[dict[str, Any]]:
     content = []
     for part in parts:
-        content.append(content_part(part))
+        content.append(content_part(part, max_pixels))
         if isinstance(part, VideoInput) and part.audio is not None and not interleave:
-            content.append(content_part(part.audio))
+            content.append(content_part(part.audio, max_pixels))
     return content
 
 
@@ -88,16 +94,15 @@ def text_part(text: str) -> dict[str, Any]:
     return {"type": "text", "text": text}
 
 
-def content_part(part: Any) -> dict[str, Any]:
-    """One part of a turn as a Chat Completions content part; media as data URLs."""
+def content_part(part: Any, max_pixels: int) -> dict[str, Any]:
+    """One part of a turn as a Chat Completions content part; media as data URLs, decoded pictures within
+    `max_pixels`."""
     if isinstance(part, str):
         return text_part(part)
     if isinstance(part, PictureFile):
         return {"type": "image_url", "image_url": {"url": data_url(part.mime, part.data)}}
     if isinstance(part, Image.Image):
-        out = io.BytesIO()
-        part.save(out, "BMP")  # lossless and fast to write: the pixels decoded here, whatever the source format
-        return {"type": "image_url", "image_url": {"url": data_url("image/bmp", out.getvalue())}}
+        return {"type": "image_url", "image_url": {"url": data_url("image/png", picture_png(part, max_pixels))}}
     if isinstance(part, np.ndarray):  # exactly the decoded samples
         return {
             "type": "input_audio",
@@ -112,6 +117,30 @@ def content_part(part: Any) -> dict[str, Any]:
 
 def data_url(mime: str, data: bytes) -> str:
     return f"data:{mime};base64,{pybase64.b64encode_as_string(data)}"
+
+
+PATCH_SIDE = 28  # the model's pictures are resized to multiples of this (14-pixel patches, merged 2 x 2)
+
+
+def budget_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The size the model's processor (qwen-omni-utils' smart_resize) gives a picture over `max_pixels`: its
+    aspect ratio kept, each side a multiple of 28, at most `max_pixels`; a picture within it keeps its size."""
+    side = PATCH_SIDE
+    if max(side, round(width / side) * side) * max(side, round(height / side) * side) <= max_pixels:
+        return width, height
+    scale = math.sqrt(width * height / max_pixels)
+    return max(side, math.floor(width / scale / side) * side), max(side, math.floor(height / scale / side) * side)
+
+
+def picture_png(picture: Image.Image, max_pixels: int) -> bytes:
+    """Pixels decoded here as a PNG (lossless; a fast compression level), resized as the model's processor
+    resizes them when over `max_pixels` (the same size and filter: the upstream then leaves them as they are)."""
+    size = budget_size(picture.width, picture.height, max_pixels)
+    if size != picture.size:
+        picture = picture.resize(size, Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    picture.save(out, "PNG", compress_level=1)
+    return out.getvalue()
 
 
 # ---------------------------------------------------------------- the answer
