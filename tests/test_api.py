@@ -259,3 +259,118 @@ def test_an_engine_the_server_made_is_closed_at_stop_and_made_afresh_at_the_next
                 time.sleep(0.01)
             assert client.post("/multimodal", data={"text": "hi"}).status_code == 200
         assert len(made) == start + 1 and made[-1].closed and len(made[-1].requests) == 1
+
+
+KEY = "s3cret-key-123"
+BEARER = {"Authorization": f"Bearer {KEY}"}
+
+
+def wait_for_health(client, headers: dict[str, str] | None = None):
+    """/health once the model (or the upstream engine) is made: no longer `loading`."""
+    deadline = time.time() + 30
+    while (response := client.get("/health", headers=headers)).json()["status"] == "loading":
+        assert time.time() < deadline, "still loading"
+        time.sleep(0.05)
+    return response
+
+
+def test_health_without_the_key_tells_the_status_alone(make_client, fake_engine):
+    """With API_KEY set, the model, memory and generations are for the key's holders; anyone gets the status."""
+    client = make_client(fake_engine, api_key=KEY)
+    for headers in ({}, {"Authorization": "Bearer nope-nope-nope"}, {"Authorization": KEY}):
+        response = client.get("/health", headers=headers)
+        assert response.status_code == 200 and response.json() == {"status": "ok"}, headers
+    detailed = client.get("/health", headers=BEARER)
+    assert detailed.status_code == 200 and detailed.json()["model"] == "fake" and "generations" in detailed.json()
+
+
+def test_health_of_a_model_that_failed_to_load_without_the_key(make_client):
+    client = make_client(engine=None, api_key=KEY)  # MODEL_PATH points at a folder that does not exist
+    anonymous = wait_for_health(client)
+    assert anonymous.status_code == 503 and anonymous.json() == {"status": "error"}
+    detailed = client.get("/health", headers=BEARER)
+    assert detailed.status_code == 503 and "MODEL_PATH" in detailed.json()["detail"]
+
+
+def test_health_without_the_key_hides_the_upstreams(tmp_path):
+    """ENGINE=openai: the upstreams' URLs and last errors only with the key."""
+    from fastapi.testclient import TestClient
+    from servers import free_port
+
+    from qwen_omni_server.core.settings import Settings
+    from qwen_omni_server.server import create_app
+
+    upstream = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings = Settings(_env_file=None, engine="openai", engine_urls=[f"{upstream}/v1"], api_key=KEY)
+    with TestClient(create_app(settings)) as client:
+        anonymous = wait_for_health(client)
+        assert anonymous.status_code == 503 and anonymous.json() == {"status": "unavailable"}
+        assert upstream not in anonymous.text
+        detailed = client.get("/health", headers=BEARER)
+    assert detailed.status_code == 503 and upstream in detailed.json()["upstreams"][0]["url"]
+
+
+class LongAnswer(FakeEngine):
+    """Answers with `text`, whatever it was asked."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def generate(self, request):
+        result = super().generate(request)
+        result.text = self.text
+        return result
+
+
+def test_a_long_wav_answer_caps_x_text_and_says_so(make_client):
+    """2,048 tokens of Chinese are ~25 KB percent-encoded, past proxies' and Node's header limits."""
+    import urllib.parse
+
+    text = "这是一个很长的回答，包含 ASCII 42 和表情 🙂。" * 300
+    client = make_client(LongAnswer(text), cors_origins=["https://example.org"])
+    form = {"text": "hi", "return_audio": "true", "response_format": "wav"}
+    response = post(client, form)
+    assert response.status_code == 200 and response.headers["content-type"] == "audio/wav"
+    header = response.headers["x-text"]
+    assert 4096 - 12 <= len(header) <= 4096  # cut after a whole character: less than one (🙂 is 12) short
+    shown = urllib.parse.unquote(header, errors="strict")
+    assert text.startswith(shown) and len(shown) > 400
+    assert response.headers["x-text-truncated"] == "true" and "response_format=json" in response.headers["x-text-note"]
+    browser = client.post("/multimodal", data=form, headers={"Origin": "https://example.org"})
+    assert "X-Text-Truncated" in browser.headers["access-control-expose-headers"]
+
+
+def test_a_short_wav_answer_has_its_whole_text(client):
+    import urllib.parse
+
+    response = post(client, {"text": "hi", "return_audio": "true", "response_format": "wav"})
+    assert urllib.parse.unquote(response.headers["x-text"]) == "0 images, 0 audios, 0 videos"
+    assert "x-text-truncated" not in response.headers and "x-text-note" not in response.headers
+
+
+def test_a_request_id_with_a_trailing_newline_is_not_kept():
+    """`$` also matches before a final newline: `abc\\n` once passed as a client's id (into logs and headers)."""
+    import asyncio
+
+    from qwen_omni_server.api.middleware import RequestId, request_id
+
+    seen: list[str] = []
+    sent: list[dict] = []
+
+    async def app(scope, receive, send) -> None:
+        seen.append(request_id.get())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    for offered in (b"abc\n", b"abc"):
+        scope = {"type": "http", "method": "GET", "path": "/health", "headers": [(b"x-request-id", offered)]}
+        asyncio.run(RequestId(app)(scope, receive, send))
+    assert seen[0] != "abc\n" and len(seen[0]) == 16 and seen[1] == "abc"
+    assert dict(sent[0]["headers"])[b"x-request-id"] == seen[0].encode()

@@ -79,7 +79,7 @@ def add_middleware(app: FastAPI, settings: Settings) -> None:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "X-Text"],
+            expose_headers=["X-Request-ID", "X-Text", "X-Text-Truncated", "X-Text-Note"],
         )
     app.add_middleware(AccessLog, metrics=app.state.metrics)
     app.add_middleware(RequestId)

@@ -22,7 +22,7 @@ from qwen_omni_server.api.metrics import route_of
 
 logger = logging.getLogger("multimodal_api")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class RequestIdFilter(logging.Filter):
@@ -113,7 +113,7 @@ class RequestId:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         offered = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        current = offered if _CLIENT_ID.match(offered) else uuid.uuid4().hex[:16]
+        current = offered if _CLIENT_ID.fullmatch(offered) else uuid.uuid4().hex[:16]
         token = request_id.set(current)
         scope.setdefault("state", {})["started"] = time.perf_counter()  # the one request clock
 
@@ -139,8 +139,16 @@ class RequestId:
             request_id.reset(token)
 
 
+def carries_key(scope, key: bytes) -> bool:
+    """Whether the request sends `Authorization: Bearer <key>` (compared in constant time)."""
+    header = dict(scope["headers"]).get(b"authorization", b"")
+    scheme, _, token = header.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+
+
 class ApiKey:
-    """With API_KEY set, every path but /health needs `Authorization: Bearer <key>` (compared in constant time)."""
+    """With API_KEY set, every path but the open ones (/health, which then tells its status alone) needs
+    `Authorization: Bearer <key>`."""
 
     def __init__(self, app, key: str, open_paths: frozenset[str] = frozenset({"/health"})) -> None:
         self.app = app
@@ -150,9 +158,7 @@ class ApiKey:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+        if carries_key(scope, self.key):
             return await self.app(scope, receive, send)
         message = "a valid API key is required: send the header `Authorization: Bearer <API_KEY>`"
         error = ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

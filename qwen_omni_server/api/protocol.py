@@ -134,7 +134,9 @@ class MultimodalForm(BaseModel):
         description="Seed for sampling (a 64-bit signed integer), for reproducible answers.",
     )
     response_format: Literal["json", "wav"] = Field(
-        "json", description="json (default), or wav: the spoken answer as audio/wav, its text in X-Text."
+        "json",
+        description="json (default), or wav: the spoken answer as audio/wav, its text percent-encoded in X-Text, "
+        "at most 4,096 bytes of it (X-Text-Truncated: true when cut; json with return_audio=true has all of it).",
     )
 
 

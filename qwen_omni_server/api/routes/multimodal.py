@@ -117,10 +117,29 @@ async def answer_form(
         request, settings, worker, engine, generation, pictures, timeout, started, place
     )
     if result.audio is not None and fields.response_format == "wav":
-        return Response(
-            wav_bytes(result.audio), media_type="audio/wav", headers={"X-Text": urllib.parse.quote(result.text)}
-        )
+        return Response(wav_bytes(result.audio), media_type="audio/wav", headers=text_headers(result.text))
     return json_answer(result, warnings, model, (decoded - started) * 1000, (time.perf_counter() - started) * 1000)
+
+
+TEXT_HEADER_BYTES = 4096
+TEXT_NOTE = "X-Text holds the start of the text; response_format=json with return_audio=true has all of it"
+
+
+def text_headers(text: str, limit: int = TEXT_HEADER_BYTES) -> dict[str, str]:
+    """A WAV answer's text headers: X-Text, the text percent-encoded (UTF-8), at most `limit` bytes cut after a
+    whole character; when cut, X-Text-Truncated and X-Text-Note (proxies and clients refuse long headers)."""
+    encoded = urllib.parse.quote(text)
+    if len(encoded) <= limit:
+        return {"X-Text": encoded}
+    pieces: list[str] = []
+    size = 0
+    for character in text:
+        piece = urllib.parse.quote(character)
+        if size + len(piece) > limit:
+            break
+        pieces.append(piece)
+        size += len(piece)
+    return {"X-Text": "".join(pieces), "X-Text-Truncated": "true", "X-Text-Note": TEXT_NOTE}
 
 
 def json_answer(

@@ -1,5 +1,5 @@
 """The operational routes: `GET /` (what serves, its limits and endpoints), `GET /health` (readiness; the
-one route open without the API key) and `GET /metrics` (Prometheus)."""
+one route open without the API key, which then tells the status alone) and `GET /metrics` (Prometheus)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from qwen_omni_server import __version__
 from qwen_omni_server.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from qwen_omni_server.api.middleware import carries_key
 from qwen_omni_server.api.protocol import FORM_FIELDS
 from qwen_omni_server.api.state import ModelState, SettingsDep
 from qwen_omni_server.core.engine import Engine
@@ -71,17 +72,23 @@ async def metrics(request: Request) -> Response:
 
 
 @router.get("/health")
-async def health(request: Request) -> JSONResponse:
+async def health(request: Request, settings: SettingsDep) -> JSONResponse:
+    """Readiness. With API_KEY set, a request without the key gets the status alone: the model, its paths,
+    placement, memory and the upstreams' URLs and errors are for those who hold the key."""
     state: ModelState = request.app.state.model
+    detailed = not settings.api_key or carries_key(request.scope, settings.api_key.encode())
     if state.engine is None or state.worker is None:
         if state.error:  # the reason is in the log; no server paths in answers
             detail = "the model could not be loaded: check MODEL_PATH and the server log"
-            return JSONResponse({"status": "error", "detail": detail}, 503)
-        return JSONResponse({"status": "loading", "detail": None}, 503)
-    description = state.engine.describe()
+            return JSONResponse({"status": "error", "detail": detail} if detailed else {"status": "error"}, 503)
+        return JSONResponse({"status": "loading", "detail": None} if detailed else {"status": "loading"}, 503)
     ready, report = state.engine.health()
+    status = "ok" if ready else "unavailable"
+    if not detailed:
+        return JSONResponse({"status": status}, 200 if ready else 503)
+    description = state.engine.describe()
     body = {
-        "status": "ok" if ready else "unavailable",
+        "status": status,
         "model": description["model"],
         "placement": description["placement"],
         "quantization": description.get("quantization", {"scheme": "none"}),
