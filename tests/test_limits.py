@@ -45,8 +45,11 @@ def value_part(field: str, value: str) -> bytes:
 class Exchange:
     """One request to the ASGI app: the body in chunks, counted as the server pulls them."""
 
-    def __init__(self, app, path: str, body: bytes, content_type: str, spec_version: str = "2.3") -> None:
+    def __init__(
+        self, app, path: str, body: bytes, content_type: str, spec_version: str = "2.3", method: str = "POST"
+    ) -> None:
         self.app, self.path, self.content_type, self.spec_version = app, path, content_type, spec_version
+        self.method = method
         self.chunks = [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)] or [b""]
         self.pulled = 0
         self.status: int | None = None
@@ -77,7 +80,7 @@ class Exchange:
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": self.spec_version},
             "http_version": "1.1",
-            "method": "POST",
+            "method": self.method,
             "scheme": "http",
             "path": self.path,
             "raw_path": self.path.encode(),
@@ -310,3 +313,267 @@ def test_a_body_that_drips_in_is_cut_by_body_timeout_seconds(tmp_path):
         sent = asyncio.run(Drip(app, path, b"", content_type).run())
         assert sent.status == 408 and b"BODY_TIMEOUT_SECONDS" in sent.body
         assert sent.pulled < 20  # about half a second of it
+
+
+# ---------------------------------------------------------------- uploads in flight, apart from places for work
+
+
+class Held(Exchange):
+    """A request whose body arrives in part and then waits (a client dripping it), until `go` is set."""
+
+    def __init__(self, app, path: str, body: bytes, content_type: str, sent_first: int, **options) -> None:
+        super().__init__(app, path, body, content_type, **options)
+        self.sent_first = sent_first
+        self.go = asyncio.Event()
+
+    async def receive(self):
+        if self.pulled == self.sent_first:
+            await self.go.wait()
+        return await super().receive()
+
+
+def v1_body(text: str = "hi", **fields) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": text}], "max_tokens": 4, **fields}).encode()
+
+
+async def until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+def test_slow_bodies_hold_no_place_for_work(tmp_path):
+    """More bodies arriving than there are places for work: a request whose body is in is answered at once."""
+    app = create_app(settings(tmp_path, max_waiting_requests=1), engine=FakeEngine())  # two places
+    form = value_part("text", "slow") + f"--{BOUNDARY}--\r\n".encode()
+    slow = [
+        Held(app, "/multimodal", form * 200, f"multipart/form-data; boundary={BOUNDARY}", sent_first=1)
+        for _ in range(3)
+    ] + [Held(app, "/v1/chat/completions", v1_body("x" * 50_000), "application/json", sent_first=1)]
+
+    async def scenario():
+        dripping = [asyncio.ensure_future(held.run()) for held in slow]
+        await until(lambda: all(held.pulled == 1 for held in slow))
+        ready = [
+            await Exchange(app, "/multimodal", b"text=ready", "application/x-www-form-urlencoded").run(),
+            await Exchange(app, "/v1/chat/completions", v1_body(), "application/json").run(),
+        ]
+        in_flight = app.state.intake.stats()
+        for held in slow:
+            held.go.set()
+        await asyncio.gather(*dripping)
+        return ready, in_flight
+
+    ready, in_flight = asyncio.run(scenario())
+    assert [answer.status for answer in ready] == [200, 200]
+    assert in_flight["uploads"] == 4 and in_flight["bytes"] == 4 * CHUNK  # the slow ones, counted
+    assert app.state.intake.stats() == {"uploads": 0, "bytes": 0, "refused": 0}
+    assert app.state.model.worker.stats()["waiting"] == 0
+
+
+def test_bodies_arriving_are_bounded_by_max_uploads_in_flight(tmp_path):
+    app = create_app(settings(tmp_path, max_uploads_in_flight=2), engine=FakeEngine())
+    slow = [Held(app, "/v1/chat/completions", v1_body("x" * 20_000), "application/json", sent_first=1) for _ in "ab"]
+
+    async def scenario():
+        dripping = [asyncio.ensure_future(held.run()) for held in slow]
+        await until(lambda: all(held.pulled == 1 for held in slow))
+        refused = await Exchange(app, "/v1/chat/completions", v1_body(), "application/json").run()
+        for held in slow:
+            held.go.set()
+        await asyncio.gather(*dripping)
+        after = await Exchange(app, "/v1/chat/completions", v1_body(), "application/json").run()
+        return refused, after
+
+    refused, after = asyncio.run(scenario())
+    assert refused.status == 503 and "MAX_UPLOADS_IN_FLIGHT" in refused.json()["error"]["message"]
+    assert refused.pulled == 0  # refused before a byte of it was read
+    assert after.status == 200 and app.state.intake.stats()["uploads"] == 0
+    assert "omni_upload_rejections_total 1.0" in app.state.metrics.render().decode()
+
+
+def test_bytes_arriving_are_bounded_by_max_upload_mb_in_flight(tmp_path):
+    app = create_app(settings(tmp_path, max_upload_mb_in_flight=0.05), engine=FakeEngine())  # 52,428 bytes
+    big = v1_body("x" * 200_000)
+    refused = asyncio.run(Exchange(app, "/v1/chat/completions", big, "application/json").run())
+    assert refused.status == 503 and "MAX_UPLOAD_MB_IN_FLIGHT" in refused.json()["error"]["message"]
+    assert refused.bytes_read <= 0.05 * 1024 * 1024 + CHUNK  # cut at the byte that crossed it
+    assert app.state.intake.stats()["bytes"] == 0
+    assert asyncio.run(Exchange(app, "/v1/chat/completions", v1_body(), "application/json").run()).status == 200
+
+
+def test_a_v1_body_is_parsed_in_the_decoding_pool(tmp_path):
+    """With the decoding pool busy, a /v1 request waits for it (its JSON is parsed there, not on the event loop),
+    while the server goes on answering."""
+    app = create_app(settings(tmp_path, decode_workers=1), engine=FakeEngine())
+    busy = threading.Event()
+
+    async def scenario():
+        blocker = asyncio.get_running_loop().run_in_executor(app.state.decoders, busy.wait, 10)
+        answering = asyncio.ensure_future(Exchange(app, "/v1/chat/completions", v1_body(), "application/json").run())
+        await asyncio.sleep(0.5)
+        waiting = not answering.done()
+        health = await Exchange(app, "/health", b"", "application/json", method="GET").run()
+        busy.set()
+        await blocker
+        return waiting, health, await answering
+
+    waiting, health, answer = asyncio.run(scenario())
+    assert waiting and health.status == 200
+    assert answer.status == 200 and answer.json()["choices"][0]["message"]["content"]
+
+
+def test_the_json_apart_from_media_is_bounded_by_max_json_mb(tmp_path):
+    picture = make_media.image_bytes("BMP", (320, 240))
+    assert len(picture) > 200_000  # its data URL is lifted out of the JSON before it is parsed
+    app = create_app(settings(tmp_path, max_json_mb=0.1), engine=FakeEngine())  # 104,857 bytes
+    part = {"type": "image_url", "image_url": {"url": data_url(picture, "image/bmp")}}
+    with_picture = chat(app, [{"type": "text", "text": "hi"}, part])
+    assert with_picture.status == 200, with_picture.body
+    long_text = chat(app, [{"type": "text", "text": "x" * 150_000}])
+    assert long_text.status == 413 and "MAX_JSON_MB" in long_text.json()["error"]["message"]
+
+
+def test_a_v1_text_is_held_to_max_text_chars(tmp_path):
+    app = create_app(settings(tmp_path, max_text_chars=1000), engine=FakeEngine())
+    refused = chat(app, [{"type": "text", "text": "x" * 1001}])
+    assert refused.status == 413 and "MAX_TEXT_CHARS" in refused.json()["error"]["message"]
+    assert refused.json()["error"]["param"] == "messages[0].content[0].text"
+    assert chat(app, [{"type": "text", "text": "x" * 1000}]).status == 200
+
+
+def test_a_stream_whose_client_leaves_while_queued_is_given_up_at_once(tmp_path):
+    """The client leaves after the stream's first event, while its job waits behind another: the job is
+    cancelled then, whatever the ASGI server's version, not when its first token would be sent."""
+    engine = BlockingEngine()
+    app = create_app(settings(tmp_path), engine=engine)
+
+    class LeavesAfterFirstEvent(Exchange):
+        async def receive(self):
+            if self.pulled < len(self.chunks):
+                return await super().receive()
+            await until(lambda: bool(self.body))
+            return {"type": "http.disconnect"}
+
+        async def send(self, message) -> None:
+            if self.body:
+                raise OSError("the client is gone")
+            await super().send(message)
+
+    async def scenario():
+        first = asyncio.ensure_future(
+            Exchange(app, "/multimodal", b"text=first", "application/x-www-form-urlencoded").run()
+        )
+        await until(engine.started.is_set)
+        body = b"text=second&stream=true"
+        gone = LeavesAfterFirstEvent(app, "/multimodal", body, "application/x-www-form-urlencoded", spec_version="2.4")
+        streaming = asyncio.ensure_future(gone.run())
+        await until(lambda: app.state.model.worker.stats()["waiting"] == 1)
+        await until(lambda: app.state.model.worker.stats()["waiting"] == 0, seconds=3)
+        waiting = app.state.model.worker.stats()["waiting"]
+        engine.release.set()
+        await first
+        with contextlib.suppress(Exception):
+            await streaming
+        return gone, waiting
+
+    gone, waiting = asyncio.run(scenario())
+    assert b"chat.completion.chunk" in gone.body  # it was streaming
+    assert waiting == 0  # and its job left the queue when its client did
+    assert [r.text for r in engine.requests] == ["first"]
+
+
+def test_a_recovered_picture_starts_over_in_the_place_its_request_was_admitted_to(tmp_path):
+    """An engine that passes pictures on as they came starts at once; the check then finds one cut short, so the
+    request starts over with the pixels that decoded. With every place taken, the new attempt takes its own
+    place back (no 503), and only that attempt is counted."""
+    import io
+
+    from qwen_omni_server.api.admission import Place, run_generation_checking
+    from qwen_omni_server.core import media
+    from qwen_omni_server.core.types import GenerationRequest
+    from qwen_omni_server.core.worker import ModelWorker
+
+    app = create_app(settings(tmp_path, decode_workers=1), engine=FakeEngine())
+    picture = media.picture_file(io.BytesIO(make_media.damaged_png("cut")), max_pixels=10**8)
+    assert picture is not None
+    engine = BlockingEngine()
+
+    class Staying:  # the request of a client that stays
+        def __init__(self) -> None:
+            self.app, self.scope = app, {}
+
+        async def receive(self) -> dict:
+            await asyncio.sleep(3600)
+            return {}
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        pool_busy = loop.run_in_executor(app.state.decoders, engine.started.wait, 10)  # checks once it runs
+        worker = ModelWorker(max_waiting=0)  # one place: this request's
+        place = Place(worker, app.state.metrics)
+        generation = GenerationRequest("hi", None, images=[picture])
+        pictures = [("images[0]", picture)]
+        answering = asyncio.ensure_future(
+            run_generation_checking(
+                Staying(), app.state.settings, worker, engine, generation, pictures, 30, time.perf_counter(), place
+            )
+        )
+        await until(lambda: len(engine.requests) == 1 or answering.done(), 15)  # the first attempt, stopped
+        engine.release.set()
+        await pool_busy
+        result = await asyncio.wait_for(answering, 15)
+        worker.shutdown()
+        return result
+
+    result = asyncio.run(scenario())
+    assert "image file is truncated" in result.warnings[0]
+    assert len(engine.requests) == 2
+    counted = [line for line in app.state.metrics.render().decode().splitlines() if "generation_seconds_count" in line]
+    assert counted == ["omni_generation_seconds_count 1.0"]  # the attempt given up is not counted
+
+
+def test_lifting_the_media_out_changes_nothing_the_parser_sees(tmp_path):
+    """The request parsed with its media lifted out equals the request parsed whole: text that looks like a
+    data URL stays text, an escaped payload stays in place, and a placeholder a client writes is not one."""
+    from qwen_omni_server.api.json_body import Received, parse_chat
+    from qwen_omni_server.api.protocol import ChatCompletionRequest
+
+    payload = base64.b64encode(bytes(range(256)) * 1024).decode()  # 341 KiB of base64
+    looks_like_media = '"url": "data:image/png;base64,' + payload[:70_000] + '"'
+    body = {
+        "messages": [
+            {"role": "system", "content": looks_like_media},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": looks_like_media},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + payload}},
+                    {"type": "input_audio", "input_audio": {"data": payload}},
+                    {"type": "image_url", "image_url": "data:image/png;base64," + payload.replace("/", "\\/")},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,\x00lifted:0"}},
+                ],
+            },
+        ]
+    }
+    raw = json.dumps(body).encode().replace(b"\\\\/", b"\\/")  # a sender that escapes slashes
+    whole = ChatCompletionRequest.model_validate_json(raw)
+    parsed = parse_chat(Received(raw, len(raw)), max_json_bytes=1024 * 1024)
+    assert len(parsed.media) == 2  # the image URL and the audio data; the escaped one stays
+    parts, whole_parts = parsed.request.messages[1].content, whole.messages[1].content
+    assert parsed.request.messages[0] == whole.messages[0] and parts[0] == whole_parts[0]  # text is text
+    assert bytes(parsed.payload(parts[1].image_url.url)) == payload.encode()
+    assert bytes(parsed.payload("data:;base64," + parts[2].input_audio.data)) == payload.encode()
+    assert parts[3] == whole_parts[3] and parsed.payload(parts[3].image_url) is None
+    assert parts[4] == whole_parts[4] and parsed.payload(parts[4].image_url.url) is None
+
+
+def test_a_body_of_no_declared_length_is_read_whole(tmp_path):
+    """A chunked body (no Content-Length) grows its buffer as it arrives."""
+    picture = make_media.image_bytes("BMP", (320, 240))
+    part = {"type": "image_url", "image_url": {"url": data_url(picture, "image/bmp")}}
+    body = json.dumps({"messages": [{"role": "user", "content": [part]}], "max_tokens": 4}).encode()
+    app = create_app(settings(tmp_path), engine=FakeEngine())
+    sent = asyncio.run(Exchange(app, "/v1/chat/completions", body, "application/json").run())  # no length
+    assert sent.status == 200, sent.body
+    assert sent.json()["choices"][0]["message"]["content"]

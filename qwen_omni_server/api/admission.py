@@ -1,4 +1,4 @@
-"""Admission and jobs: a request's place in the engine's queue (taken before its body is read), the decoding
+"""Admission and jobs: a request's place in the engine's queue (taken once its body is in), the decoding
 pool, and `run_generation`, which waits for the engine on a request's behalf and gives up cleanly when its
 client leaves or its time runs out."""
 
@@ -33,8 +33,9 @@ T = TypeVar("T")
 
 
 class Place:
-    """A request's place in the engine's queue, taken when it arrives, before its body is read or decoded:
-    a request that could not be queued gets its 503 before any work is spent on it."""
+    """A request's place in the engine's queue, taken once its body is in (a slow body holds none; the uploads
+    arriving are bounded apart, `api.middleware.Intake`) and before its media is decoded: a request that could
+    not be queued gets its 503 before any work is spent on it."""
 
     def __init__(self, worker: Worker, metrics: Metrics | None = None, state: dict | None = None) -> None:
         self.metrics = metrics
@@ -42,9 +43,13 @@ class Place:
         worker.reserve()  # QueueFull: 503 with Retry-After (api.errors)
         self.worker = worker
         self.held = True
+        self.attempt = 0
 
-    def observe(self, result: GenerationResult) -> None:
-        """Count a finished generation in the metrics and the request's log line (runs on the worker's thread)."""
+    def observe(self, result: GenerationResult, attempt: int) -> None:
+        """Count a finished generation in the metrics and the request's log line (runs on the worker's thread);
+        a generation given up for a later attempt (`renew`) is not the request's and is not counted."""
+        if attempt != self.attempt:
+            return
         if self.metrics is not None:
             self.metrics.observe_result(result)
         self.state["usage"] = {
@@ -58,14 +63,27 @@ class Place:
         held, self.held = self.held, False
         return held
 
+    def renew(self) -> None:
+        """Take the place again for a new attempt at the request (its first job given up, as a recovered
+        picture makes it start over): it was admitted, so the queue's bound does not refuse it now."""
+        self.release()
+        self.worker.reserve(renewing=True)
+        self.held = True
+        self.attempt += 1
+
     def release(self) -> None:
         """Give the place back if no job took it (errors, a client gone before its job was queued)."""
         if self.use():
             self.worker.release()
 
 
+def check_room(request: Request) -> None:
+    """A 503 with Retry-After now, before the request's body is read, when the engine's queue is full."""
+    request.app.state.model.worker.check_room()
+
+
 def admit(request: Request) -> Place:
-    """A place in the queue for this request, or 503 with Retry-After when none is left."""
+    """A place in the queue for this request whose body is in, or 503 with Retry-After when none is left."""
     return Place(request.app.state.model.worker, request.app.state.metrics, request.scope.setdefault("state", {}))
 
 
@@ -100,6 +118,7 @@ class Job:
         self._box = [replace(generation, stop=self.stop)]
         reserved = place.use() if place is not None else False
         self.place = place
+        self.attempt = place.attempt if place is not None else 0
         self.future: Future = worker.submit(self._run, engine.generate, reserved=reserved)
         # REQUEST_TIMEOUT_SECONDS bounds the job itself, whoever is (or is not) waiting for it.
         loop = asyncio.get_running_loop()
@@ -112,7 +131,7 @@ class Job:
             raise Cancelled("the request was given up before its generation started")
         result = generate(self._box.pop())
         if self.place is not None:
-            self.place.observe(result)
+            self.place.observe(result, self.attempt)
         return result
 
     def _time_out(self) -> None:
@@ -191,6 +210,8 @@ async def run_generation_checking(
         raise
     if not recovered:
         return await answering
+    if place is not None:
+        place.renew()  # first: the attempt given up is no longer the request's, whenever it ends
     answering.cancel()
     await asyncio.gather(answering, return_exceptions=True)
     generation, notes = with_recovered(generation, recovered)

@@ -25,7 +25,15 @@ from qwen_omni_server import __version__
 from qwen_omni_server.api.admission import decoding_pool
 from qwen_omni_server.api.errors import HANDLED, ApiError, api_error, is_openai
 from qwen_omni_server.api.metrics import Metrics
-from qwen_omni_server.api.middleware import AccessLog, ApiKey, BodySizeLimit, JsonFormatter, RequestId, RequestIdFilter
+from qwen_omni_server.api.middleware import (
+    AccessLog,
+    ApiKey,
+    BodyLimits,
+    Intake,
+    JsonFormatter,
+    RequestId,
+    RequestIdFilter,
+)
 from qwen_omni_server.api.routes import multimodal, openai, ops
 from qwen_omni_server.api.state import EngineLoader, ModelState
 from qwen_omni_server.core.engine import Engine
@@ -58,7 +66,8 @@ def create_app(
     app.state.settings = settings
     app.state.model = ModelState(engine, settings.max_waiting_requests)
     app.state.decoders = decoding_pool(settings)
-    app.state.metrics = Metrics(lambda: app.state.model.worker)
+    app.state.intake = Intake(settings.max_uploads_in_flight, settings.max_upload_bytes_in_flight)
+    app.state.metrics = Metrics(lambda: app.state.model.worker, app.state.intake)
     add_middleware(app, settings)
     add_error_handlers(app)
     for router in (ops.router, multimodal.router, openai.router):
@@ -67,9 +76,11 @@ def create_app(
 
 
 def add_middleware(app: FastAPI, settings: Settings) -> None:
-    """The body limit innermost, then the API key, CORS, the access log, and request ids outermost (so every
-    answer, errors included, carries its id)."""
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes, timeout=settings.body_timeout_seconds)
+    """The body's limits innermost (a request without the API key takes no upload's place), then the API key,
+    CORS, the access log, and request ids outermost (so every answer, errors included, carries its id)."""
+    app.add_middleware(
+        BodyLimits, max_bytes=settings.max_request_bytes, intake=app.state.intake, timeout=settings.body_timeout_seconds
+    )
     if settings.api_key:
         open_paths = {"/health", "/metrics"} if settings.metrics_public else {"/health"}
         app.add_middleware(ApiKey, key=settings.api_key, open_paths=frozenset(open_paths))

@@ -26,9 +26,10 @@ def route_of(path: str) -> str:
 
 
 class Metrics:
-    """The server's Prometheus metrics; `worker` returns the engine's worker (None while it loads) when scraped."""
+    """The server's Prometheus metrics; `worker` returns the engine's worker (None while it loads) when scraped,
+    `intake` counts the request bodies arriving (`api.middleware.Intake`)."""
 
-    def __init__(self, worker: Callable[[], Any]) -> None:
+    def __init__(self, worker: Callable[[], Any], intake: Any = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -55,7 +56,7 @@ class Metrics:
         self.tokens = Counter(
             "omni_tokens", "Tokens in (prompt, by modality) and out (answer)", ["direction", "modality"], registry=r
         )
-        r.register(_Live(worker))
+        r.register(_Live(worker, intake))
 
     def observe_result(self, result) -> None:
         """Count one finished generation (a GenerationResult)."""
@@ -69,10 +70,11 @@ class Metrics:
 
 
 class _Live:
-    """What is read at each scrape: the queue, and the GPU's memory."""
+    """What is read at each scrape: the uploads arriving, the queue, and the GPU's memory."""
 
-    def __init__(self, worker: Callable[[], Any]) -> None:
+    def __init__(self, worker: Callable[[], Any], intake: Any = None) -> None:
         self.worker = worker
+        self.intake = intake
 
     def collect(self) -> Iterator[Metric]:
         worker = self.worker()  # None while the engine loads: nothing is queued yet
@@ -86,6 +88,17 @@ class _Live:
             "Requests refused with 503 because the queue was full",
             value=worker.rejected if worker is not None else 0,
         )
+        if self.intake is not None:
+            uploads = self.intake.stats()
+            yield GaugeMetricFamily("omni_uploads_in_flight", "Request bodies arriving", value=uploads["uploads"])
+            yield GaugeMetricFamily(
+                "omni_upload_bytes_in_flight", "Bytes of the request bodies arriving", value=uploads["bytes"]
+            )
+            yield CounterMetricFamily(
+                "omni_upload_rejections",
+                "Request bodies refused with 503 (MAX_UPLOADS_IN_FLIGHT, MAX_UPLOAD_MB_IN_FLIGHT)",
+                value=uploads["refused"],
+            )
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             used = GaugeMetricFamily("omni_gpu_memory_bytes", "GPU memory allocated by tensors", labels=["device"])

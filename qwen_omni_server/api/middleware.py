@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from qwen_omni_server.api.errors import ApiError, is_openai
 from qwen_omni_server.api.metrics import route_of
+from qwen_omni_server.core.errors import QueueFull
 
 logger = logging.getLogger("multimodal_api")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -165,13 +166,51 @@ class ApiKey:
         await error.response(is_openai(scope))(scope, receive, send)
 
 
-class BodySizeLimit:
-    """Refuses a request body over `max_bytes`, counted as it arrives (Content-Length is not trusted), or one
-    that takes longer than `timeout` seconds to arrive (a client dripping its body a byte at a time)."""
+class Intake:
+    """The request bodies arriving now (uploads in flight), bounded apart from the places for work: a body
+    takes one of MAX_UPLOADS_IN_FLIGHT when its first byte is read and gives it back with its bytes once its last
+    byte is in (or its request ends). Its request takes a place for work only then, so a slow body holds
+    none, and a request whose body is in never waits behind one. Used on the event loop only."""
 
-    def __init__(self, app, max_bytes: int, timeout: float = 300) -> None:
+    def __init__(self, max_uploads: int, max_bytes: int) -> None:
+        self.max_uploads = max_uploads
+        self.max_bytes = max_bytes
+        self.uploads = 0
+        self.bytes = 0
+        self.refused = 0
+
+    def open(self) -> None:
+        if self.uploads >= self.max_uploads:
+            self.refused += 1
+            raise QueueFull(f"{self.uploads} request bodies are already arriving (MAX_UPLOADS_IN_FLIGHT)")
+        self.uploads += 1
+
+    def add(self, count: int) -> None:
+        if self.bytes + count > self.max_bytes:
+            self.refused += 1
+            raise QueueFull(
+                f"{self.bytes:,} bytes of request bodies are already arriving, at most {self.max_bytes:,} "
+                "(MAX_UPLOAD_MB_IN_FLIGHT)"
+            )
+        self.bytes += count
+
+    def close(self, received: int) -> None:
+        self.uploads -= 1
+        self.bytes -= received
+
+    def stats(self) -> dict[str, int]:
+        return {"uploads": self.uploads, "bytes": self.bytes, "refused": self.refused}
+
+
+class BodyLimits:
+    """A request body within its limits as it arrives: one of the uploads in flight (`Intake`), at most
+    `max_bytes` (Content-Length is not trusted), and in within `timeout` seconds (a client dripping its body
+    a byte at a time gets 408)."""
+
+    def __init__(self, app, max_bytes: int, intake: Intake, timeout: float = 300) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.intake = intake
         self.timeout = timeout
 
     async def __call__(self, scope, receive, send) -> None:
@@ -181,25 +220,54 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             return await ApiError(413, message).response(is_openai(scope))(scope, receive, send)
-        received = 0
-        complete = False
-        deadline = time.monotonic() + self.timeout
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        body = _Body(self.intake, self.max_bytes, message, deadline, self.timeout)
+        try:
+            await self.app(scope, body.receiving(receive), send)
+        finally:
+            body.close()
 
+
+class _Body:
+    """One request body as it arrives, counted against its limits and the intake until its last byte."""
+
+    def __init__(self, intake: Intake, max_bytes: int, message: str, deadline: float, timeout: float) -> None:
+        self.intake, self.max_bytes, self.message = intake, max_bytes, message
+        self.deadline, self.timeout = deadline, timeout
+        self.received = 0
+        self.state = "unread"
+
+    def receiving(self, receive):
         async def counting_receive():
-            nonlocal received, complete
-            if complete:  # the body is in: what comes now (a disconnect) may take as long as it takes
+            if self.state == "in":  # the body is in: what comes now (a disconnect) may take as long as it takes
                 return await receive()
+            if self.state == "unread":  # one of the uploads in flight from its first byte (QueueFull: a 503)
+                self.intake.open()
+                self.state = "arriving"
             try:
-                event = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                async with asyncio.timeout_at(self.deadline):  # no task per piece, as wait_for would make
+                    event = await receive()
             except TimeoutError:
                 raise ApiError(
                     408, f"the request body took longer than {self.timeout:g} s to arrive (BODY_TIMEOUT_SECONDS)"
                 ) from None
             if event["type"] == "http.request":
-                received += len(event.get("body", b""))
-                complete = not event.get("more_body", False)
-                if received > self.max_bytes:
-                    raise ApiError(413, message)
+                self.count(len(event.get("body", b"")))
+                if not event.get("more_body", False):
+                    self.close()
+            else:
+                self.close()
             return event
 
-        await self.app(scope, counting_receive, send)
+        return counting_receive
+
+    def count(self, size: int) -> None:
+        if self.received + size > self.max_bytes:
+            raise ApiError(413, self.message)
+        self.intake.add(size)
+        self.received += size
+
+    def close(self) -> None:
+        if self.state == "arriving":
+            self.intake.close(self.received)
+        self.state = "in"

@@ -78,6 +78,32 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float = Field(0, ge=0, le=0, description="not supported: 0 only")
 
 
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A model's JSON schema with its `$defs` written where they are referred to (an operation's schema in
+    OpenAPI cannot carry `$defs` of its own)."""
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return inline(schema)
+
+
+# The body is read and parsed by the route itself (as it arrives, then off the event loop): its schema for the docs.
+CHAT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": _inlined(ChatCompletionRequest.model_json_schema())}},
+    }
+}
+
+
 # ---------------------------------------------------------------- /multimodal
 
 

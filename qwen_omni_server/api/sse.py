@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import anyio
 import pybase64
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -175,7 +177,11 @@ async def _ending(result: GenerationResult, stream: Stream, ids: Ids) -> AsyncIt
 
 class EventStream(StreamingResponse):
     """Server-Sent Events that, however the response ends (a client gone before the first byte included),
-    close their generator and give back the request's place in the queue if its job was never queued."""
+    close their generator and give back the request's place in the queue if its job was never queued.
+
+    A client that leaves ends the stream at once, whatever the ASGI server's version: Starlette listens for
+    the disconnect only below spec 2.4 and otherwise learns of it from the next event it fails to send, which
+    for a job waiting in the queue would come after its prefill."""
 
     def __init__(self, events: AsyncIterator[str], place: Place | None = None) -> None:
         super().__init__(
@@ -185,7 +191,16 @@ class EventStream(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            async with anyio.create_task_group() as group:
+
+                async def stream_then_stop() -> None:
+                    with contextlib.suppress(OSError):  # the client left while an event was being sent
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream_then_stop)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
         finally:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
             if self.place is not None:

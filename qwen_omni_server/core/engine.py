@@ -20,8 +20,13 @@ class Worker(Protocol):
 
     rejected: int
 
-    def reserve(self) -> None:
-        """Take a place before the request's work begins; QueueFull when none is left."""
+    def check_room(self) -> None:
+        """QueueFull when a request arriving now could not be admitted; reserves nothing."""
+        ...
+
+    def reserve(self, *, renewing: bool = False) -> None:
+        """Take a place before the request's work begins; QueueFull when none is left (`renewing`: a request
+        admitted already takes back the place its given-up job held, whatever the bound)."""
         ...
 
     def release(self) -> None:

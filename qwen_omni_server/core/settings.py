@@ -138,7 +138,8 @@ class HttpSettings(BaseModel):
         None,
         min_length=8,
         max_length=65_536,
-        description="When set (at least 8 characters), every endpoint but /health needs `Authorization: Bearer <key>`.",
+        description="When set (at least 8 characters), every endpoint but /health needs `Authorization: Bearer <key>`; "
+        "/health then tells its status alone without it.",
     )
     cors_origins: list[str] = Field(
         [],
@@ -174,8 +175,8 @@ class MediaUrlSettings(BaseModel):
     )
     media_url_allow_private: bool = Field(
         False,
-        description="Let media URLs reach loopback, link-local and private addresses (checked on the address "
-        "actually connected to); off by default.",
+        description="Let media URLs reach private, loopback and shared (100.64/10) addresses (checked on the "
+        "address actually connected to); link-local, metadata, multicast and reserved ones never. Off by default.",
     )
 
 
@@ -204,6 +205,27 @@ class LimitSettings(BaseModel):
     body_timeout_seconds: float = Field(
         300, gt=0, le=86_400, description="Longest a request body may take to arrive (a slow-drip client gets 408)."
     )
+    max_json_mb: float = Field(
+        16,
+        gt=0,
+        le=65_536,
+        description="Largest /v1 JSON body apart from its media (the data URLs' payloads), in MiB; it is parsed "
+        "in one piece, the media apart.",
+    )
+    max_uploads_in_flight: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        description="Request bodies that may be arriving at once, apart from the places for work "
+        "(MAX_WAITING_REQUESTS, taken once a body is in); more get 503 with Retry-After before a byte is read.",
+    )
+    max_upload_mb_in_flight: float = Field(
+        4096,
+        gt=0,
+        le=1_048_576,
+        description="MiB of request bodies that may be arriving at once, counted as they arrive; the body whose "
+        "bytes would pass it gets 503 with Retry-After.",
+    )
     max_files_per_field: int = Field(8, ge=1, le=1000, description="Most files in each of images/audios/videos.")
     max_image_pixels: int = Field(
         50_000_000,
@@ -228,6 +250,14 @@ class LimitSettings(BaseModel):
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * MiB)
+
+    @property
+    def max_json_bytes(self) -> int:
+        return int(self.max_json_mb * MiB)
+
+    @property
+    def max_upload_bytes_in_flight(self) -> int:
+        return int(self.max_upload_mb_in_flight * MiB)
 
 
 class BudgetSettings(BaseModel):

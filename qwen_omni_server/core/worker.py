@@ -31,13 +31,29 @@ class ModelWorker:
         self.peak_running = 0
         self.rejected = 0
 
-    def reserve(self) -> None:
-        """Take a place in the queue before the request's work (reading, decoding) begins; QueueFull when
-        none is left. The place is used by `submit(..., reserved=True)` or given back by `release()`."""
+    def refusal(self) -> str | None:
+        """Why no job could be admitted now (call with the lock held), or None when there is room."""
+        if self.waiting + self.running >= self.max_waiting + 1:  # one running, max_waiting waiting
+            return f"{self.waiting} requests are already waiting for the model"
+        return None
+
+    def check_room(self) -> None:
+        """QueueFull when a request arriving now could not be admitted; reserves nothing (a request checks this
+        before its body is read, and reserves once its body is in)."""
         with self._lock:
-            if self.waiting + self.running >= self.max_waiting + 1:  # one running, max_waiting waiting
+            if (reason := self.refusal()) is not None:
                 self.rejected += 1
-                raise QueueFull(f"{self.waiting} requests are already waiting for the model")
+                raise QueueFull(reason)
+
+    def reserve(self, *, renewing: bool = False) -> None:
+        """Take a place in the queue before the request's work (decoding, generation) begins; QueueFull when
+        none is left. The place is used by `submit(..., reserved=True)` or given back by `release()`.
+        `renewing`: the place is for a request admitted already whose first job was given up (it starts over
+        with recovered pixels), so no bound applies: it only takes back the place that job held."""
+        with self._lock:
+            if not renewing and (reason := self.refusal()) is not None:
+                self.rejected += 1
+                raise QueueFull(reason)
             self.waiting += 1
 
     def release(self) -> None:

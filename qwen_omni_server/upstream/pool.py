@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from qwen_omni_server.core.errors import EngineUnavailable, QueueFull
+from qwen_omni_server.core.errors import EngineUnavailable
 from qwen_omni_server.core.worker import ModelWorker
 
 logger = logging.getLogger("multimodal_api")
@@ -124,12 +124,10 @@ class UpstreamWorker(ModelWorker):
         super().__init__(threads=pool.per_upstream * len(pool.upstreams), name="upstream")
         self.pool = pool
 
-    def reserve(self) -> None:
-        with self._lock:
-            capacity = self.pool.capacity()
-            if capacity == 0 or self.waiting + self.running >= capacity:
-                self.rejected += 1
-                if capacity == 0:
-                    raise QueueFull("no upstream engine is reachable; see /health")
-                raise QueueFull(f"{self.waiting + self.running} requests are in flight, as many as the upstreams take")
-            self.waiting += 1
+    def refusal(self) -> str | None:
+        capacity = self.pool.capacity()
+        if capacity == 0:
+            return "no upstream engine is reachable; see /health"
+        if self.waiting + self.running >= capacity:
+            return f"{self.waiting + self.running} requests are in flight, as many as the upstreams take"
+        return None

@@ -14,7 +14,14 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
-from qwen_omni_server.api.admission import Place, admit, check_pictures_first, decode_off_loop, run_generation_checking
+from qwen_omni_server.api.admission import (
+    Place,
+    admit,
+    check_pictures_first,
+    check_room,
+    decode_off_loop,
+    run_generation_checking,
+)
 from qwen_omni_server.api.errors import ApiError
 from qwen_omni_server.api.limits import check_limits
 from qwen_omni_server.api.protocol import FILE_FIELDS, FORM_FIELDS, FORM_OPENAPI, MultimodalForm
@@ -34,13 +41,15 @@ router = APIRouter()
 async def multimodal(request: Request, settings: SettingsDep, engine: EngineDep, worker: WorkerDep):
     """Text, images, audio and video in one multipart form; the answer as JSON, WAV or Server-Sent Events."""
     started = request_started(request)
-    place = admit(request)  # a full queue answers 503 now, before the body is read or decoded
-    form = None
+    check_room(request)  # a full queue answers 503 now, before the body is read
+    place, form = None, None
     try:
         form = await read_form(request, settings, FORM_FIELDS, FILE_FIELDS)
+        place = admit(request)  # the body is in: a place for work, before its files are decoded
         return await answer_form(request, settings, engine, worker, form, place, started)
     except BaseException:
-        place.release()
+        if place is not None:
+            place.release()
         raise
     finally:
         await close_form(form)

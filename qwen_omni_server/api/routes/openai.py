@@ -18,10 +18,18 @@ import pybase64
 from fastapi import APIRouter, Request
 
 from qwen_omni_server.api import media_urls
-from qwen_omni_server.api.admission import Place, admit, check_pictures_first, decode_off_loop, run_generation_checking
+from qwen_omni_server.api.admission import (
+    Place,
+    admit,
+    check_pictures_first,
+    check_room,
+    decode_off_loop,
+    run_generation_checking,
+)
 from qwen_omni_server.api.errors import ApiError, api_error
+from qwen_omni_server.api.json_body import ChatBody, parse_chat, read_body
 from qwen_omni_server.api.limits import check_limits
-from qwen_omni_server.api.protocol import ChatCompletionRequest, ContentPart, Message, ProcessorOptions
+from qwen_omni_server.api.protocol import CHAT_OPENAPI, ChatCompletionRequest, ContentPart, Message, ProcessorOptions
 from qwen_omni_server.api.sse import AUDIO_LIFETIME_SECONDS, EventStream, Stream, streamed, usage_of
 from qwen_omni_server.api.state import EngineDep, SettingsDep, WorkerDep, request_started
 from qwen_omni_server.api.uploads import decode_file
@@ -78,21 +86,27 @@ def decode_part(kind: str, data: bytes, what: str, settings: Settings, passes_fi
 
 
 async def media_part(
-    request: Request, part: ContentPart, what: str, settings: Settings, engine: Engine
+    request: Request, body: ChatBody, part: ContentPart, what: str, settings: Settings, engine: Engine
 ) -> tuple[Any, list[str]]:
-    """One media part read (data URL or allowed remote URL) and decoded; its value and warnings."""
+    """One media part read (data URL, lifted out of the body or not, or allowed remote URL) and decoded; its value
+    and warnings."""
+    url = part_url(part, what)
     try:
-        data = await media_urls.read_url(part_url(part, what), settings)
+        if (payload := body.payload(url)) is not None:
+            data = await decode_off_loop(request, media_urls.base64_bytes, payload, settings.max_file_bytes)
+        else:
+            data = await media_urls.read_url(url, settings)
     except media_urls.FetchRefused as error:
         raise api_error(error, prefix=what, param=what) from None
     return await decode_off_loop(request, decode_part, KINDS[part.type], data, what, settings, engine.passes_files)
 
 
 async def to_turns(
-    request: Request, messages: list[Message], settings: Settings, engine: Engine
+    request: Request, body: ChatBody, settings: Settings, engine: Engine
 ) -> tuple[list[ChatTurn], list[str], Pictures]:
-    """OpenAI messages as the engine's turns, media decoded in order (in the bounded decoding pool), what
+    """The body's messages as the engine's turns, media decoded in order (in the bounded decoding pool), what
     decoding warned of, and the pictures still to be checked (`uploads.check_pictures`)."""
+    messages = body.request.messages
     count_parts(messages, settings)
     turns, warnings, pictures = [], [], []
     for m_index, message in enumerate(messages):
@@ -110,7 +124,7 @@ async def to_turns(
                 continue
             if role != "user":
                 raise ApiError(400, f"{what}: media is only accepted in user messages", param=what)
-            value, notes = await media_part(request, part, what, settings, engine)
+            value, notes = await media_part(request, body, part, what, settings, engine)
             parts.append(value)
             warnings += [f"{what}: {note}" for note in notes]
             if isinstance(value, media.PictureFile):
@@ -137,10 +151,21 @@ def without_video_audio(turns: list[ChatTurn]) -> list[ChatTurn]:
 def check_request(body: ChatCompletionRequest, settings: Settings, engine: Engine) -> str | None:
     """The checks that need no media: limits, and speech (the voice to speak with, when it is asked for)."""
     options = body.mm_processor_kwargs or ProcessorOptions()
-    check_limits(settings, max_new_tokens=("max_tokens", max_tokens(body, settings)))
+    check_limits(settings, max_new_tokens=("max_tokens", max_tokens(body, settings)), texts=texts_of(body.messages))
     voice = check_voice(body, engine)
     check_limits(settings, max_pixels=("mm_processor_kwargs.max_pixels", options.max_pixels))
     return voice
+
+
+def texts_of(messages: list[Message]) -> dict[str, str | None]:
+    """Every text of the messages, by where it is (each held to MAX_TEXT_CHARS)."""
+    texts: dict[str, str | None] = {}
+    for m_index, message in enumerate(messages):
+        if isinstance(message.content, str):
+            texts[f"messages[{m_index}].content"] = message.content
+        for p_index, part in enumerate(message.content if isinstance(message.content, list) else []):
+            texts[f"messages[{m_index}].content[{p_index}].text"] = part.text
+    return texts
 
 
 def max_tokens(body: ChatCompletionRequest, settings: Settings) -> int:
@@ -227,15 +252,19 @@ async def list_models(engine: EngineDep) -> dict[str, Any]:
     }
 
 
-@router.post("/chat/completions")
-async def chat_completions(
-    request: Request, body: ChatCompletionRequest, settings: SettingsDep, engine: EngineDep, worker: WorkerDep
-):
-    voice = check_request(body, settings, engine)
+@router.post("/chat/completions", openapi_extra=CHAT_OPENAPI)
+async def chat_completions(request: Request, settings: SettingsDep, engine: EngineDep, worker: WorkerDep):
+    """OpenAI's Chat Completions (see the module docstring): the body is read as it arrives, within MAX_REQUEST_MB
+    and BODY_TIMEOUT_SECONDS, and parsed off the event loop (`api.json_body`) once it holds a place for work."""
     started = request_started(request)
-    place = admit(request)  # a 503 now, before any media is decoded, when the queue is full
+    check_room(request)  # a full queue answers 503 now, before the body is read
+    data = await read_body(request)
+    place = admit(request)
     try:
-        return await answer(request, body, settings, engine, worker, voice, place, started)
+        parsed = await decode_off_loop(request, parse_chat, data, settings.max_json_bytes)
+        del data
+        voice = check_request(parsed.request, settings, engine)
+        return await answer(request, parsed, settings, engine, worker, voice, place, started)
     except BaseException:
         place.release()
         raise
@@ -243,7 +272,7 @@ async def chat_completions(
 
 async def answer(
     request: Request,
-    body: ChatCompletionRequest,
+    parsed: ChatBody,
     settings: Settings,
     engine: Engine,
     worker: Worker,
@@ -252,7 +281,8 @@ async def answer(
     started: float,
 ) -> EventStream | dict[str, Any]:
     """The answer to a checked body, streamed or whole."""
-    turns, warnings, pictures = await to_turns(request, body.messages, settings, engine)
+    turns, warnings, pictures = await to_turns(request, parsed, settings, engine)
+    body = parsed.request
     generation = generation_of(body, settings, turns, voice)
     del turns
     model = engine.describe()["model"]
