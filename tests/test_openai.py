@@ -327,3 +327,58 @@ def test_the_default_answer_bound_is_held_to_the_limit_too(tmp_path):
         answer = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
     assert answer.status_code == 400 and "MAX_NEW_TOKENS_LIMIT" in answer.json()["error"]["message"]
     assert answer.json()["error"]["param"] == "max_tokens"
+
+
+def test_the_video_options_turn_a_video_into_its_frame_and_sound_as_on_multimodal(client, live_server):
+    """`extract_video_frame` / `extract_video_audio` (an extension, as on /multimodal): the video reaches the
+    model as its last frame and its sound track, in its place, and the answer's `inputs` say so; the prompt is
+    the one /multimodal makes of the same file with the same flags."""
+    video = make_media.video_bytes(2.0, audio=True)
+    content = [
+        {"type": "text", "text": "What happens?"},
+        {"type": "video_url", "video_url": {"url": data_url("video/mp4", video)}},
+    ]
+    options = {"extract_video_frame": True, "extract_video_audio": True}
+    answer = ask(client, [{"role": "user", "content": content}], extra_body=options)
+    inputs = answer.model_extra["inputs"]
+    assert len(inputs["images"]) == 1 and len(inputs["audios"]) == 1 and not inputs.get("videos")
+    form = {
+        "text": "What happens?",
+        "max_new_tokens": "8",
+        "extract_video_frame": "true",
+        "extract_video_audio": "true",
+    }
+    direct = httpx.post(f"{live_server}/multimodal", data=form, files=[("videos", ("v.mp4", video))], timeout=120)
+    assert direct.json()["inputs"] == inputs
+    assert direct.json()["usage"]["prompt_tokens"] == answer.usage.prompt_tokens
+    silent = [
+        {"type": "video_url", "video_url": {"url": data_url("video/mp4", make_media.video_bytes(1.0, audio=False))}}
+    ]
+    alone = ask(client, [{"role": "user", "content": silent}], extra_body={"extract_video_audio": True})
+    assert len(alone.model_extra["inputs"]["videos"]) == 1  # no sound to send: the video goes whole
+    assert [w.split(": ", 1)[1] for w in alone.model_extra["warnings"]][:2] == [
+        "has no audio track, so no audio was extracted",
+        "sent whole as a video instead",
+    ]
+
+
+def test_v1_answers_say_what_the_model_got_of_each_file(client):
+    content = [
+        {"type": "text", "text": "Describe it."},
+        {"type": "image_url", "image_url": {"url": data_url("image/png", make_media.image_bytes("PNG", (320, 240)))}},
+    ]
+    answer = ask(client, [{"role": "user", "content": content}])
+    picture = answer.model_extra["inputs"]["images"][0]
+    assert picture["tokens"] > 0 and picture["width"] % 28 == 0
+    chunks = list(ask(client, [{"role": "user", "content": content}], stream=True))
+    last = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert last.model_extra["inputs"] == answer.model_extra["inputs"]
+
+
+def test_the_server_page_gives_its_defaults(live_server, speaking_engine):
+    about = httpx.get(f"{live_server}/", timeout=30).json()
+    settings = speaking_engine.settings
+    assert about["defaults"] == {
+        "system_prompt": settings.default_system_prompt,
+        "max_new_tokens": settings.default_max_new_tokens,
+    }

@@ -73,6 +73,12 @@ class ChatCompletionRequest(BaseModel):
     audio: AudioOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     mm_processor_kwargs: ProcessorOptions | None = None
+    extract_video_frame: bool = Field(
+        False, description="not OpenAI's: send each video as its last frame (an image), as /multimodal does"
+    )
+    extract_video_audio: bool = Field(
+        False, description="not OpenAI's: send each video as its sound track (an audio), as /multimodal does"
+    )
     user: str | None = None
     frequency_penalty: float = Field(0, ge=0, le=0, description="not supported: 0 only")
     presence_penalty: float = Field(0, ge=0, le=0, description="not supported: 0 only")

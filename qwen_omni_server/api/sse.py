@@ -33,6 +33,7 @@ def chunk(
     finish_reason: str | None = None,
     usage: dict | None = None,
     warnings: list[str] | None = None,
+    inputs: dict | None = None,
 ) -> str:
     body: dict[str, Any] = {
         "id": completion_id,
@@ -45,6 +46,8 @@ def chunk(
         body["usage"] = usage
     if warnings:  # not OpenAI's: what decoding recovered, or a shortened bound
         body["warnings"] = warnings
+    if inputs is not None:  # not OpenAI's: what the model got of each file
+        body["inputs"] = inputs
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
@@ -170,7 +173,14 @@ async def _ending(result: GenerationResult, stream: Stream, ids: Ids) -> AsyncIt
     if ids.spoken:
         expires = int(time.time()) + AUDIO_LIFETIME_SECONDS
         yield chunk(ids.completion, stream.model, {"audio": {"id": ids.audio, "expires_at": expires}})
-    yield chunk(ids.completion, stream.model, {}, finish_reason=result.finish_reason, warnings=result.warnings)
+    yield chunk(
+        ids.completion,
+        stream.model,
+        {},
+        finish_reason=result.finish_reason,
+        warnings=result.warnings,
+        inputs=result.inputs,
+    )
     if stream.include_usage:
         yield chunk(ids.completion, stream.model, None, usage=usage_of(result))
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+import numpy as np
 from fastapi import Request
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import FormData, UploadFile
@@ -174,37 +175,46 @@ def _naming(label: str) -> Iterator[None]:
 def _decode_one(
     s: Settings, field_name: str, source: BinaryIO, out: MediaInputs, label: str, options: DecodeOptions
 ) -> None:
+    kind = field_name[:-1]
+    values, warnings = decode_parts(kind, source, s, options)
+    for value in values:
+        if isinstance(value, VideoInput):
+            out.videos.append(value)
+        elif isinstance(value, np.ndarray):
+            out.audios.append(value)
+        else:
+            out.images.append(value)
+            if isinstance(value, media.PictureFile):
+                out.pictures.append((label, value))
+    out.warnings += [f"{label}: {w}" for w in warnings]
+
+
+def decode_parts(kind: str, source: BinaryIO, s: Settings, options: DecodeOptions) -> tuple[list[Any], list[str]]:
+    """What one file becomes for the model, and the decoder's warnings: an image or audio as itself; a video as
+    itself, or, with the video options, as its last frame and/or its sound track (in that order). Raises
+    media.MediaError."""
+    if kind != "video" or not (options.extract_video_frame or options.extract_video_audio):
+        value, notes = decode_file(kind, source, s, options.passes_files)
+        return [value], notes
     timeout = s.decode_timeout_seconds
-    if field_name in ("images", "audios"):
-        value, warnings = decode_file(field_name[:-1], source, s, options.passes_files)
-        (out.images if field_name == "images" else out.audios).append(value)
-        if isinstance(value, media.PictureFile):
-            out.pictures.append((label, value))
-        out.warnings += [f"{label}: {w}" for w in warnings]
-        return
-    converted = False
+    values: list[Any] = []
+    warnings: list[str] = []
     if options.extract_video_frame:
-        out.images.append(
-            media.extract_last_frame(
-                source, max_seconds=s.max_video_seconds, timeout=timeout, max_pixels=s.max_image_pixels
-            )
+        frame = media.extract_last_frame(
+            source, max_seconds=s.max_video_seconds, timeout=timeout, max_pixels=s.max_image_pixels
         )
-        converted = True
+        values.append(frame)
     if options.extract_video_audio:
         track = media.extract_audio_track(source, max_seconds=s.max_audio_seconds, timeout=timeout)
         if track is None:
-            out.warnings.append(f"{label}: has no audio track, so no audio was extracted")
+            warnings.append("has no audio track, so no audio was extracted")
         else:
-            out.audios.append(track.samples)
-            out.warnings += [f"{label}: {w}" for w in track.warnings]
-            converted = True
-    if converted:
-        return
-    if options.extract_video_audio:
-        out.warnings.append(f"{label}: sent whole as a video instead")
-    video, warnings = decode_file("video", source, s, options.passes_files)
-    out.videos.append(video)
-    out.warnings += [f"{label}: {w}" for w in warnings]
+            values.append(track.samples)
+            warnings += track.warnings
+    if values:
+        return values, warnings
+    video, more = decode_file("video", source, s, options.passes_files)
+    return [video], [*warnings, "sent whole as a video instead", *more]
 
 
 def decode_file(kind: str, source: BinaryIO, s: Settings, passes_files: bool = False) -> tuple[Any, list[str]]:

@@ -32,7 +32,7 @@ from qwen_omni_server.api.limits import check_limits
 from qwen_omni_server.api.protocol import CHAT_OPENAPI, ChatCompletionRequest, ContentPart, Message, ProcessorOptions
 from qwen_omni_server.api.sse import AUDIO_LIFETIME_SECONDS, EventStream, Stream, streamed, usage_of
 from qwen_omni_server.api.state import EngineDep, SettingsDep, WorkerDep, request_started
-from qwen_omni_server.api.uploads import decode_file
+from qwen_omni_server.api.uploads import DecodeOptions, decode_parts
 from qwen_omni_server.core import media
 from qwen_omni_server.core.audio import pcm16, wav_bytes
 from qwen_omni_server.core.engine import Engine, Worker
@@ -77,19 +77,22 @@ def part_url(part: ContentPart, what: str) -> str:
     return reference if isinstance(reference, str) else reference.url
 
 
-def decode_part(kind: str, data: bytes, what: str, settings: Settings, passes_files: bool) -> tuple[Any, list[str]]:
-    """Bytes of one media part to the engine's input and its decoding warnings (runs in the decoding pool)."""
+def decode_part(
+    kind: str, data: bytes, what: str, settings: Settings, options: DecodeOptions
+) -> tuple[list[Any], list[str]]:
+    """Bytes of one media part to what the engine gets (a video with the video options: its frame and/or its
+    sound) and its decoding warnings (runs in the decoding pool)."""
     try:
-        return decode_file(kind, io.BytesIO(data), settings, passes_files)
+        return decode_parts(kind, io.BytesIO(data), settings, options)
     except media.MediaError as error:
         raise api_error(error, prefix=what, param=what) from None
 
 
 async def media_part(
     request: Request, body: ChatBody, part: ContentPart, what: str, settings: Settings, engine: Engine
-) -> tuple[Any, list[str]]:
-    """One media part read (data URL, lifted out of the body or not, or allowed remote URL) and decoded; its value
-    and warnings."""
+) -> tuple[list[Any], list[str]]:
+    """One media part read (data URL, lifted out of the body or not, or allowed remote URL) and decoded; what it
+    became and its warnings."""
     url = part_url(part, what)
     try:
         if (payload := body.payload(url)) is not None:
@@ -98,7 +101,8 @@ async def media_part(
             data = await media_urls.read_url(url, settings)
     except media_urls.FetchRefused as error:
         raise api_error(error, prefix=what, param=what) from None
-    return await decode_off_loop(request, decode_part, KINDS[part.type], data, what, settings, engine.passes_files)
+    options = DecodeOptions(body.request.extract_video_audio, body.request.extract_video_frame, engine.passes_files)
+    return await decode_off_loop(request, decode_part, KINDS[part.type], data, what, settings, options)
 
 
 async def to_turns(
@@ -124,11 +128,10 @@ async def to_turns(
                 continue
             if role != "user":
                 raise ApiError(400, f"{what}: media is only accepted in user messages", param=what)
-            value, notes = await media_part(request, body, part, what, settings, engine)
-            parts.append(value)
+            values, notes = await media_part(request, body, part, what, settings, engine)
+            parts += values
             warnings += [f"{what}: {note}" for note in notes]
-            if isinstance(value, media.PictureFile):
-                pictures.append((what, value))
+            pictures += [(what, value) for value in values if isinstance(value, media.PictureFile)]
         turns.append(ChatTurn(role, parts))
     for m_index, turn in enumerate(turns):
         if turn.role == "user" and not any(not isinstance(part, str) or part.strip() for part in turn.parts):
@@ -237,6 +240,7 @@ def completion(body: ChatCompletionRequest, result: GenerationResult, model: str
         "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
         "usage": usage_of(result),
+        "inputs": result.inputs,  # not OpenAI's: what the model got of each file (as /multimodal says)
         "warnings": warnings + result.warnings,  # not OpenAI's: what decoding recovered, or a shortened bound
     }
 

@@ -38,6 +38,10 @@ async def about(request: Request, settings: SettingsDep) -> dict[str, Any]:
         "memory": engine.memory() if engine else None,
         "endpoints": ENDPOINTS,
         "decoding": decoding(engine),
+        "defaults": {
+            "system_prompt": settings.default_system_prompt,
+            "max_new_tokens": settings.default_max_new_tokens,
+        },
         "limits": limits(settings),
     }
 
