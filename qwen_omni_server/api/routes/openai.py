@@ -286,6 +286,7 @@ async def answer(
 ) -> EventStream | dict[str, Any]:
     """The answer to a checked body, streamed or whole."""
     turns, warnings, pictures = await to_turns(request, parsed, settings, engine)
+    parsed.media.clear()  # decoded: the body as it arrived (its memory map) goes now, not after the answer
     body = parsed.request
     generation = generation_of(body, settings, turns, voice)
     del turns
