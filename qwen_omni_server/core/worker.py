@@ -41,9 +41,7 @@ class ModelWorker:
         """QueueFull when a request arriving now could not be admitted; reserves nothing (a request checks this
         before its body is read, and reserves once its body is in)."""
         with self._lock:
-            if (reason := self.refusal()) is not None:
-                self.rejected += 1
-                raise QueueFull(reason)
+            self._refuse_if_full()
 
     def reserve(self, *, renewing: bool = False) -> None:
         """Take a place in the queue before the request's work (decoding, generation) begins; QueueFull when
@@ -51,10 +49,15 @@ class ModelWorker:
         `renewing`: the place is for a request admitted already whose first job was given up (it starts over
         with recovered pixels), so no bound applies: it only takes back the place that job held."""
         with self._lock:
-            if not renewing and (reason := self.refusal()) is not None:
-                self.rejected += 1
-                raise QueueFull(reason)
+            if not renewing:
+                self._refuse_if_full()
             self.waiting += 1
+
+    def _refuse_if_full(self) -> None:
+        """QueueFull, counted, when `refusal` gives a reason (call with the lock held)."""
+        if (reason := self.refusal()) is not None:
+            self.rejected += 1
+            raise QueueFull(reason)
 
     def release(self) -> None:
         """Give back a place taken by `reserve()` and never used."""
