@@ -23,12 +23,17 @@ add: the planner's language-model bytes against the loaded ones, and their decod
 row's (same model and input, the largest budget of the run; goal: nf4 >= 0.5x). bitsandbytes' wheel
 (~125 MB) is over what travels with the tree: where it is not importable, each quantized row says it was
 skipped and why, and the bf16 rows still run.
+
+Spoken answers (3B, all on the GPU, bf16): a 200-token answer spoken after the whole text and while it
+is written (SPEECH_PIPELINE), seconds to the first audio and to the whole answer (`first_audio` in the
+report).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import importlib
 import json
@@ -334,6 +339,46 @@ def print_table(rows: list[dict]) -> None:
 # ---------------------------------------------------------------- the runs
 
 
+def first_audio_rows(path: str, device_map: str = "gpu", dtype: str = "bfloat16", tokens: int = 200) -> list[dict]:
+    """A spoken answer of up to `tokens` text tokens, the talker speaking after the whole text and while it is
+    written (SPEECH_PIPELINE): seconds to the first audio and to the whole answer, from the request."""
+    rows = []
+    for pipeline in (False, True):
+        settings = Settings(
+            _env_file=None,
+            model_path=path,
+            device_map=device_map,
+            dtype=dtype,
+            enable_audio_output=True,
+            speech_pipeline=pipeline,
+            speech_seconds_per_token=0.1,  # a random talker may never end: 2 s + 0.1 s a token at most
+        )
+        engine = OmniEngine.load(settings)
+        try:
+            heard: list[float] = []
+            request = GenerationRequest(
+                "Tell me a long story.", None, max_new_tokens=tokens, return_audio=True, seed=2, temperature=0.0
+            )
+            engine.generate(dataclasses.replace(request, max_new_tokens=4))  # warm up
+            started = time.perf_counter()
+            result = engine.generate(
+                dataclasses.replace(request, on_audio=lambda _a: heard.append(time.perf_counter()))
+            )
+            rows.append(
+                {
+                    "speech_pipeline": pipeline,
+                    "tokens": len(result.completion_ids),
+                    "first_audio_s": heard[0] - started if heard else None,
+                    "whole_s": time.perf_counter() - started,
+                    "warnings": result.warnings,
+                }
+            )
+        finally:
+            del engine
+            release()
+    return rows
+
+
 def settings_for(model_path: str, budget: float, quantization: str = "none") -> Settings:
     return Settings(
         _env_file=None,
@@ -476,6 +521,22 @@ def gpu_run(planned: list[tuple[str, str, list[float]]], report: dict, out: Path
                     base = {"model": model, "budget": budget, "quantization": scheme}
                     rows += run_budget(path, config, skeleton, base, inputs, report)
                     out.write_text(json.dumps({**report, "rows": rows}, indent=2, default=str))
+            if model == "3b":
+                report["first_audio"] = spoken_rows(path)
+    return rows
+
+
+def spoken_rows(path: str) -> list[dict]:
+    """`first_audio_rows` on the GPU, printed; an error is recorded, not raised."""
+    try:
+        rows = first_audio_rows(path)
+    except Exception as error:  # noqa: BLE001 - recorded; the rest of the report stands
+        return [{"error": repr(error)[:400]}]
+    for row in rows:
+        mode = "pipelined" if row["speech_pipeline"] else "after the text"
+        print(
+            f"3b speech, {mode}: {row['tokens']} tokens, first audio {row['first_audio_s']} s, whole {row['whole_s']:.2f} s"
+        )
     return rows
 
 

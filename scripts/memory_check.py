@@ -129,19 +129,21 @@ class FakeCuda:
 
 def thinker_phase(fake: FakeCuda, thinker, tokens: int, keep_states: bool) -> dict[str, int]:
     """The thinker's prefill over `tokens` and a decoding step at that length: the KV cache it leaves, the
-    prefill's (or the step's) peak above it, and with `keep_states` every layer's hidden states (what a
-    spoken answer keeps for the talker)."""
+    prefill's (or the step's) peak above it, and with `keep_states` what a spoken answer keeps for the
+    talker: the prompt's first- and last-layer states, read as the server reads them (SPEECH_PIPELINE)."""
     from transformers import DynamicCache
+
+    from qwen_omni_server.local.pipeline import ThinkerStates
 
     prompt = tokens - 1  # the last of `tokens` comes from the decoding step
     ids, positions = fake.empty(1, prompt, dtype=torch.long), fake.empty(3, 1, prompt, dtype=torch.long)
     with fake.tracking() as live:
         cache = DynamicCache(config=thinker.config.text_config)
-        output = thinker(
-            input_ids=ids, position_ids=positions, cache=cache, use_cache=True, output_hidden_states=keep_states
-        )
+        states = ThinkerStates(thinker.model.language_model) if keep_states else None
+        output = thinker(input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
         prefill_peak = live.peak
-        states = output.hidden_states if keep_states else None
+        if states is not None:
+            states.detach()
         del output
         kept = live.live
         live.reset_peak()

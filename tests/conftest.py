@@ -24,6 +24,7 @@ from qwen_omni_server.core.errors import SpeechError  # noqa: E402
 from qwen_omni_server.core.settings import Settings  # noqa: E402
 from qwen_omni_server.core.types import GenerationRequest, GenerationResult  # noqa: E402
 from qwen_omni_server.local.engine import OmniEngine  # noqa: E402
+from qwen_omni_server.local.speech import Codec  # noqa: E402
 from qwen_omni_server.server import create_app  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "media-corpus"
@@ -136,6 +137,22 @@ def make_client(tmp_path):
 @pytest.fixture
 def client(make_client, fake_engine) -> TestClient:
     return make_client(fake_engine)
+
+
+def speaker_without_end(tiny_model_dir, seconds: float, **settings):
+    """The tiny model with a talker that speaks until MAX_SPEECH_SECONDS (SPEECH_SECONDS_PER_TOKEN as long, so
+    that even a one-token answer may take it all, unless `settings` say otherwise): its end codes' output
+    weights are zeroed and the others scaled up, so an end code's probability is nil (a random talker ends
+    within a few dozen codes)."""
+    settings = {"speech_seconds_per_token": seconds, "speech_chunk_blocks": 1, **settings}
+    engine = OmniEngine.load(
+        tiny_settings(tiny_model_dir, enable_audio_output=True, max_speech_seconds=seconds, **settings)
+    )
+    with torch.no_grad():
+        head = engine.model.talker.codec_head.weight
+        head.mul_(1000)
+        head[list(Codec.of(engine.model.config).ends)] = 0
+    return engine
 
 
 @pytest.fixture(scope="session")

@@ -100,3 +100,15 @@ def test_quantized_rows_say_why_they_are_skipped_without_bitsandbytes():
         "print(len(gpu_check.without_bitsandbytes(gpu_check.runs(['7b'], None, ['nf4']), missing)[1]))"
     )
     assert output.strip().splitlines()[-2:] == ["None", "0"]
+
+
+def test_the_first_audio_rows_run_on_the_tiny_model(tiny_model_dir):
+    """The GPU check's speech rows (the talker after the text and beside it), on the CPU: both answer, and the
+    pipelined first audio comes before the whole answer's end."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check
+
+    rows = gpu_check.first_audio_rows(str(tiny_model_dir), device_map="cpu", dtype="float32", tokens=60)
+    assert [row["speech_pipeline"] for row in rows] == [False, True]
+    for row in rows:
+        assert row["tokens"] > 0 and row["first_audio_s"] is not None and row["first_audio_s"] <= row["whole_s"]

@@ -159,7 +159,11 @@ def test_activations_follow_the_budgets(config_3b):
     assert activation_bytes(config_3b, Budgets(2048, 4096, 300, 60), torch.bfloat16, False)["audio_seconds"] == 81
     speech = activation_bytes(config_3b, Budgets(8192, 4096, 30, 60), torch.bfloat16, audio_output=True)
     text = config_3b.thinker_config.text_config
-    assert speech["talker_states"] >= (text.num_hidden_layers + 1) * 8192 * text.hidden_size * 2
+    # The talker reads the prompt's first and last layer, then each token's as it comes (SPEECH_PIPELINE); after
+    # the whole text, it read every layer's states of every token.
+    assert speech["talker_states"] == 2 * 8192 * text.hidden_size * 2
+    after_text = activation_bytes(config_3b, Budgets(8192, 4096, 30, 60, 3, False), torch.bfloat16, audio_output=True)
+    assert after_text["talker_states"] == (text.num_hidden_layers + 1) * 8192 * text.hidden_size * 2
     assert speech["talker"] > 0 and speech["token2wav"] > 0
     # Logits for the last position only: the prefill holds far less than a [8192, vocab] tensor.
     assert base["prefill"] < 8192 * text.vocab_size * 2 / 3

@@ -17,7 +17,7 @@ import openai
 import pytest
 import soundfile
 import torch
-from conftest import FakeEngine, serve, tiny_settings, upload
+from conftest import FakeEngine, serve, speaker_without_end, tiny_settings, upload
 from fastapi.testclient import TestClient
 
 from qwen_omni_server.core.conversation import OFFICIAL_SYSTEM_PROMPT
@@ -285,22 +285,6 @@ def test_a_talker_that_does_not_end_stops_soon_after_a_short_answer(tiny_model_d
 # ---------------------------------------------------------------- streamed speech over HTTP
 
 
-def speaker_without_end(tiny_model_dir, seconds: float, **settings):
-    """The tiny model with a talker that speaks until MAX_SPEECH_SECONDS (SPEECH_SECONDS_PER_TOKEN as long, so
-    that even a one-token answer may take it all, unless `settings` say otherwise): its end codes' output
-    weights are zeroed and the others scaled up, so an end code's probability is nil (a random talker ends
-    within a few dozen codes)."""
-    settings = {"speech_seconds_per_token": seconds, "speech_chunk_blocks": 1, **settings}
-    engine = OmniEngine.load(
-        tiny_settings(tiny_model_dir, enable_audio_output=True, max_speech_seconds=seconds, **settings)
-    )
-    with torch.no_grad():
-        head = engine.model.talker.codec_head.weight
-        head.mul_(1000)
-        head[list(Codec.of(engine.model.config).ends)] = 0
-    return engine
-
-
 @pytest.fixture(scope="module")
 def three_seconds(tiny_model_dir):
     engine = speaker_without_end(tiny_model_dir, 3)
@@ -441,7 +425,7 @@ def test_the_talkers_draws_do_not_depend_on_the_thinkers(speaking_engine):
     numbers. It used to go on from where the thinker left the one global generator."""
     draws: list[torch.Tensor] = []
 
-    def talk(model, arguments, max_codes, on_codes, stop) -> CodeStream:
+    def talk(model, arguments, max_codes, on_codes, stop, until=None) -> CodeStream:
         draws.append(torch.rand(4))  # what the talker's sampling would draw
         return CodeStream(Codec.of(model.config), on_codes)  # no codes: a silent answer
 

@@ -13,7 +13,7 @@ from qwen_omni_server.local.speech import Codec, CodeStream, Token2Wav
 def talker_saying(codes: list[int]):
     """Stands in for `talk`: hands `codes` on one at a time, as the talker samples them."""
 
-    def talk(model, arguments, max_codes, on_codes, stop) -> CodeStream:
+    def talk(model, arguments, max_codes, on_codes, stop, until=None) -> CodeStream:
         stream = CodeStream(Codec.of(model.config), on_codes)
         stream.put(torch.tensor([[0]]))  # the prompt
         for code in codes[:max_codes]:
@@ -29,8 +29,8 @@ def peak_bytes_of_answer(engine, codes: list[int]) -> int:
     request = GenerationRequest("hi", None, return_audio=True, seed=1)
     synthesis = Token2Wav(engine.model, "Chelsie", seed=1)
     with LiveBytes() as live:
-        spoken = voice._voice(torch.zeros(1, 1), {}, synthesis, request, len(codes), 3)
-    assert spoken.audio is not None and len(spoken.audio) == len(codes) * 2 * 240  # 2 mel frames of 240 samples
+        audio, _ = voice.voice({}, synthesis, request, len(codes), 3)
+    assert audio is not None and len(audio) == len(codes) * 2 * 240  # 2 mel frames of 240 samples
     return live.peak
 
 

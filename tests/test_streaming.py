@@ -59,6 +59,7 @@ def test_work_per_token_does_not_grow_with_the_answer(tokenizer):
         ("abc 你好 def 你好", ["好 d"]),
         ("no stop in here at all", ["zzz"]),
         ("𝄞 music ✓ 𝄞", ["✓"]),
+        ("hello! and more", ["hello!"]),  # a stop string at the start: the first tokens were sent
     ],
 )
 def test_streamed_text_is_a_prefix_of_the_answer_and_complete_at_the_end(tokenizer, text, stops):

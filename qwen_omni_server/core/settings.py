@@ -87,6 +87,11 @@ class SpeechSettings(BaseModel):
         description="token2wav makes every spoken answer in chunks of this many DiT blocks (24 mel frames, 0.48 s "
         "of speech each), streamed or not; fewer starts a streamed voice sooner, more costs less per second of speech.",
     )
+    speech_pipeline: bool = Field(
+        True,
+        description="The talker speaks while the thinker still writes (the first sound comes after a few tokens, "
+        "not after the whole answer; same speech for the same seed); false speaks once the text is done.",
+    )
 
 
 class UpstreamSettings(BaseModel):

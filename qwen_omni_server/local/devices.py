@@ -117,6 +117,7 @@ def planning_budgets(settings: Settings) -> dict[str, Any]:
         "max_audio_seconds": settings.max_audio_seconds * settings.max_files_per_field,
         "max_speech_seconds": settings.max_speech_seconds,
         "speech_chunk_blocks": settings.speech_chunk_blocks,
+        "speech_pipeline": settings.speech_pipeline,
     }
 
 

@@ -244,6 +244,7 @@ class Budgets:
     max_audio_seconds: float = 300  # audio of one request, all clips together
     max_speech_seconds: float = 180  # the longest spoken answer
     speech_chunk_blocks: int = 3  # token2wav's chunk, in DiT blocks (SPEECH_CHUNK_BLOCKS)
+    speech_pipeline: bool = True  # the talker reads the thinker's states as they come (SPEECH_PIPELINE)
 
 
 @dataclass
@@ -307,7 +308,8 @@ def activation_bytes(config, budgets: Budgets, dtype: torch.dtype, audio_output:
     vision: the vision encoder on every patch one request may bring (never more than the context
     admits); audio: the audio encoder on the longest audio allowed; kv_cache: the thinker's cache for
     the whole context; prefill: the prefill's peak above the cache (logits for its last position only);
-    talker_states: the thinker's hidden states of every layer, which the talker reads; talker and
+    talker_states: the thinker's states the talker reads (after the text: every layer's of every token;
+    pipelined: the prompt's first and last layer until the talker starts, each token's read as it comes); talker and
     token2wav: the longest spoken answer. Each term follows what the memory check tracks on the real
     architectures (scripts/memory_check.py): the tensors alive at that part's peak."""
     element = torch.finfo(dtype).bits // 8
@@ -331,7 +333,8 @@ def activation_bytes(config, budgets: Budgets, dtype: torch.dtype, audio_output:
     }
     if audio_output:
         codes = int(budgets.max_speech_seconds * CODES_PER_SECOND)
-        acts["talker_states"] = (text.num_hidden_layers + 1) * tokens * text.hidden_size * element
+        layers_kept = 2 if budgets.speech_pipeline else text.num_hidden_layers + 1
+        acts["talker_states"] = layers_kept * tokens * text.hidden_size * element
         acts["talker"] = _talker_bytes(config.talker_config, tokens, codes, element)
         acts["token2wav"] = token2wav_bytes(config.token2wav_config, codes, budgets.speech_chunk_blocks)
     acts["vision_patches"] = patches
@@ -653,6 +656,7 @@ def plan_placement(
     max_audio_seconds: float = 300,
     max_speech_seconds: float = 180,
     speech_chunk_blocks: int = 3,
+    speech_pipeline: bool = True,
     placement: dict[str, str] | None = None,
     gpu_layers: int | None = None,
     quantization: str = "none",
@@ -671,7 +675,9 @@ def plan_placement(
     unquantized_on_cpu = scheme in ("int8", "nf4")  # bitsandbytes quantizes the GPU side only
     if not audio_output:
         sizes = {c: s for c, s in sizes.items() if c not in SPEECH_COMPONENTS}
-    budgets = Budgets(context_tokens, max_visual_patches, max_audio_seconds, max_speech_seconds, speech_chunk_blocks)
+    budgets = Budgets(
+        context_tokens, max_visual_patches, max_audio_seconds, max_speech_seconds, speech_chunk_blocks, speech_pipeline
+    )
     layer = _layer_size(skeleton, dtype, scheme, group_size)
     host_layer = int(layer.params * bytes_per_param("language_model", dtype)) if unquantized_on_cpu else None
 

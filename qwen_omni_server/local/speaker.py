@@ -18,6 +18,7 @@ from qwen_omni_server.core.audio import SPEECH_SAMPLE_RATE
 from qwen_omni_server.core.settings import SpeechSettings
 from qwen_omni_server.core.types import GenerationRequest, cut_at_stop
 from qwen_omni_server.local.residency import OutOfMemoryWhileSpeaking
+from qwen_omni_server.local.pipeline import CodeBound, Talker, speak_while_writing
 from qwen_omni_server.local.speech import (
     NO_SPEECH_WARNING,
     CodeStream,
@@ -75,12 +76,44 @@ class Speaker:
         settings: SpeechSettings,
         draws: RequestDraws,
     ) -> Spoken:
-        """Thinker (with `thinker`'s generate() arguments), then talker and token2wav over the text returned, the
-        thinker and the talker each drawing from its own stream of `draws`. Out of memory after the thinker is
+        """The thinker (with `thinker`'s generate() arguments), the talker and token2wav over the text returned:
+        the talker speaking as the thinker writes (SPEECH_PIPELINE), or after it. The thinker and the talker
+        each draw from their own stream of `draws`. Out of memory after the thinker's first step is
         OutOfMemoryWhileSpeaking."""
-        limit = request.max_new_tokens
         if "streamer" in thinker:
-            thinker = {**thinker, "streamer": FirstTokens(thinker["streamer"], limit)}
+            thinker = {**thinker, "streamer": FirstTokens(thinker["streamer"], request.max_new_tokens)}
+        if settings.speech_pipeline:
+            sequences, talker, spoken = speak_while_writing(
+                self, inputs, use_audio_in_video, request, voice, thinker, settings, draws
+            )
+            return self._after_talker(sequences, talker, spoken, request.stop or threading.Event())
+        return self._after_writing(inputs, use_audio_in_video, request, voice, thinker, settings, draws)
+
+    @staticmethod
+    def _after_talker(sequences: torch.Tensor, talker: Talker | None, spoken: int, stop: threading.Event) -> Spoken:
+        if talker is not None and talker.error is not None:
+            if isinstance(talker.error, torch.OutOfMemoryError):
+                raise OutOfMemoryWhileSpeaking(str(talker.error)) from None
+            raise talker.error
+        if stop.is_set():
+            return Spoken(sequences)
+        if spoken == 0 or talker is None:
+            return Spoken(sequences, warnings=[NO_SPEECH_WARNING])
+        audio, warnings = talker.result
+        return Spoken(sequences, audio, warnings)
+
+    def _after_writing(
+        self,
+        inputs: dict[str, Any],
+        use_audio_in_video: bool,
+        request: GenerationRequest,
+        voice: str,
+        thinker: dict[str, Any],
+        settings: SpeechSettings,
+        draws: RequestDraws,
+    ) -> Spoken:
+        """The whole text first (keeping every layer's hidden states of every step), then the talker over it."""
+        limit = request.max_new_tokens
         # One step more than the answer may have: that step computes the last answer token's hidden state.
         with draws.thinker.drawing():
             output = self.model.thinker.generate(
@@ -91,11 +124,8 @@ class Speaker:
                 return_dict_in_generate=True,
                 **thinker,
             )
-        prompt = inputs["input_ids"].shape[1]
-        sequences = output.sequences[:, : prompt + limit]
-        generated = sequences[0, prompt:].tolist()
-        text, _ = cut_at_stop(self.tokenizer.decode(generated, skip_special_tokens=True), request.stop_strings)
-        spoken = min(spoken_token_count(self.tokenizer, generated, text, self.stop_ids), len(output.hidden_states) - 1)
+        sequences = output.sequences[:, : inputs["input_ids"].shape[1] + limit]
+        spoken = min(self.spoken_tokens(sequences, inputs, request), len(output.hidden_states) - 1)
         stop = request.stop or threading.Event()
         if stop.is_set():
             return Spoken(sequences)
@@ -108,37 +138,44 @@ class Speaker:
             synthesis = Token2Wav(self.model, voice, seed=draws.seed, stop=stop)
             max_codes = self.talker_max_codes(spoken, settings.max_speech_seconds, settings.speech_seconds_per_token)
             with draws.talker.drawing():
-                return self._voice(sequences, arguments, synthesis, request, max_codes, settings.speech_chunk_blocks)
+                audio, warnings = self.voice(arguments, synthesis, request, max_codes, settings.speech_chunk_blocks)
         except torch.OutOfMemoryError as error:
             raise OutOfMemoryWhileSpeaking(str(error)) from None
+        return Spoken(sequences, audio, warnings)
 
-    def _voice(
+    def spoken_tokens(self, sequences: torch.Tensor, inputs: dict[str, Any], request: GenerationRequest) -> int:
+        """How many of the answer's first tokens make up the text returned."""
+        generated = sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        text, _ = cut_at_stop(self.tokenizer.decode(generated, skip_special_tokens=True), request.stop_strings)
+        return spoken_token_count(self.tokenizer, generated, text, self.stop_ids)
+
+    def voice(
         self,
-        sequences: torch.Tensor,
         arguments: dict[str, Any],
         synthesis: Token2Wav,
         request: GenerationRequest,
         max_codes: int,
         chunk_blocks: int,
-    ) -> Spoken:
+        until: CodeBound | None = None,
+    ) -> tuple[np.ndarray | None, list[str]]:
         """The talker's codes, and token2wav's audio of them chunk by chunk as they come: to `on_audio`, or
-        collected into one waveform."""
+        collected into one waveform (None when streamed, stopped or silent); and what to warn of."""
         stop = synthesis.stop
         pieces: list[np.ndarray] = []
         # A copy: a piece is a view of its BigVGAN run's output, which holds the margins around it too.
         on_audio = request.on_audio if request.on_audio is not None else lambda audio: pieces.append(audio.copy())
         chunked = synthesis.chunked(chunk_blocks, on_audio)
         try:
-            codes = self.talk(self.model, arguments, max_codes, chunked.add, stop)
+            codes = self.talk(self.model, arguments, max_codes, chunked.add, stop, until)
             if codes.dropped:
                 logger.info("the talker sampled %d codes that are not speech; token2wav skipped them", codes.dropped)
             if stop.is_set():
-                return Spoken(sequences)
+                return None, []
             if not codes.codes:
-                return Spoken(sequences, warnings=[NO_SPEECH_WARNING])
+                return None, [NO_SPEECH_WARNING]
             chunked.finish()
             if stop.is_set() or request.on_audio is not None:
-                return Spoken(sequences)
-            return Spoken(sequences, np.concatenate(pieces))
+                return None, []
+            return np.concatenate(pieces), []
         except Stopped:  # given up while token2wav ran: nobody waits for this answer any more
-            return Spoken(sequences)
+            return None, []

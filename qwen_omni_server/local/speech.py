@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import RungeKutta4ODESolver
 
@@ -126,26 +126,55 @@ def talker_inputs(
 ) -> dict[str, Any]:
     """The talker's generate() arguments for the answer's first `spoken` tokens (at least 1), built as
     Qwen2_5OmniForConditionalGeneration.generate builds them for the whole answer."""
+    device = inputs["input_ids"].device
+    steps = thinker_output.hidden_states  # [prompt, token 0, token 1, ...], each a tuple over layers
+    reply = [reply_state(steps[k][0], steps[k][-1], device) for k in range(1, spoken + 1)]
+    ends = [
+        text_embedding(model, token, device) for token in (model.talker.text_eos_token, model.talker.text_pad_token)
+    ]
+    prompt = inputs["input_ids"].shape[1]
+    first_token = thinker_output.sequences[:, prompt : prompt + 1].to(device)
+    rest = torch.cat([*reply[1:], *ends], dim=1)
+    return talker_arguments(
+        model, inputs, use_audio_in_video, (steps[0][0], steps[0][-1]), first_token, reply[0], rest, voice_bos
+    )
+
+
+def reply_state(first_layer: torch.Tensor, last_layer: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """What the talker reads of one answer token: the thinker's last layer plus its embedding (first layer)."""
+    return last_layer.to(device) + first_layer.to(device)
+
+
+def text_embedding(model, token: int, device: torch.device) -> torch.Tensor:
+    return model.thinker.get_input_embeddings()(torch.tensor([[token]], device=device)).to(device)
+
+
+def talker_arguments(
+    model,
+    inputs: dict[str, Any],
+    use_audio_in_video: bool,
+    prompt_states: tuple[torch.Tensor, torch.Tensor],
+    first_token: torch.Tensor,
+    first_reply: torch.Tensor,
+    rest: Any,
+    voice_bos: int,
+) -> dict[str, Any]:
+    """The talker's generate() arguments: the prompt's first- and last-layer thinker states (media positions
+    reach the talker as zeros), the voice, the answer's first token and its reply state, and `rest`: the
+    reply states of the tokens after it, then the text-end and pad embeddings (a tensor, or a feed that
+    reads like one)."""
     config = model.config.thinker_config
     input_ids = inputs["input_ids"]
     device = input_ids.device
-    steps = thinker_output.hidden_states  # [prompt, token 0, token 1, ...], each a tuple over layers
-    prompt_embeds = steps[0][0].clone().to(device)
+    prompt_embeds = prompt_states[0].clone().to(device)
     for key, token in (
         ("input_features", config.audio_token_index),
         ("pixel_values", config.image_token_index),
         ("pixel_values_videos", config.video_token_index),
     ):
-        if inputs.get(key) is not None:  # media positions reach the talker as zeros
+        if inputs.get(key) is not None:
             prompt_embeds[input_ids == token] = 0
-    reply = [steps[k][-1].to(device) + steps[k][0].to(device) for k in range(1, spoken + 1)]
-    embed = model.thinker.get_input_embeddings()
     talker = model.talker
-
-    def embedded(token: int) -> torch.Tensor:
-        return embed(torch.tensor([[token]], device=device)).to(device)
-
-    first_token = thinker_output.sequences[:, input_ids.shape[1] : input_ids.shape[1] + 1].to(device)
     arguments: dict[str, Any] = {
         "input_ids": torch.cat(
             [
@@ -155,10 +184,11 @@ def talker_inputs(
             dim=1,
         ),
         "input_text_ids": torch.cat([input_ids, torch.tensor([[voice_bos]], device=device), first_token], dim=1),
-        "inputs_embeds": torch.cat([steps[0][-1].to(device) + prompt_embeds, embedded(voice_bos), reply[0]], dim=1),
-        "thinker_reply_part": torch.cat(
-            [*reply[1:], embedded(talker.text_eos_token), embedded(talker.text_pad_token)], dim=1
+        "inputs_embeds": torch.cat(
+            [prompt_states[1].to(device) + prompt_embeds, text_embedding(model, voice_bos, device), first_reply],
+            dim=1,
         ),
+        "thinker_reply_part": rest,
         "use_audio_in_video": use_audio_in_video,
     }
     if inputs.get("attention_mask") is not None:
@@ -203,10 +233,15 @@ class CodeStream(BaseStreamer):
 
 
 def talk(
-    model, arguments: dict[str, Any], max_codes: int, on_codes: Callable[[list[int]], None], stop: threading.Event
+    model,
+    arguments: dict[str, Any],
+    max_codes: int,
+    on_codes: Callable[[list[int]], None],
+    stop: threading.Event,
+    until: StoppingCriteria | None = None,
 ) -> CodeStream:
     """Run the talker; its speech codes go to `on_codes` as they come. Ends at an end code, `max_codes`,
-    or at the next code once `stop` is set."""
+    at the next code once `stop` is set, or where `until` says."""
     codec = Codec.of(model.config)
     stream = CodeStream(codec, on_codes)
     model.talker.rope_deltas = None  # positions are worked out afresh for each answer
@@ -217,7 +252,7 @@ def talk(
         pad_token_id=model.talker.codec_pad_token,
         suppress_tokens=codec.suppressed(),
         streamer=stream,
-        stopping_criteria=StoppingCriteriaList([StopWhenSet(stop)]),
+        stopping_criteria=StoppingCriteriaList([StopWhenSet(stop), *([until] if until else [])]),
         **TALKER_SAMPLING,
     )
     return stream

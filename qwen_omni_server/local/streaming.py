@@ -104,7 +104,7 @@ class TextDeltas(BaseStreamer):
         elif final:
             ready, self.done = self.text, True
         else:
-            ready = self.text[: len(self.text) - self.hold] if self.hold else self.text
+            ready = self.text[: max(0, len(self.text) - self.hold)]
         if len(ready) > self.sent:
             self.on_text(ready[self.sent :])
             self.sent = len(ready)
@@ -167,14 +167,19 @@ class OwnDraws:
     @contextlib.contextmanager
     def drawing(self) -> Iterator[None]:
         """torch's global generators draw this stream's numbers within the block (generate() runs in one)."""
-        with torch.random.fork_rng(devices=self.cuda, device_type="cuda"):
-            self._put_in()
+        with forked(self.cuda):
+            self.enter()
             try:
                 yield
             finally:
-                self._states = [torch.random.get_rng_state(), *(torch.cuda.get_rng_state(i) for i in self.cuda)]
+                self.leave()
 
-    def _put_in(self) -> None:
+    def leave(self) -> None:
+        """Keep where the stream got to (torch's generators then draw something else's numbers)."""
+        self._states = [torch.random.get_rng_state(), *(torch.cuda.get_rng_state(i) for i in self.cuda)]
+
+    def enter(self) -> None:
+        """torch's global generators draw this stream's numbers from here on (where it got to, or its seed)."""
         if self._states is None:
             torch.random.default_generator.manual_seed(self.seed)
             for index in self.cuda:
@@ -183,6 +188,12 @@ class OwnDraws:
         torch.random.set_rng_state(self._states[0])
         for index, state in zip(self.cuda, self._states[1:]):
             torch.cuda.set_rng_state(state, index)
+
+
+def forked(cuda: Sequence[int]) -> contextlib.AbstractContextManager[Any]:
+    """torch's global generators (the CPU's and those of the CUDA devices `cuda`) restored as they were after
+    the block, whatever drew from them inside it."""
+    return torch.random.fork_rng(devices=list(cuda), device_type="cuda")
 
 
 def derived_seed(seed: int, name: str) -> int:
