@@ -3,6 +3,7 @@ very server on the tiny model, started as their own processes on loopback ports;
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -16,6 +17,7 @@ import openai
 import pytest
 from conftest import CORPUS, FakeEngine, serve
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.testclient import TestClient
 from PIL import Image
 from servers import free_port, start_server
@@ -274,6 +276,130 @@ def test_a_big_decoded_picture_goes_upstream_as_a_png_within_the_pixel_budget(re
     answer = httpx.post(f"{url}/multimodal", data={"text": "Hi"}, files=[("images", ("s.tif", small, "image/tiff"))])
     [(header, picture)] = sent_pictures(bodies[-1])
     assert answer.status_code == 200 and header == "data:image/png;base64" and picture.size == (96, 64)
+
+
+def sent_parts(body: dict) -> list[str]:
+    """The content parts' types of a Chat Completions body, in order."""
+    return [
+        part["type"]
+        for message in body["messages"]
+        if isinstance(message["content"], list)
+        for part in message["content"]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("videos", "processor"),
+    [
+        ([False], None),  # it was {"use_audio_in_video": false}, which vLLM refuses unless trusting such options
+        ([True], {"use_audio_in_video": True}),
+        ([True, False], None),  # the track goes as audio after its video; vLLM reads no video's sound unless told
+    ],
+)
+def test_processor_options_go_to_vllm_only_when_they_change_something(recorded, videos, processor):
+    """The stand-in lists no owner in its /v1/models, as vLLM's would say "vllm": vLLM's conventions."""
+    url, bodies = recorded
+    files = [("videos", (f"{i}.mp4", make_media.video_bytes(2.0, audio=a), "video/mp4")) for i, a in enumerate(videos)]
+    answer = httpx.post(f"{url}/multimodal", data={"text": "Hi"}, files=files, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert bodies[-1].get("mm_processor_kwargs") == processor
+
+
+def test_a_video_with_sound_and_another_audio_go_to_vllm_as_it_takes_them(recorded):
+    """vLLM 0.32 refuses use_audio_in_video beside other audio: the track goes as audio, with a warning."""
+    url, bodies = recorded
+    files = [
+        ("videos", ("v.mp4", make_media.video_bytes(2.0, audio=True), "video/mp4")),
+        ("audios", ("a.wav", make_media.audio_bytes("wav", 1.0), "audio/wav")),
+    ]
+    answer = httpx.post(f"{url}/multimodal", data={"text": "Hi"}, files=files, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert "mm_processor_kwargs" not in bodies[-1]
+    assert sent_parts(bodies[-1]).count("input_audio") == 2 and "video_url" in sent_parts(bodies[-1])
+    assert any("each video's sound went to the upstream as audio" in w for w in answer.json()["warnings"])
+
+
+def test_engine_urls_may_name_the_server_without_v1():
+    """It stayed "down" for good (its /models is /v1/models): a bare address means the API under /v1."""
+    settings = Settings(_env_file=None, engine="openai", engine_urls=["http://gpu-1:8000", "http://gpu-2:8000/"])
+    assert settings.engine_urls == ["http://gpu-1:8000/v1", "http://gpu-2:8000/v1"]
+    kept = ["http://gpu-1:8000/v1", "https://proxy.example/vllm/v1"]
+    assert Settings(_env_file=None, engine="openai", engine_urls=kept).engine_urls == kept
+
+
+def going_down_upstream(state: dict[str, bool]):
+    """A stand-in upstream that, once sent a request, stops answering /v1/models and sends nothing more, the
+    connection left open: as vLLM did after a SIGTERM."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models() -> JSONResponse:
+        if state["down"]:
+            return JSONResponse({"detail": "shutting down"}, status_code=503)
+        return JSONResponse({"object": "list", "data": [{"id": "stand-in", "object": "model"}]})
+
+    @app.post("/v1/chat/completions")
+    async def complete(request: Request) -> None:
+        await request.body()
+        state["down"] = True
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.1)
+
+    return app
+
+
+def test_a_request_in_flight_on_an_upstream_that_goes_down_is_given_up():
+    """A spoken answer comes whole from the upstream (no idle timeout applies while it generates): its
+    upstream found down by the probe, the request goes to another one (here none is left: a clear 502),
+    instead of waiting for REQUEST_TIMEOUT_SECONDS."""
+    state = {"down": False}
+    upstream = serve(going_down_upstream(state))
+    server, url = start_front(front_settings([next(upstream)], request_timeout_seconds=30))
+    try:
+        started = time.monotonic()
+        body = {"messages": [{"role": "user", "content": "Hi"}], "modalities": ["text", "audio"]}
+        answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert answer.status_code == 502 and "went down" in answer.json()["error"]["message"], answer.text
+        assert time.monotonic() - started < 10  # the probe's second, twice: not the request timeout
+    finally:
+        server.close()
+        upstream.close()
+
+
+def aborting_upstream():
+    """A stand-in upstream that streams a few words, then ends with finish_reason "abort": as vLLM does with the
+    requests in flight when it is stopped with SIGTERM."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": "stand-in", "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    async def complete(request: Request) -> Response:
+        if not (await request.json()).get("stream"):
+            message = {"role": "assistant", "content": "Once upon"}
+            return JSONResponse({"choices": [{"index": 0, "message": message, "finish_reason": "abort"}]})
+
+        def chunk(delta: dict, finish: str | None) -> str:
+            return "data: " + json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+
+        events = [chunk({"role": "assistant", "content": "Once upon"}, None), chunk({}, "abort"), "data: [DONE]\n\n"]
+        return StreamingResponse(iter(events), media_type="text/event-stream")
+
+    return app
+
+
+def test_an_answer_the_upstream_aborted_is_not_passed_off_as_whole():
+    """It was answered 200 with the words before the abort, as if the answer had ended there."""
+    upstream = serve(aborting_upstream())
+    server, url = start_front(front_settings([next(upstream)]))
+    try:
+        answer = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+        assert answer.status_code == 502 and "finish_reason 'abort'" in answer.json()["error"]["message"], answer.text
+    finally:
+        server.close()
+        upstream.close()
 
 
 def test_a_big_decoded_picture_gets_the_upstreams_own_answer(upstreams, front):

@@ -124,11 +124,14 @@ def _merges_of(bpe: Tokenizer) -> list[tuple[str, str]]:
     return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
 
 
-def build_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5OmniConfig:
-    """A Qwen2.5-Omni config of the real shape at toy sizes; token ids read back from the tokenizer."""
+def build_config(tokenizer: Qwen2Tokenizer, text_hidden: int = 64) -> Qwen2_5OmniConfig:
+    """A Qwen2.5-Omni config of the real shape at toy sizes; token ids read back from the tokenizer. The
+    thinker's text hidden size `text_hidden` is split over 4 heads (64: head size 16; vLLM's CPU attention
+    needs 128: head size 32), its rotary halves over time, height and width as the real 16:24:24."""
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS + TALKER_TOKENS}
     vocab_size = len(tokenizer)
-    text_hidden = 64
+    half = text_hidden // 4 // 2
+    mrope_section = [half // 4, 3 * half // 8, 3 * half // 8]
     media_ids = {
         "audio_token_index": ids["<|AUDIO|>"],
         "image_token_index": ids["<|IMAGE|>"],
@@ -175,7 +178,7 @@ def build_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5OmniConfig:
             "num_key_value_heads": 2,
             "max_position_embeddings": 32768,
             "tie_word_embeddings": False,
-            "rope_parameters": {"mrope_section": [2, 3, 3], "rope_theta": 1000000.0, "rope_type": "default"},
+            "rope_parameters": {"mrope_section": mrope_section, "rope_theta": 1000000.0, "rope_type": "default"},
         },
     }
     talker = {
@@ -256,13 +259,14 @@ def build_speakers(config: Qwen2_5OmniConfig, tokenizer: Qwen2Tokenizer) -> dict
     }
 
 
-def build(out_dir: str | Path, seed: int = 0) -> Path:
-    """Build and save the tiny checkpoint into `out_dir`; returns the path."""
+def build(out_dir: str | Path, seed: int = 0, text_hidden: int = 64) -> Path:
+    """Build and save the tiny checkpoint into `out_dir` (the thinker's text hidden size `text_hidden`, see
+    build_config); returns the path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    config = build_config(tokenizer)
+    config = build_config(tokenizer, text_hidden)
     model = Qwen2_5OmniForConditionalGeneration(config).eval()
     model.save_pretrained(out)
     build_processor(tokenizer).save_pretrained(out)

@@ -106,7 +106,8 @@ class UpstreamSettings(BaseModel):
         [],
         max_length=64,
         description="With ENGINE=openai: the upstreams' OpenAI-compatible base URLs, as JSON "
-        '(["http://gpu-1:8000/v1", "http://gpu-2:8000/v1"]); each request goes to the least busy one.',
+        '(["http://gpu-1:8000/v1", "http://gpu-2:8000/v1"]; a bare http://gpu-1:8000 means its /v1); each request '
+        "goes to the least busy one.",
     )
     engine_api_key: str | None = Field(
         None,
@@ -118,6 +119,14 @@ class UpstreamSettings(BaseModel):
         max_length=1024,
         description="With ENGINE=openai: the model name sent upstream; unset, each upstream's own /v1/models.",
     )
+    upstream_idle_seconds: float = Field(
+        60,
+        gt=0,
+        le=3600,
+        description="With ENGINE=openai: longest an upstream may send nothing on a request (before its first token "
+        "or between two; answers are streamed from it) before the request goes to another upstream, or ends with "
+        "502 once text reached the client.",
+    )
 
     @field_validator("engine_urls")
     @classmethod
@@ -125,7 +134,8 @@ class UpstreamSettings(BaseModel):
         for url in urls:
             if not re.match(r"^https?://[^/\s]+", url):
                 raise ValueError(f"{url!r} is not an http(s) URL such as http://gpu-1:8000/v1")
-        return [url.rstrip("/") for url in urls]
+        # A bare server address (http://gpu-1:8000) means its API under /v1, where vLLM serves it.
+        return [url.rstrip("/") + ("/v1" if re.match(r"^https?://[^/]+/*$", url) else "") for url in urls]
 
     @model_validator(mode="after")
     def _engine_has_upstreams(self) -> Any:

@@ -2,8 +2,11 @@
 or other instances of this server). The wire format is `wire`; which upstream serves is the `pool`'s choice.
 
 Each request goes to the reachable upstream with the fewest requests in flight. One that refuses the
-connection, answers 5xx, or drops it before any text reached the client is retried once on another; one
-that cannot be reached is skipped until its /models answers again. The HTTP client runs on this engine's
+connection, answers 5xx, drops it, sends nothing for UPSTREAM_IDLE_SECONDS, or goes down (its /models stops
+answering) while sending nothing, before any text reached the client, is retried once on another; after text
+reached the client, the answer ends with a 502 error. One that cannot be reached is skipped until its /models
+answers again. Answers are always streamed from the upstream (assembled here for a client that does not
+stream), so that silence means trouble; speech alone comes in one piece. The HTTP client runs on this engine's
 own event-loop thread.
 """
 
@@ -14,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 import httpx
@@ -25,11 +28,33 @@ from qwen_omni_server.core.engine import BaseEngine, Worker
 from qwen_omni_server.core.errors import Cancelled, EngineUnavailable
 from qwen_omni_server.core.settings import Settings
 from qwen_omni_server.core.types import GenerationRequest, GenerationResult
-from qwen_omni_server.upstream.pool import CONNECT_SECONDS, Pool, Upstream, UpstreamWorker
+from qwen_omni_server.upstream.pool import CONNECT_SECONDS, PROBE_SECONDS, Pool, Upstream, UpstreamWorker
 from qwen_omni_server.upstream.wire import Retry, chat_body, result_of_json, result_of_stream, upstream_error
 
 logger = logging.getLogger("multimodal_api")
 T = TypeVar("T")
+Bodies = dict[bool, tuple[dict[str, Any], list[str]]]  # per kind of upstream (vLLM or not): body, warnings
+WATCH_SECONDS = 0.1  # how often a request in flight looks at its upstream's state
+
+
+class Activity:
+    """When the upstream last sent something on one request."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+
+    async def lines(self, response: httpx.Response) -> AsyncIterator[str]:
+        async for line in response.aiter_lines():
+            self.at = time.monotonic()
+            yield line
+
+
+def _drop(work: asyncio.Future) -> None:
+    """Cancel `work`, or, done, take its outcome (else asyncio logs an exception it thinks was never seen)."""
+    if not work.done():
+        work.cancel()
+    elif not work.cancelled():
+        work.exception()
 
 
 class UpstreamEngine(BaseEngine):
@@ -95,9 +120,10 @@ class UpstreamEngine(BaseEngine):
             raise Cancelled("the request was cancelled before it started")
         started = time.perf_counter()
         turns = conversation(request, self.settings.default_system_prompt)
-        body = chat_body(request, turns, self.settings)
+        # Made here, not on the loop's thread: mostly base64 of the media. One per kind of upstream in the pool.
+        bodies = {vllm: chat_body(request, turns, self.settings, vllm) for vllm in self.pool.kinds()}
         encoded = time.perf_counter()
-        job = asyncio.run_coroutine_threadsafe(self._until_stopped(body, request), self._loop)
+        job = asyncio.run_coroutine_threadsafe(self._until_stopped(bodies, request), self._loop)
         try:
             result = job.result()
         finally:
@@ -108,9 +134,9 @@ class UpstreamEngine(BaseEngine):
 
     # -- calling upstreams
 
-    async def _until_stopped(self, body: dict[str, Any], request: GenerationRequest) -> GenerationResult:
+    async def _until_stopped(self, bodies: Bodies, request: GenerationRequest) -> GenerationResult:
         """The completion; as soon as the request's stop event is set, the upstream call is closed (which stops it)."""
-        work = asyncio.ensure_future(self._complete(body, request))
+        work = asyncio.ensure_future(self._complete(bodies, request))
         try:
             while True:
                 done, _ = await asyncio.wait({work}, timeout=0.05)
@@ -120,9 +146,9 @@ class UpstreamEngine(BaseEngine):
                     work.cancel()
                     return GenerationResult("", 0, 0, {}, warnings=["given up: the upstream's generation was stopped"])
         finally:
-            work.cancel()
+            _drop(work)
 
-    async def _complete(self, body: dict[str, Any], request: GenerationRequest) -> GenerationResult:
+    async def _complete(self, bodies: Bodies, request: GenerationRequest) -> GenerationResult:
         tried: list[Upstream] = []
         delivered: list[str] = []  # text already handed to the client: after that, no retry
         for attempt in range(2):
@@ -134,7 +160,7 @@ class UpstreamEngine(BaseEngine):
                 break
             tried.append(upstream)
             try:
-                result = await self._send(upstream, body, request, delivered)
+                result = await self._watched(upstream, bodies, request, delivered)
             except Retry as error:
                 logger.warning("upstream %s failed (%s)%s", upstream.url, error, "" if attempt else "; retrying")
                 self.pool.finished(upstream, error=str(error))
@@ -150,10 +176,39 @@ class UpstreamEngine(BaseEngine):
             f"the upstream engines failed: {'; '.join(f'{u.url}: {u.last_error}' for u in tried)}", 502
         )
 
+    async def _watched(
+        self, upstream: Upstream, bodies: Bodies, request: GenerationRequest, delivered: list[str]
+    ) -> GenerationResult:
+        """`_send`, given up (Retry) once the prober finds `upstream` down while it sends nothing on this request:
+        an upstream stopped with SIGTERM keeps the connection open and sends nothing more."""
+        body, warnings = bodies.get(upstream.vllm, next(iter(bodies.values())))
+        activity = Activity()
+        work = asyncio.ensure_future(self._send(upstream, body, request, delivered, activity))
+        try:
+            while True:
+                done, _ = await asyncio.wait({work}, timeout=WATCH_SECONDS)
+                if done:
+                    result = work.result()
+                    result.warnings = [*warnings, *result.warnings]
+                    return result
+                silent = time.monotonic() - activity.at
+                if upstream.state == "down" and silent > 2 * PROBE_SECONDS:
+                    raise Retry(f"the upstream went down ({upstream.last_error}) with the request in flight")
+        finally:
+            _drop(work)
+
     async def _send(
-        self, upstream: Upstream, body: dict[str, Any], request: GenerationRequest, delivered: list[str]
+        self,
+        upstream: Upstream,
+        body: dict[str, Any],
+        request: GenerationRequest,
+        delivered: list[str],
+        activity: Activity,
     ) -> GenerationResult:
         payload = {"model": self.settings.engine_model or upstream.model, **body}
+        idle = self.settings.upstream_idle_seconds
+        # A streamed answer may pause at most `idle` between two reads; speech comes whole, after the generation.
+        timeout = httpx.Timeout(connect=CONNECT_SECONDS, read=idle if body["stream"] else None, write=idle, pool=None)
         try:
             encoded = orjson.dumps(payload)  # mostly base64 media: orjson writes it ~30x faster than json
             async with self._client.stream(
@@ -161,15 +216,19 @@ class UpstreamEngine(BaseEngine):
                 f"{upstream.url}/chat/completions",
                 content=encoded,
                 headers={"Content-Type": "application/json"},
+                timeout=timeout,
             ) as response:
+                activity.at = time.monotonic()
                 if response.status_code >= 400:
                     raise upstream_error(response.status_code, await response.aread())
-                if not body.get("stream"):
-                    return result_of_json(json.loads(await response.aread()), request, delivered)
-                return await result_of_stream(response.aiter_lines(), request, delivered)
+                if not body["stream"] or response.headers.get("content-type", "").startswith("application/json"):
+                    return result_of_json(json.loads(await response.aread()), request, delivered)  # whole
+                return await result_of_stream(activity.lines(response), request, delivered)
         except (httpx.ConnectError, httpx.ConnectTimeout) as error:
             self.pool.mark(upstream, "down", f"cannot connect ({type(error).__name__})")
             raise Retry(f"cannot connect: {type(error).__name__}") from None
+        except (httpx.ReadTimeout, httpx.WriteTimeout):
+            raise Retry(f"the upstream sent nothing for {idle:g} s (UPSTREAM_IDLE_SECONDS)") from None
         except (httpx.TransportError, json.JSONDecodeError) as error:
             if not isinstance(error, json.JSONDecodeError):
                 self.pool.mark(upstream, "down", f"connection lost ({type(error).__name__})")

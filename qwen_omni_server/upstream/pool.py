@@ -27,6 +27,7 @@ class Upstream:
     url: str
     state: str = "unknown"  # unknown (not probed yet), up, down
     model: str | None = None
+    vllm: bool = True  # vLLM's conventions (its /models says owned_by "vllm"; unknown upstreams too), or this server's
     in_flight: int = 0
     served: int = 0
     failed: int = 0
@@ -66,6 +67,12 @@ class Pool:
     def model(self) -> str | None:
         return next((u.model for u in self.upstreams if u.model), None)
 
+    def kinds(self) -> set[bool]:
+        """The kinds of upstream a request may go to now (vLLM or not): of those up, else of all."""
+        with self._lock:
+            up = [u for u in self.upstreams if u.state == "up"] or self.upstreams
+            return {u.vllm for u in up}
+
     def choose(self, tried: list[Upstream]) -> Upstream:
         """The least busy upstream that is up and not tried yet, now counted in flight; EngineUnavailable if none."""
         with self._lock:
@@ -88,8 +95,12 @@ class Pool:
                 upstream.failed += 1
                 upstream.last_error = error
 
-    def mark(self, upstream: Upstream, state: str, error: str | None = None, model: str | None = None) -> None:
+    def mark(
+        self, upstream: Upstream, state: str, error: str | None = None, model: str | None = None, owner: str = ""
+    ) -> None:
         with self._lock:
+            if owner:
+                upstream.vllm = owner != "qwen"  # this server's /v1/models says "qwen"
             if upstream.state != state:
                 logger.log(logging.INFO if state == "up" else logging.WARNING, "upstream %s is %s", upstream.url, state)
                 upstream.state, upstream.since = state, time.time()
@@ -109,7 +120,7 @@ class Pool:
             models = response.json().get("data") or []
             if not models:
                 raise ValueError("no model listed")
-            self.mark(upstream, "up", model=str(models[0].get("id")))
+            self.mark(upstream, "up", model=str(models[0].get("id")), owner=str(models[0].get("owned_by") or "-"))
         except (httpx.HTTPError, ValueError, AttributeError) as error:
             self.mark(upstream, "down", f"/models: {type(error).__name__}: {str(error)[:200]}")
 

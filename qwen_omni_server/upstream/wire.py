@@ -6,9 +6,13 @@ WebP (`media.PictureFile`: the routes decode them in full while the upstream wor
 `image_url`s of the pixels decoded here (so any format the server reads works upstream), first resized to the
 request's pixel budget as the local model's processor resizes them; audio as 16 kHz
 float WAV `input_audio`; each video as its own file in a `video_url`, with
-`mm_processor_kwargs: {"use_audio_in_video": true}` when they all carry sound (false otherwise, each sounding
-video's track then following it as audio: as the local model reads them). The conversation is the one the
-local engine reads (`core.conversation`). Speech asks for `modalities: ["text", "audio"]` (vLLM-Omni and this
+`mm_processor_kwargs: {"use_audio_in_video": true}` when they all carry sound (else each sounding video's track
+follows it as audio: as the local model reads them). `mm_processor_kwargs` goes only when it changes something:
+vLLM refuses it unless started with --trust-request-mm-kwargs, and reads no video's sound unless told to
+(`use_audio_in_video: false` goes only to this server, which reads it unless told not to). vLLM 0.32 takes a
+video's sound only when the request has no other audio: there each track goes as audio, with a warning. The
+conversation is the one the local engine reads (`core.conversation`). Answers are always streamed from the
+upstream (see `UpstreamEngine`), but speech, which asks for `modalities: ["text", "audio"]` (vLLM-Omni and this
 server give it; plain vLLM does not).
 """
 
@@ -35,29 +39,47 @@ class Retry(Exception):
     """The upstream failed before any text reached the client: another may take the request."""
 
 
+TRUST_FLAG = "--trust-request-mm-kwargs"
+SPLIT_TRACKS = (
+    "vLLM takes a video's own sound only in a request with no other audio: each video's sound went to the "
+    "upstream as audio after its video, not interleaved with its frames"
+)
+
+
 # ---------------------------------------------------------------- the request
 
 
-def chat_body(request: GenerationRequest, turns: list[ChatTurn], budgets: BudgetSettings) -> dict[str, Any]:
+def chat_body(
+    request: GenerationRequest, turns: list[ChatTurn], budgets: BudgetSettings, vllm: bool = True
+) -> tuple[dict[str, Any], list[str]]:
     """`request`, whose conversation is `turns` (`core.conversation`, as the local engine reads it), as a Chat
-    Completions body (without `model`): messages, decoding, media options, speech. Decoded pictures are sent
-    within the pixel budget the local engine gives them: the request's max_pixels (at most MAX_PIXELS_CEILING),
-    else IMAGE_MAX_PIXELS."""
+    Completions body (without `model`) for a vLLM upstream (`vllm`) or this server: messages, decoding, media
+    options, speech; and the warnings the answer gets for what had to change. Decoded pictures are sent within
+    the pixel budget the local engine gives them: the request's max_pixels (at most MAX_PIXELS_CEILING), else
+    IMAGE_MAX_PIXELS."""
     videos = videos_of(turns)
     # As the local model: every video's sound interleaved with its frames, or (some silent) each track after
-    # its video as plain audio; the upstream is told not to take the tracks from the files itself.
+    # its video as plain audio, the upstream then not taking the tracks from the files itself.
     interleave = interleaves_video_audio(videos)
+    warnings = []
+    if interleave and vllm and _has_other_audio(turns):  # vLLM 0.32 refuses it ("requires equal number")
+        interleave, warnings = False, [SPLIT_TRACKS]
     max_pixels = min(request.max_pixels, budgets.max_pixels_ceiling) if request.max_pixels else budgets.image_max_pixels
     body: dict[str, Any] = {
         "messages": [{"role": turn.role, "content": _content(turn.parts, interleave, max_pixels)} for turn in turns],
         "max_tokens": request.max_new_tokens,
-        # Streamed only for a client that streams (no per-token work otherwise); vLLM-Omni gives speech in one piece.
-        "stream": request.on_text is not None and not request.return_audio,
+        # Streamed, so that an upstream that stops sending is noticed (UPSTREAM_IDLE_SECONDS); vLLM-Omni gives
+        # speech in one piece.
+        "stream": not request.return_audio,
         **_decoding(request),
     }
     if body["stream"]:
         body["stream_options"] = {"include_usage": True}
-    processor: dict[str, Any] = {"use_audio_in_video": interleave} if videos else {}
+    processor: dict[str, Any] = {}
+    if interleave:
+        processor["use_audio_in_video"] = True
+    elif not vllm and any(video.audio is not None for video in videos):
+        processor["use_audio_in_video"] = False  # this server reads a video's sound unless told not to
     if request.max_pixels is not None:
         processor["max_pixels"] = request.max_pixels
     if processor:
@@ -65,7 +87,12 @@ def chat_body(request: GenerationRequest, turns: list[ChatTurn], budgets: Budget
     if request.return_audio:
         body["modalities"] = ["text", "audio"]
         body["audio"] = {"format": "wav", **({"voice": request.speaker} if request.speaker else {})}
-    return body
+    return body, warnings
+
+
+def _has_other_audio(turns: list[ChatTurn]) -> bool:
+    """Whether the conversation has audio besides its videos' own tracks."""
+    return any(isinstance(part, np.ndarray) for turn in turns for part in turn.parts)
 
 
 def _decoding(request: GenerationRequest) -> dict[str, Any]:
@@ -157,6 +184,12 @@ def upstream_error(status: int, raw: bytes) -> Exception:
         message, code = raw[:300].decode("utf-8", "replace"), None
     if status >= 500 or status == 429:
         return Retry(f"HTTP {status}: {message}")
+    if TRUST_FLAG in message:
+        return EngineUnavailable(  # the upstream's configuration, not the client's request
+            f"the upstream refuses per-request processor options (mm_processor_kwargs, sent for a video's own "
+            f"sound and for max_pixels): start vLLM with {TRUST_FLAG} (upstream said: {message})",
+            502,
+        )
     if status in (401, 403):
         return EngineUnavailable(f"the upstream refused this server's key (ENGINE_API_KEY): {message}", 502)
     if code == "context_length_exceeded" or "context length" in message.lower():
@@ -176,6 +209,14 @@ def _speech(audio: dict[str, Any] | None) -> np.ndarray | None:
     if not audio or not audio.get("data"):
         return None
     return read_wav(pybase64.b64decode(audio["data"]))
+
+
+def _finished(finish: str) -> str:
+    """`finish`, unless the upstream gave up the generation: vLLM stopping (SIGTERM) ends its requests with
+    finish_reason "abort", a failure of its engine with "error"; the text is then cut short, not an answer."""
+    if finish in ("abort", "error"):
+        raise Retry(f"the upstream ended the generation with finish_reason {finish!r}")
+    return finish
 
 
 def _emit(request: GenerationRequest, delivered: list[str], text: str) -> None:
@@ -198,7 +239,7 @@ def result_of_json(payload: dict[str, Any], request: GenerationRequest, delivere
         message = choice.get("message") or {}
         text = text or message.get("content") or ""
         audio = audio if audio is not None else _speech(message.get("audio"))
-        finish = choice.get("finish_reason") or finish
+        finish = _finished(choice.get("finish_reason") or finish)
     _emit(request, delivered, text)
     prompt, completion, by_modality = _usage(payload.get("usage"))
     return GenerationResult(
@@ -214,8 +255,9 @@ def result_of_json(payload: dict[str, Any], request: GenerationRequest, delivere
 
 
 async def result_of_stream(lines, request: GenerationRequest, delivered: list[str]) -> GenerationResult:
-    """A streamed answer (Server-Sent Events of chat.completion.chunk), its text passed on as it comes.
-    Speech is never asked for streamed (see chat_body), so only text is read here."""
+    """A streamed answer (Server-Sent Events of chat.completion.chunk), its text passed on as it comes to a
+    client that streams, assembled for one that does not. Speech is never asked for streamed (see chat_body),
+    so only text is read here."""
     finish, usage, ended = "stop", None, False
     warnings: list[str] = []
     text: list[str] = []
@@ -236,7 +278,7 @@ async def result_of_stream(lines, request: GenerationRequest, delivered: list[st
             delta = choice.get("delta") or {}
             text.append(delta.get("content") or "")
             _emit(request, delivered, text[-1])
-            finish = choice.get("finish_reason") or finish
+            finish = _finished(choice.get("finish_reason") or finish)
     if not ended:
         raise Retry("the stream ended before [DONE]")
     prompt, completion, by_modality = _usage(usage)
