@@ -31,7 +31,7 @@ from qwen_omni_server.local.residency import (
     recovers_from_out_of_memory,
     warm_up,
 )
-from qwen_omni_server.local.speaker import Speaker
+from qwen_omni_server.local.speaker import Speaker, SpeechJob
 from qwen_omni_server.local.streaming import RequestDraws, StopAtStopStrings, StopWhenSet, TextDeltas, cuda_devices
 
 logger = logging.getLogger(__name__)
@@ -163,9 +163,8 @@ class OmniEngine(BaseEngine):
                             **inputs, use_audio_in_video=use_audio_in_video, max_new_tokens=max_new_tokens, **thinker
                         )
                 else:
-                    spoken = self.speaker.speak(
-                        inputs, use_audio_in_video, request, speaker, thinker, self.settings, draws
-                    )
+                    job = SpeechJob(inputs, use_audio_in_video, request, speaker, thinker, self.settings, draws)
+                    spoken = self.speaker.speak(job)
                     sequences, audio, warnings = spoken.sequences, spoken.audio, warnings + spoken.warnings
             prompt_tokens = int(inputs["input_ids"].shape[1])
             generated = sequences[0, prompt_tokens:].cpu()

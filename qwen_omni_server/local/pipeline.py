@@ -27,13 +27,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from qwen_omni_server.core.settings import SpeechSettings
-from qwen_omni_server.core.types import GenerationRequest
 from qwen_omni_server.local.speech import Stopped, Token2Wav, reply_state, talker_arguments, text_embedding
 from qwen_omni_server.local.streaming import RequestDraws, TextDeltas, forked
 
 if TYPE_CHECKING:
-    from qwen_omni_server.local.speaker import Speaker
+    from qwen_omni_server.local.speaker import Speaker, SpeechJob
 
 THINKER, TALKER = "thinker", "talker"
 
@@ -258,18 +256,10 @@ class Talker(threading.Thread):
             self.turns.finish(TALKER, THINKER)
 
 
-def speak_while_writing(
-    speaker: Speaker,
-    inputs: dict[str, Any],
-    use_audio_in_video: bool,
-    request: GenerationRequest,
-    voice: str,
-    thinker: dict[str, Any],
-    settings: SpeechSettings,
-    draws: RequestDraws,
-) -> tuple[torch.Tensor, Talker | None, int]:
-    """The thinker writes (with `thinker`'s generate() arguments) and the talker speaks beside it, taking turns:
+def speak_while_writing(speaker: Speaker, job: SpeechJob) -> tuple[torch.Tensor, Talker | None, int]:
+    """The thinker writes (with the job's generate() arguments) and the talker speaks beside it, taking turns:
     the answer's tokens, the talker's thread (its `result` the speaker's `voice`), and the spoken tokens."""
+    inputs, request, settings, draws = job.inputs, job.request, job.settings, job.draws
     model, prompt, limit = speaker.model, inputs["input_ids"].shape[1], request.max_new_tokens
     stop = request.stop or threading.Event()
     turns = Turns(draws)
@@ -278,11 +268,11 @@ def speak_while_writing(
     bound = CodeBound(prompt + 2)  # the talker's prompt: the thinker's, the voice and the first token
 
     def start(first_token: torch.Tensor, first_reply: torch.Tensor) -> Talker:
-        bos = model.speaker_map[voice]["bos_token"]
+        bos = model.speaker_map[job.voice]["bos_token"]
         arguments = talker_arguments(
-            model, inputs, use_audio_in_video, states.take(0), first_token, first_reply, feed, bos
+            model, inputs, job.use_audio_in_video, states.take(0), first_token, first_reply, feed, bos
         )
-        synthesis = Token2Wav(model, voice, seed=draws.seed, stop=stop)
+        synthesis = Token2Wav(model, job.voice, seed=draws.seed, stop=stop)
         max_codes = speaker.max_codes(settings.max_speech_seconds)  # the answer's own bound: `bound`
         talker = Talker(
             turns, lambda: speaker.voice(arguments, synthesis, request, max_codes, settings.speech_chunk_blocks, bound)
@@ -293,16 +283,16 @@ def speak_while_writing(
     handover = Handover(
         states, SpokenSoFar(speaker.tokenizer, speaker.stop_ids, request.stop_strings, limit), feed, start, prompt
     )
-    criteria = StoppingCriteriaList([*thinker.get("stopping_criteria", []), handover])
+    criteria = StoppingCriteriaList([*job.thinker.get("stopping_criteria", []), handover])
     spoken = 0
     with forked(draws.thinker.cuda):
         draws.thinker.enter()
         try:
             sequences = model.thinker.generate(
                 **inputs,
-                use_audio_in_video=use_audio_in_video,
+                use_audio_in_video=job.use_audio_in_video,
                 max_new_tokens=limit + 1,  # the last step computes the last answer token's states
-                **{**thinker, "stopping_criteria": criteria},
+                **{**job.thinker, "stopping_criteria": criteria},
             )[:, : prompt + limit]
             spoken = min(speaker.spoken_tokens(sequences, inputs, request), states.count - 1)
             if spoken and not stop.is_set():  # the rest of the text, then its end

@@ -4,6 +4,7 @@ token2wav turns the codes into audio chunk by chunk (`speech`), streamed or coll
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -36,6 +37,20 @@ logger = logging.getLogger(__name__)
 SPEECH_ALLOWANCE_SECONDS = 2.0  # speech an answer may take besides its tokens' (SPEECH_SECONDS_PER_TOKEN each)
 
 
+@dataclass(frozen=True)
+class SpeechJob:
+    """What one spoken answer is made of: the processor's tensors, the request, its voice, the thinker's
+    generate() arguments (sampling, stops, streamer), the speech settings and the request's random draws."""
+
+    inputs: dict[str, Any]
+    use_audio_in_video: bool
+    request: GenerationRequest
+    voice: str
+    thinker: dict[str, Any]
+    settings: SpeechSettings
+    draws: RequestDraws
+
+
 @dataclass
 class Spoken:
     """The answer's tokens (prompt included), its waveform (None when it went to `on_audio` chunk by chunk,
@@ -66,28 +81,18 @@ class Speaker:
         SPEECH_ALLOWANCE_SECONDS more, never past `max_seconds` (a talker that never ends stops there)."""
         return self.max_codes(min(max_seconds, SPEECH_ALLOWANCE_SECONDS + spoken_tokens * seconds_per_token))
 
-    def speak(
-        self,
-        inputs: dict[str, Any],
-        use_audio_in_video: bool,
-        request: GenerationRequest,
-        voice: str,
-        thinker: dict[str, Any],
-        settings: SpeechSettings,
-        draws: RequestDraws,
-    ) -> Spoken:
-        """The thinker (with `thinker`'s generate() arguments), the talker and token2wav over the text returned:
+    def speak(self, job: SpeechJob) -> Spoken:
+        """The thinker (with the job's generate() arguments), the talker and token2wav over the text returned:
         the talker speaking as the thinker writes (SPEECH_PIPELINE), or after it. The thinker and the talker
-        each draw from their own stream of `draws`. Out of memory after the thinker's first step is
+        each draw from their own stream of the job's draws. Out of memory after the thinker's first step is
         OutOfMemoryWhileSpeaking."""
-        if "streamer" in thinker:
-            thinker = {**thinker, "streamer": FirstTokens(thinker["streamer"], request.max_new_tokens)}
-        if settings.speech_pipeline:
-            sequences, talker, spoken = speak_while_writing(
-                self, inputs, use_audio_in_video, request, voice, thinker, settings, draws
-            )
-            return self._after_talker(sequences, talker, spoken, request.stop or threading.Event())
-        return self._after_writing(inputs, use_audio_in_video, request, voice, thinker, settings, draws)
+        if "streamer" in job.thinker:
+            streamer = FirstTokens(job.thinker["streamer"], job.request.max_new_tokens)
+            job = dataclasses.replace(job, thinker={**job.thinker, "streamer": streamer})
+        if job.settings.speech_pipeline:
+            sequences, talker, spoken = speak_while_writing(self, job)
+            return self._after_talker(sequences, talker, spoken, job.request.stop or threading.Event())
+        return self._after_writing(job)
 
     @staticmethod
     def _after_talker(sequences: torch.Tensor, talker: Talker | None, spoken: int, stop: threading.Event) -> Spoken:
@@ -102,27 +107,19 @@ class Speaker:
         audio, warnings = talker.result
         return Spoken(sequences, audio, warnings)
 
-    def _after_writing(
-        self,
-        inputs: dict[str, Any],
-        use_audio_in_video: bool,
-        request: GenerationRequest,
-        voice: str,
-        thinker: dict[str, Any],
-        settings: SpeechSettings,
-        draws: RequestDraws,
-    ) -> Spoken:
+    def _after_writing(self, job: SpeechJob) -> Spoken:
         """The whole text first (keeping every layer's hidden states of every step), then the talker over it."""
+        inputs, request, settings, draws = job.inputs, job.request, job.settings, job.draws
         limit = request.max_new_tokens
         # One step more than the answer may have: that step computes the last answer token's hidden state.
         with draws.thinker.drawing():
             output = self.model.thinker.generate(
                 **inputs,
-                use_audio_in_video=use_audio_in_video,
+                use_audio_in_video=job.use_audio_in_video,
                 max_new_tokens=limit + 1,
                 output_hidden_states=True,
                 return_dict_in_generate=True,
-                **thinker,
+                **job.thinker,
             )
         sequences = output.sequences[:, : inputs["input_ids"].shape[1] + limit]
         spoken = min(self.spoken_tokens(sequences, inputs, request), len(output.hidden_states) - 1)
@@ -131,11 +128,11 @@ class Speaker:
             return Spoken(sequences)
         if spoken == 0:
             return Spoken(sequences, warnings=[NO_SPEECH_WARNING])
-        bos = self.model.speaker_map[voice]["bos_token"]
+        bos = self.model.speaker_map[job.voice]["bos_token"]
         try:
-            arguments = talker_inputs(self.model, inputs, use_audio_in_video, output, spoken, bos)
+            arguments = talker_inputs(self.model, inputs, job.use_audio_in_video, output, spoken, bos)
             del output  # every layer's hidden states of every step: the talker has what it needs
-            synthesis = Token2Wav(self.model, voice, seed=draws.seed, stop=stop)
+            synthesis = Token2Wav(self.model, job.voice, seed=draws.seed, stop=stop)
             max_codes = self.talker_max_codes(spoken, settings.max_speech_seconds, settings.speech_seconds_per_token)
             with draws.talker.drawing():
                 audio, warnings = self.voice(arguments, synthesis, request, max_codes, settings.speech_chunk_blocks)
