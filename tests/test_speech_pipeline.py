@@ -223,13 +223,16 @@ def test_a_client_leaving_while_the_thinker_writes_stops_thinker_talker_and_toke
         steps.remove()
 
 
-def test_a_504_while_the_thinker_writes_stops_thinker_talker_and_token2wav(tiny_model_dir):
-    engine = speaker_without_end(tiny_model_dir, 600, request_timeout_seconds=1.5)
+@pytest.mark.parametrize("max_tokens", [8, 2000], ids=["after the text", "while the thinker writes"])
+def test_a_504_stops_thinker_talker_and_token2wav(tiny_model_dir, max_tokens):
+    """A non-streamed spoken answer over REQUEST_TIMEOUT_SECONDS: the 504 stops the thinker, the talker and
+    token2wav (which checks at each ODE step); the model is free again at once."""
+    engine = speaker_without_end(tiny_model_dir, 600, request_timeout_seconds=1.5)  # it could talk for 30,000 codes
     steps = Steps(engine)
     try:
         with TestClient(create_app(engine.settings, engine=engine)) as client:
             started = time.monotonic()
-            response = client.post("/v1/chat/completions", json=long_spoken_request())
+            response = client.post("/v1/chat/completions", json=long_spoken_request(max_tokens=max_tokens))
             answered = time.monotonic()
             assert response.status_code == 504 and answered - started < 5
             deadline = answered + 2
@@ -238,6 +241,6 @@ def test_a_504_while_the_thinker_writes_stops_thinker_talker_and_token2wav(tiny_
             assert time.monotonic() < deadline
         assert steps.thinker and steps.talker  # both ran
         assert steps.thinker[-1] - answered < 2 and steps.talker[-1] - answered < 2
-        assert len(steps.thinker) < 2000  # the thinker was still writing
+        assert len(steps.thinker) < 2000 and len(steps.talker) < engine.max_speech_codes()  # it ran, then stopped
     finally:
         steps.remove()
