@@ -14,4 +14,5 @@ fi
 export OMP_NUM_THREADS=1      # torch's thread pool busy-waits on small machines
 export REQUIRE_BROWSER_TEST=1  # here the browser test must run, not skip
 export REQUIRE_VLLM_TEST=1     # and the tests against vLLM too
+export REQUIRE_CONTAINER_CHECK=1  # and the container image's (scripts/container_check.sh; podman installed if missing)
 exec .venv/bin/python -m pytest "$@"
