@@ -48,8 +48,8 @@ VLLM_ENV = {
 IDLE = 4.0  # the fronts' UPSTREAM_IDLE_SECONDS
 TIMEOUT = 90  # their REQUEST_TIMEOUT_SECONDS: what a request in flight on a stopped upstream cost before
 SLACK = 10.0  # seconds a loaded 2-core machine may add to it (the probe's second, tokens already on their way)
-LONG = 4000  # tokens: several seconds of the tiny model's generation, within --max-model-len 4096
-STOPPED = 2000  # tokens each request asks for where an upstream is stopped mid-run
+LONG = 30000  # tokens: half a minute or more of the tiny model's generation, within --max-model-len
+STOPPED = 8000  # tokens each request asks for where an upstream is stopped mid-run: 8 s or more
 
 
 @dataclass
@@ -93,7 +93,7 @@ def launch(model_dir: Path, log_dir: Path, name: str, trust: bool) -> Vllm:
     """`vllm serve` of the tiny model through scripts/vllm_serve.py, with the flags the README gives."""
     port = free_port()
     command = [str(VLLM_PYTHON), str(ROOT / "scripts" / "vllm_serve.py"), str(model_dir), "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager"]
+    command += ["--port", str(port), "--dtype", "float32", "--max-model-len", "32768", "--enforce-eager"]
     command += ["--served-model-name", "tiny", *(["--trust-request-mm-kwargs"] if trust else [])]
     log = log_dir / f"{name}.log"
     with log.open("wb") as out:
