@@ -145,6 +145,7 @@ async def _events(
 async def _deltas(job: Job, stream: Stream, deltas: asyncio.Queue[tuple[str, Any]]) -> AsyncIterator[tuple[str, Any]]:
     """The answer's text and audio as they come, until its job ends (its errors raised) or time runs out."""
     finished = asyncio.wrap_future(job.future)
+    finished.add_done_callback(_seen)  # a client that left never reads how its job ended
     first = True
     while not finished.done() or not deltas.empty():
         getter = asyncio.ensure_future(deltas.get())
@@ -164,6 +165,12 @@ async def _deltas(job: Job, stream: Stream, deltas: asyncio.Queue[tuple[str, Any
             raise stream.timeout_error()
     if job.timed_out:
         raise stream.timeout_error()
+
+
+def _seen(future: asyncio.Future[Any]) -> None:
+    """Mark a job's end as read (asyncio logs an error it was never asked for)."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _ending(result: GenerationResult, stream: Stream, ids: Ids) -> AsyncIterator[str]:
