@@ -82,6 +82,7 @@ def test_log_format_json_writes_one_object_per_line(tiny_model_dir, tmp_path):
     entries = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     others = [line for line in output.splitlines() if line.strip() and not line.startswith("{")]
     assert not [line for line in others if "multimodal_api" in line or "uvicorn" in line]  # ours are all JSON
+    assert not [line for line in others if "it/s]" in line]  # no progress bar breaks a line in two
     assert any(e["logger"] == "uvicorn.error" for e in entries)
     access = [e for e in entries if e.get("route") == "/multimodal"]
     assert len(access) == 1 and access[0]["request_id"] == "json-1" and access[0]["status"] == 200

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -136,6 +137,8 @@ def configure_logging(settings: Settings) -> None:
         handler.addFilter(RequestIdFilter())
         if settings.log_format == "json":
             handler.setFormatter(JsonFormatter())
+    if settings.log_format == "json":  # progress bars (loading weights) would break the lines into pieces
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def serve(settings: Settings, load_engine: EngineLoader) -> None:
