@@ -155,6 +155,20 @@ def speaker_without_end(tiny_model_dir, seconds: float, **settings):
     return engine
 
 
+def spoken_request(**extra) -> dict:
+    """A greedy, seeded /v1 request for a streamed-speech-shaped spoken answer (8 tokens unless `extra` says)."""
+    return {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Say something."}],
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "Ethan", "format": "pcm16"},
+        "max_tokens": 8,
+        "temperature": 0,
+        "seed": 2,
+        **extra,
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir) -> OmniEngine:
     return OmniEngine.load(tiny_settings(tiny_model_dir))

@@ -17,7 +17,7 @@ import openai
 import pytest
 import soundfile
 import torch
-from conftest import FakeEngine, serve, speaker_without_end, tiny_settings, upload
+from conftest import FakeEngine, serve, speaker_without_end, spoken_request, tiny_settings, upload
 
 from qwen_omni_server.core.conversation import OFFICIAL_SYSTEM_PROMPT
 from qwen_omni_server.core.errors import OutOfMemory
@@ -289,19 +289,6 @@ def three_seconds(tiny_model_dir):
     engine = speaker_without_end(tiny_model_dir, 3)
     for url in serve(create_app(engine.settings, engine=engine)):
         yield url
-
-
-def spoken_request(**extra) -> dict:
-    return {
-        "model": "m",
-        "messages": [{"role": "user", "content": "Say something."}],
-        "modalities": ["text", "audio"],
-        "audio": {"voice": "Ethan", "format": "pcm16"},
-        "max_tokens": 8,
-        "temperature": 0,
-        "seed": 2,
-        **extra,
-    }
 
 
 def events(response) -> list[dict]:

@@ -9,7 +9,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import serve, speaker_without_end, tiny_settings
+from conftest import serve, speaker_without_end, spoken_request, tiny_settings
 from fastapi.testclient import TestClient
 
 from qwen_omni_server.core.types import GenerationRequest
@@ -167,19 +167,6 @@ def test_what_may_be_spoken_waits_for_the_stop_strings_and_whole_characters(tiny
 # ---------------------------------------------------------------- stops while the thinker still writes
 
 
-def long_spoken_request(**extra) -> dict:
-    return {
-        "model": "m",
-        "messages": [{"role": "user", "content": "Say something."}],
-        "modalities": ["text", "audio"],
-        "audio": {"voice": "Ethan", "format": "pcm16"},
-        "max_tokens": 2000,
-        "temperature": 0,
-        "seed": 2,
-        **extra,
-    }
-
-
 class Steps:
     """When the thinker, the talker and token2wav's DiT last ran, and how often."""
 
@@ -204,7 +191,7 @@ def test_a_client_leaving_while_the_thinker_writes_stops_thinker_talker_and_toke
     try:
         for url in serve(create_app(engine.settings, engine=engine)):
             with httpx.Client(timeout=60) as http:
-                body = long_spoken_request(stream=True)
+                body = spoken_request(max_tokens=2000, stream=True)
                 with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
                     for line in response.iter_lines():
                         if '"data"' in line:  # the first audio
@@ -232,7 +219,7 @@ def test_a_504_stops_thinker_talker_and_token2wav(tiny_model_dir, max_tokens):
     try:
         with TestClient(create_app(engine.settings, engine=engine)) as client:
             started = time.monotonic()
-            response = client.post("/v1/chat/completions", json=long_spoken_request(max_tokens=max_tokens))
+            response = client.post("/v1/chat/completions", json=spoken_request(max_tokens=max_tokens))
             answered = time.monotonic()
             assert response.status_code == 504 and answered - started < 5
             deadline = answered + 2
