@@ -532,3 +532,52 @@ def wav(samples: np.ndarray, rate: int) -> bytes:
     out = io.BytesIO()
     soundfile.write(out, samples, rate, format="WAV", subtype="PCM_16")
     return out.getvalue()
+
+
+# ---------------------------------------------------------------- batched (MAX_BATCH_SIZE > 1)
+
+
+def test_every_case_batched_with_others_answers_as_alone(server, tiny_model_dir):
+    """Every request the cases above sent (the reference's tokens, checked alone), sent again all at once to
+    an engine batching four rows: each row meets others of other lengths and media, joining as rows leave.
+    The same greedy tokens; where one differs, its two best logits alone were a near-tie (within 1e-4)."""
+    import threading
+
+    from qwen_omni_server.local.engine import OmniEngine
+
+    _, recorder = server
+    calls = [(dataclasses.replace(r, stop=None, on_text=None), result) for r, result in recorder.calls]
+    assert len(calls) >= 10, "run with the cases above"
+    engine = OmniEngine.load(tiny_settings(tiny_model_dir, max_batch_size=4))
+    answers: list[GenerationResult | None] = [None] * len(calls)
+
+    def run(index: int) -> None:
+        answers[index] = engine.generate(calls[index][0])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert engine.batcher is not None and max(engine.batcher.snapshot()["steps_by_rows"]) == 4
+    for (request, alone), batched in zip(calls, answers):
+        assert batched is not None and batched.prompt_tokens == alone.prompt_tokens
+        if batched.completion_ids != alone.completion_ids:
+            assert_near_tie(engine, request, alone.completion_ids, batched.completion_ids)
+
+
+def assert_near_tie(engine, request: GenerationRequest, alone: list[int], batched: list[int]) -> None:
+    """At the first token where the two answers part, the alone run's two best logits were within 1e-4."""
+    at = next(i for i, (a, b) in enumerate(zip(alone, batched)) if a != b)
+    prompt = engine.prompts.build(request)
+    with torch.inference_mode():
+        output = engine.model.thinker.generate(
+            **prompt.inputs,
+            max_new_tokens=at + 1,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            use_audio_in_video=prompt.use_audio_in_video,
+        )
+    best, second = output.logits[at][0].float().topk(2).values.tolist()
+    assert best - second <= 1e-4, f"token {at} differs, not a near-tie ({best} vs {second})"

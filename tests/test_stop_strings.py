@@ -11,8 +11,8 @@ import tiny_model
 import torch
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from qwen_omni_server.core.types import GenerationRequest, cut_at_stop
-from qwen_omni_server.local import streaming
+from qwen_omni_server.core.types import GenerationRequest, GenerationResult, cut_at_stop
+from qwen_omni_server.local import engine, streaming
 
 TEXTS = [
     "The quick brown fox. STOP here and not after.",
@@ -112,7 +112,7 @@ def test_a_request_with_stop_strings_reads_no_vocabulary(tiny_engine, monkeypatc
     assert "".join(streamed) and reads.entries == 0, f"{reads.entries} vocabulary entries read"
 
 
-def test_answers_and_stops_are_those_of_generates_own_stop_strings(tiny_engine, monkeypatch):
+def test_answers_and_stops_are_those_of_generates_own_stop_strings(tiny_engine):
     """The same tokens, text and finish reason as generate(stop_strings=...), for stop strings that end
     the answer at several places (none begins with a newline: see the prompt test above)."""
     request, ids, text = a_sampled_answer(tiny_engine)
@@ -121,14 +121,25 @@ def test_answers_and_stops_are_those_of_generates_own_stop_strings(tiny_engine, 
     stops.append("zzz")
     assert len(stops) >= 3
     ours = [tiny_engine.generate(dataclasses.replace(request, stop_strings=[stop])) for stop in stops]
-    decoding = tiny_engine._decoding
 
-    def generates_own(request: GenerationRequest) -> dict:
-        arguments = decoding(dataclasses.replace(request, stop_strings=[]))
-        return {**arguments, "stop_strings": request.stop_strings, "tokenizer": tokenizer}
+    def generates_own(request: GenerationRequest) -> GenerationResult:
+        """The request answered by generate() with its own stop strings, drawing as the engine draws."""
+        prepared = tiny_engine._prepare(request)
+        arguments = engine.sampling_arguments(tiny_engine.sampling(request))
+        stop_ids = engine.stop_token_ids(tokenizer)
+        with torch.inference_mode(), streaming.RequestDraws.of(request.seed).thinker.drawing():
+            sequences = tiny_engine.model.thinker.generate(
+                **prepared.inputs,
+                max_new_tokens=request.max_new_tokens,
+                eos_token_id=stop_ids,
+                stop_strings=request.stop_strings,
+                tokenizer=tokenizer,
+                **arguments,
+            )
+        answer = engine.Answer(prepared, sequences[0, prepared.prompt_tokens :])
+        return engine.result_of(answer, tokenizer, stop_ids, 0.0)
 
-    monkeypatch.setattr(tiny_engine, "_decoding", generates_own)
-    theirs = [tiny_engine.generate(dataclasses.replace(request, stop_strings=[stop])) for stop in stops]
+    theirs = [generates_own(dataclasses.replace(request, stop_strings=[stop])) for stop in stops]
     for stop, mine, reference in zip(stops, ours, theirs):
         assert (mine.completion_ids, mine.text, mine.finish_reason) == (
             reference.completion_ids,

@@ -78,7 +78,7 @@ class _Live:
 
     def collect(self) -> Iterator[Metric]:
         worker = self.worker()  # None while the engine loads: nothing is queued yet
-        stats = worker.stats() if worker is not None else {"waiting": 0, "running": 0}
+        stats: dict[str, Any] = worker.stats() if worker is not None else {"waiting": 0, "running": 0}
         yield GaugeMetricFamily(
             "omni_queue_waiting", "Requests holding a place in the engine's queue", value=stats["waiting"]
         )
@@ -88,6 +88,8 @@ class _Live:
             "Requests refused with 503 because the queue was full",
             value=worker.rejected if worker is not None else 0,
         )
+        if "batching" in stats:
+            yield from _batching(stats["batching"])
         if self.intake is not None:
             uploads = self.intake.stats()
             yield GaugeMetricFamily("omni_uploads_in_flight", "Request bodies arriving", value=uploads["uploads"])
@@ -108,3 +110,20 @@ class _Live:
                 peak.add_metric([str(index)], torch.cuda.max_memory_allocated(index))
             yield used
             yield peak
+
+
+def _batching(stats: dict[str, Any]) -> Iterator[Metric]:
+    """Batching's counters (MAX_BATCH_SIZE > 1): steps by rows in the batch, rows now, rows that left early."""
+    yield GaugeMetricFamily(
+        "omni_batch_max_rows", "MAX_BATCH_SIZE: the most rows a batch holds", value=stats["max_rows"]
+    )
+    yield GaugeMetricFamily("omni_batch_rows", "Rows in the batch decoding now", value=stats["rows"])
+    steps = CounterMetricFamily("omni_batch_steps", "Decoding steps, by rows in the batch", labels=["rows"])
+    for rows, count in sorted(stats["steps_by_rows"].items()):
+        steps.add_metric([str(rows)], count)
+    yield steps
+    yield CounterMetricFamily(
+        "omni_batch_rows_finished_early",
+        "Rows that left their batch (stop, length, stopped) while other rows went on decoding",
+        value=stats["finished_early"],
+    )

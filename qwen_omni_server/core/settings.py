@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
 PATCH = 28 * 28  # pixels per visual token
+MAX_BATCH_ROWS = 64  # the largest MAX_BATCH_SIZE
 
 
 class ModelSettings(BaseModel):
@@ -58,6 +59,13 @@ class ModelSettings(BaseModel):
     )
     max_context_tokens: int = Field(
         8192, ge=256, le=131072, description="Longest prompt plus answer the memory plan reserves room for."
+    )
+    max_batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH_ROWS)] | Literal["auto"] = Field(
+        1,
+        description="Text answers generated together on the local model: the requests waiting when it is free (and "
+        "those arriving while it decodes) join one batch of up to this many rows; 1 answers one at a time. 'auto': "
+        f"the most (up to {MAX_BATCH_ROWS}) whose KV cache at MAX_CONTEXT_TOKENS the memory plan admits. Spoken "
+        "answers run alone.",
     )
     empty_cuda_cache: bool = Field(False, description="Return cached CUDA memory to the driver after each request.")
     cpu_threads: int = Field(0, ge=0, le=256, description="torch CPU threads; 0 keeps torch's default.")

@@ -22,9 +22,17 @@ class ModelWorker:
     stopped cooperatively, see GenerationRequest.stop) on this thread, so two never overlap.
     """
 
-    def __init__(self, max_waiting: int = 32, threads: int = 1, name: str = "model") -> None:
+    def __init__(
+        self,
+        max_waiting: int = 32,
+        threads: int = 1,
+        name: str = "model",
+        details: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
         self._lock = threading.Lock()
+        self.threads = threads
+        self.details = details  # what the engine adds to `stats` (batching's counters)
         self.max_waiting = max_waiting
         self.waiting = 0
         self.running = 0
@@ -33,7 +41,7 @@ class ModelWorker:
 
     def refusal(self) -> str | None:
         """Why no job could be admitted now (call with the lock held), or None when there is room."""
-        if self.waiting + self.running >= self.max_waiting + 1:  # one running, max_waiting waiting
+        if self.waiting + self.running >= self.max_waiting + self.threads:  # `threads` running, max_waiting waiting
             return f"{self.waiting} requests are already waiting for the model"
         return None
 
@@ -89,9 +97,16 @@ class ModelWorker:
             with self._lock:
                 self.waiting -= 1
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"running": self.running, "waiting": self.waiting, "peak_running": self.peak_running}
+            stats: dict[str, Any] = {
+                "running": self.running,
+                "waiting": self.waiting,
+                "peak_running": self.peak_running,
+            }
+        if self.details is not None:
+            stats["batching"] = self.details()
+        return stats
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteriaList
 
 from qwen_omni_server.core.engine import BaseEngine
 from qwen_omni_server.core.errors import Cancelled, SpeechError
 from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.core.worker import ModelWorker
 from qwen_omni_server.core.types import GenerationRequest, GenerationResult, cut_at_stop
 from qwen_omni_server.local import quantization
+from qwen_omni_server.local.batching import Batcher, Row, RowSampler
 from qwen_omni_server.local.devices import Placement, memory_in_use
 from qwen_omni_server.local.loading import load_model
 from qwen_omni_server.local.placement import (
@@ -32,7 +35,7 @@ from qwen_omni_server.local.residency import (
     warm_up,
 )
 from qwen_omni_server.local.speaker import Speaker, SpeechJob
-from qwen_omni_server.local.streaming import RequestDraws, StopAtStopStrings, StopWhenSet, TextDeltas, cuda_devices
+from qwen_omni_server.local.streaming import RequestDraws, TextDeltas, cuda_devices, decoding_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +48,12 @@ SAMPLING_FALLBACKS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
 
 class OmniEngine(BaseEngine):
-    """A loaded Qwen2.5-Omni and its processor; `generate` must run on the model's owner thread."""
+    """A loaded Qwen2.5-Omni and its processor. `generate` runs on a thread of its worker: one at a time, or with
+    batching (MAX_BATCH_SIZE > 1) up to that many, whose rows the batcher's thread decodes together."""
 
-    def __init__(self, model, processor, settings: Settings, placement: Placement, dtype: torch.dtype):
+    def __init__(
+        self, model, processor, settings: Settings, placement: Placement, dtype: torch.dtype, batch_size: int = 1
+    ):
         self.model = model
         self.processor = processor
         self.settings = settings
@@ -60,7 +66,9 @@ class OmniEngine(BaseEngine):
         self.speaker = Speaker(model, tokenizer, self._stop_ids)
         self.sampling_defaults = sampling_defaults(getattr(model, "generation_config", None))
         self._cuda = cuda_devices(model)  # where the samplers draw, besides the CPU
-        self._description = self._describe()
+        self.batch_size = batch_size  # MAX_BATCH_SIZE, `auto` resolved
+        self.batcher = Batcher(model.thinker, batch_size) if batch_size > 1 else None
+        self._description = description(model, settings, placement, dtype, batch_size)
         self.startup: dict[str, float] = {}  # load and warm-up seconds, set by `load`
 
     @classmethod
@@ -69,7 +77,7 @@ class OmniEngine(BaseEngine):
         the weights into memory and warm every component up: loaded means ready to serve at full pace."""
         started = time.perf_counter()
         loaded = load_model(settings)
-        engine = cls(loaded.model, loaded.processor, loaded.settings, loaded.placement, loaded.dtype)
+        engine = cls(loaded.model, loaded.processor, loaded.settings, loaded.placement, loaded.dtype, loaded.batch_size)
         ready = time.perf_counter()
         engine.startup = {
             "load_seconds": round(ready - started, 2),
@@ -87,26 +95,18 @@ class OmniEngine(BaseEngine):
         """What runs where: the model, dtype, devices, and the placement actually used."""
         return {**self._description, **({"startup": dict(self.startup)} if self.startup else {})}
 
-    def _describe(self) -> dict[str, Any]:
-        """The description, worked out once: placement does not change after loading."""
-        devices = sorted({str(p.device) for p in self.model.parameters()})
-        description = {
-            "model": self.settings.model_path,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "devices": devices,
-            "placement": self.placement.components,
-            "audio_output": self.settings.enable_audio_output,
-            "voices": self.voices,
-        }
-        if self.placement.gpu_layers is not None:
-            description["language_model_gpu_layers"] = self.placement.gpu_layers
-        scheme = quantization.loaded_scheme(self.model.config, self.settings.quantization)
-        language_model = find_component(self.model, "language_model")
-        description["quantization"] = quantization.describe(self.model, scheme, language_model)
-        return description
-
     def memory(self) -> dict[str, int]:
         return memory_in_use()
+
+    def new_worker(self, max_waiting: int) -> ModelWorker:
+        """Jobs wait for the model in arrival order; with batching, up to MAX_BATCH_SIZE run at once (their
+        rows share the model's thread)."""
+        details = self.batcher.snapshot if self.batcher is not None else None
+        return ModelWorker(max_waiting, threads=self.batch_size, details=details)
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
 
     @property
     def voices(self) -> list[str]:
@@ -138,78 +138,92 @@ class OmniEngine(BaseEngine):
 
     @recovers_from_out_of_memory
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Build the prompt, run the processor and the thinker; returns the decoded answer."""
+        """Build the prompt, run the processor and the thinker (in a batch, or alone); the decoded answer."""
         speaker = self.check_speech(request.speaker) if request.return_audio else None
         if request.stop is not None and request.stop.is_set():
             raise Cancelled("the request was cancelled before it started")
         try:
             started = time.perf_counter()
-            prompt = self.prompts.build(request)
-            inputs = self._on_device(prompt.inputs)
-            use_audio_in_video, by_modality = prompt.use_audio_in_video, prompt.by_modality
-            described, warnings = prompt.described, list(prompt.warnings)
-            del prompt  # its tensors are in `inputs` now
-            max_new_tokens, fitted = self.prompts.fit_context(by_modality, request.max_new_tokens)
-            warnings += fitted
-            request = dataclasses.replace(request, max_new_tokens=max_new_tokens)
-            prepared = time.perf_counter()
-            audio = None
-            thinker = {"eos_token_id": self._stop_ids, "pad_token_id": self._pad_id, **self._decoding(request)}
-            draws = RequestDraws.of(request.seed, self._cuda)
-            with torch.inference_mode():
-                if speaker is None:
-                    with draws.thinker.drawing():
-                        sequences = self.model.thinker.generate(
-                            **inputs, use_audio_in_video=use_audio_in_video, max_new_tokens=max_new_tokens, **thinker
-                        )
-                else:
-                    job = SpeechJob(inputs, use_audio_in_video, request, speaker, thinker, self.settings, draws)
-                    spoken = self.speaker.speak(job)
-                    sequences, audio, warnings = spoken.sequences, spoken.audio, warnings + spoken.warnings
-            prompt_tokens = int(inputs["input_ids"].shape[1])
-            generated = sequences[0, prompt_tokens:].cpu()
-            del inputs, sequences  # the big tensors go before the next request comes
-            text, stopped_by_string = cut_at_stop(
-                self.processor.tokenizer.decode(generated, skip_special_tokens=True), request.stop_strings
-            )
-            ended = stopped_by_string or (generated.numel() > 0 and int(generated[-1]) in self._stop_ids)
-            finished = time.perf_counter()
-            return GenerationResult(
-                text=text,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=int(generated.numel()),
-                timings_ms={"prepare": (prepared - started) * 1000, "generate": (finished - prepared) * 1000},
-                completion_ids=generated.tolist(),
-                audio=audio,
-                prompt_tokens_by_modality=by_modality,
-                warnings=warnings,
-                finish_reason="stop" if ended or generated.numel() < max_new_tokens else "length",
-                inputs=described,
-            )
+            if self.batcher is None:
+                answer = self._alone(request, speaker)
+            elif speaker is None:
+                answer = self._in_batch(request)
+            else:
+                answer = self.batcher.alone(lambda: self._alone(request, speaker))
+            total_ms = (time.perf_counter() - started) * 1000
+            return result_of(answer, self.processor.tokenizer, self._stop_ids, total_ms)
         finally:
             if self.settings.empty_cuda_cache and torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _decoding(self, request: GenerationRequest) -> dict[str, Any]:
-        """Sampling, stop strings, the cooperative stop and the streamer, as generate() arguments."""
-        sampling = self.sampling(request)
-        decoding: dict[str, Any] = {"do_sample": sampling["temperature"] > 0}
-        if sampling["temperature"] > 0:
-            decoding.update(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
-            if "min_p" in sampling:
-                decoding["min_p"] = sampling["min_p"]
-        if "repetition_penalty" in sampling:
-            decoding["repetition_penalty"] = sampling["repetition_penalty"]
-        criteria = StoppingCriteriaList()
-        if request.stop_strings:  # not generate()'s stop_strings: those build tables over the whole vocabulary
-            criteria.append(StopAtStopStrings(self.processor.tokenizer, request.stop_strings))
-        if request.stop is not None:
-            criteria.append(StopWhenSet(request.stop))
-        if criteria:
-            decoding["stopping_criteria"] = criteria
-        if request.on_text is not None:
-            decoding["streamer"] = TextDeltas(self.processor.tokenizer, request.on_text, request.stop_strings)
-        return decoding
+    def _prepare(self, request: GenerationRequest) -> Prepared:
+        """The prompt for `request` on the thinker's device, its answer bound fitted to the context."""
+        started = time.perf_counter()
+        prompt = self.prompts.build(request)
+        max_new_tokens, fitted = self.prompts.fit_context(prompt.by_modality, request.max_new_tokens)
+        return Prepared(
+            request=dataclasses.replace(request, max_new_tokens=max_new_tokens),
+            inputs=self._on_device(prompt.inputs),
+            use_audio_in_video=prompt.use_audio_in_video,
+            prompt_tokens=prompt.tokens,
+            by_modality=prompt.by_modality,
+            described=prompt.described,
+            warnings=[*prompt.warnings, *fitted],
+            prepare_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    def _in_batch(self, request: GenerationRequest) -> Answer:
+        """A text answer as a row of a batch; its prompt is processed on the model's thread when its turn comes."""
+        prepared: list[Prepared] = []
+
+        def row() -> Row:
+            prepared.append(self._prepare(request))
+            return self._row(prepared[0])
+
+        tokens = self.batcher.answer(row, request.stop) if self.batcher is not None else []
+        return Answer(prepared[0], torch.tensor(tokens, dtype=torch.long))
+
+    def _alone(self, request: GenerationRequest, speaker: str | None) -> Answer:
+        """The thinker's generate() on this one request (and the speaker, for speech)."""
+        prepared = self._prepare(request)
+        request, inputs = prepared.request, prepared.inputs
+        thinker = {
+            "eos_token_id": self._stop_ids,
+            "pad_token_id": self._pad_id,
+            **decoding_arguments(self.processor.tokenizer, request, sampling_arguments(self.sampling(request))),
+        }
+        draws = RequestDraws.of(request.seed, self._cuda)
+        with torch.inference_mode():
+            if speaker is None:
+                with draws.thinker.drawing():
+                    sequences = self.model.thinker.generate(
+                        **inputs,
+                        use_audio_in_video=prepared.use_audio_in_video,
+                        max_new_tokens=request.max_new_tokens,
+                        **thinker,
+                    )
+                return Answer(prepared, sequences[0, prepared.prompt_tokens :].cpu())
+            job = SpeechJob(inputs, prepared.use_audio_in_video, request, speaker, thinker, self.settings, draws)
+            spoken = self.speaker.speak(job)
+        generated = spoken.sequences[0, prepared.prompt_tokens :].cpu()
+        return Answer(prepared, generated, spoken.audio, spoken.warnings)
+
+    def _row(self, prepared: Prepared) -> Row:
+        """`prepared` as a row of a batch: its sampling, stops and streamed text."""
+        request, inputs = prepared.request, prepared.inputs
+        sampling = sampling_arguments(self.sampling(request))
+        wants_text = request.on_text is not None or request.stop_strings
+        text = TextDeltas(self.processor.tokenizer, request.on_text or _ignore, request.stop_strings)
+        return Row(
+            inputs=inputs,
+            use_audio_in_video=prepared.use_audio_in_video,
+            max_new_tokens=request.max_new_tokens,
+            sampler=RowSampler(sampling, RequestDraws.of(request.seed).seed, inputs["input_ids"].device),
+            stop_ids=frozenset(self._stop_ids),
+            stop=request.stop or threading.Event(),
+            text=text if wants_text else None,
+            ids=inputs["input_ids"] if "repetition_penalty" in sampling else None,
+        )
 
     def sampling(self, request: GenerationRequest) -> dict[str, float]:
         """The request's sampling values; each one it leaves unset comes from the checkpoint's generation_config."""
@@ -229,6 +243,85 @@ class OmniEngine(BaseEngine):
                     value = value.to(self.dtype)
             tensors[key] = value
         return tensors
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for the thinker: the processor's tensors on its device, and what its answer reports."""
+
+    request: GenerationRequest  # its max_new_tokens fitted to MAX_CONTEXT_TOKENS
+    inputs: dict[str, Any]
+    use_audio_in_video: bool  # generate() must get the processor's value
+    prompt_tokens: int
+    by_modality: dict[str, int]
+    described: dict[str, list[dict]]
+    warnings: list[str]
+    prepare_ms: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the thinker (and the speaker) made of a prepared request."""
+
+    prepared: Prepared
+    generated: torch.Tensor  # the answer's tokens, on the CPU
+    audio: Any = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def description(model, settings: Settings, placement: Placement, dtype: torch.dtype, rows: int) -> dict[str, Any]:
+    """What runs where, worked out once (placement does not change after loading): the model, dtype, devices,
+    placement, speech and voices, batching, and quantization."""
+    described = {
+        "model": settings.model_path,
+        "dtype": str(dtype).removeprefix("torch."),
+        "devices": sorted({str(p.device) for p in model.parameters()}),
+        "placement": placement.components,
+        "audio_output": settings.enable_audio_output,
+        "voices": list(getattr(model, "speaker_map", {}) or {}),
+        "batching": {"max_batch_size": settings.max_batch_size, "rows": rows},
+    }
+    if placement.gpu_layers is not None:
+        described["language_model_gpu_layers"] = placement.gpu_layers
+    scheme = quantization.loaded_scheme(model.config, settings.quantization)
+    described["quantization"] = quantization.describe(model, scheme, find_component(model, "language_model"))
+    return described
+
+
+def result_of(answer: Answer, tokenizer: Any, stop_ids: list[int], total_ms: float) -> GenerationResult:
+    """The answer's text (cut at its stop strings), token counts, finish reason and what the model got."""
+    prepared, generated = answer.prepared, answer.generated
+    request = prepared.request
+    text, stopped_by_string = cut_at_stop(tokenizer.decode(generated, skip_special_tokens=True), request.stop_strings)
+    ended = stopped_by_string or (generated.numel() > 0 and int(generated[-1]) in stop_ids)
+    return GenerationResult(
+        text=text,
+        prompt_tokens=prepared.prompt_tokens,
+        completion_tokens=int(generated.numel()),
+        timings_ms={"prepare": prepared.prepare_ms, "generate": total_ms - prepared.prepare_ms},
+        completion_ids=generated.tolist(),
+        audio=answer.audio,
+        prompt_tokens_by_modality=prepared.by_modality,
+        warnings=[*prepared.warnings, *answer.warnings],
+        finish_reason="stop" if ended or generated.numel() < request.max_new_tokens else "length",
+        inputs=prepared.described,
+    )
+
+
+def sampling_arguments(sampling: dict[str, float]) -> dict[str, Any]:
+    """Sampling values (`OmniEngine.sampling`) as generate() arguments."""
+    arguments: dict[str, Any] = {"do_sample": sampling["temperature"] > 0}
+    if sampling["temperature"] > 0:
+        arguments.update(temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
+        if "min_p" in sampling:
+            arguments["min_p"] = sampling["min_p"]
+    if "repetition_penalty" in sampling:
+        arguments["repetition_penalty"] = sampling["repetition_penalty"]
+    return arguments
+
+
+def _ignore(_text: str) -> None:
+    """Where a row's text goes when it is read for its stop strings only."""
 
 
 def stop_token_ids(tokenizer) -> list[int]:

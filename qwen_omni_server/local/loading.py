@@ -16,6 +16,7 @@ from qwen_omni_server.core.settings import Settings
 from qwen_omni_server.local import quantization
 from qwen_omni_server.local.devices import (
     Placement,
+    batch_size_for,
     check_placement_settings,
     cpu_budgets,
     cpu_dtype,
@@ -141,6 +142,7 @@ class LoadedModel:
     placement: Placement
     dtype: torch.dtype
     resident_bytes: int
+    batch_size: int  # MAX_BATCH_SIZE, `auto` resolved
 
 
 def choose_dtype(settings: Settings, config, placement: Placement) -> torch.dtype:
@@ -168,6 +170,7 @@ def load_model(settings: Settings) -> LoadedModel:
         logger.info("DEVICE_MAP=auto planned:\n%s", placement.plan.table())
     uses_gpu = runs_on_cuda(placement.components, settings)
     dtype = choose_dtype(settings, config, placement)
+    batch_size = batch_size_for(settings, config, placement, dtype)
     attention = attention_for(settings.attn_implementation, placement.components)
     device_map = module_device_map(
         build_skeleton(config), placement.components, placement.gpu_layers, settings.gpu_device
@@ -202,7 +205,7 @@ def load_model(settings: Settings) -> LoadedModel:
         updates, cost = cpu_budgets(settings, model, dtype)
         logger.info("on the CPU: %s", cost)
         settings = settings.model_copy(update=updates) if updates else settings
-    return LoadedModel(model, processor, settings, placement, dtype, resident)
+    return LoadedModel(model, processor, settings, placement, dtype, resident, batch_size)
 
 
 def check_local_model(settings: Settings) -> None:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from qwen_omni_server.core.types import cut_at_stop
+from qwen_omni_server.core.types import GenerationRequest, cut_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,21 @@ class StopWhenSet(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def decoding_arguments(tokenizer: Any, request: GenerationRequest, sampling: dict[str, Any]) -> dict[str, Any]:
+    """generate()'s arguments for `request`: its `sampling` ones, its stop strings, its stop event and its streamer."""
+    decoding = dict(sampling)
+    criteria = StoppingCriteriaList()
+    if request.stop_strings:  # not generate()'s stop_strings: those build tables over the whole vocabulary
+        criteria.append(StopAtStopStrings(tokenizer, request.stop_strings))
+    if request.stop is not None:
+        criteria.append(StopWhenSet(request.stop))
+    if criteria:
+        decoding["stopping_criteria"] = criteria
+    if request.on_text is not None:
+        decoding["streamer"] = TextDeltas(tokenizer, request.on_text, request.stop_strings)
+    return decoding
 
 
 # ---------------------------------------------------------------- random draws
