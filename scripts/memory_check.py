@@ -19,6 +19,9 @@ Rows:
 - shapes: each request shape at the largest the settings admit (text at MAX_CONTEXT_TOKENS, the most
   image patches and audio seconds the budgets and the context allow, a video with its sound, spoken
   answers of 10, 60 and 180 s), tracked against `placement.activation_bytes` for that shape, by phase;
+- batches: MAX_BATCH_SIZE rows (4 and 8) of text at MAX_CONTEXT_TOKENS decoding together: the last row's
+  prefill beside the others' caches, its cache joining theirs, a step of all rows; tracked against the
+  thinker's phase of `placement.activation_bytes` with `batch_size` (kv_cache + other_rows + prefill);
 - plans: each planner row (model x budget x bf16/nf4/int8): the GPU-side peak of the shapes for that
   placement, tracked and predicted, and whether a plan that says `fits` holds once the weights, the
   offload buffers, the dequantization workspace and the fixed costs are added to the tracked peak.
@@ -155,6 +158,36 @@ def thinker_phase(fake: FakeCuda, thinker, tokens: int, keep_states: bool) -> di
             "talker_states": max(0, kept - kv_cache),
             "prefill": max(prefill_peak - kept, live.peak - kept),
         }
+
+
+def batch_phase(fake: FakeCuda, thinker, tokens: int, rows: int) -> int:
+    """`rows` requests of `tokens` each decoding together (MAX_BATCH_SIZE): the peak while the last one prefills
+    beside the others' caches, its cache joins theirs (`batching.Batch`, left-padded layer by layer) and all
+    of them take a decoding step."""
+    from transformers import DynamicCache
+
+    from qwen_omni_server.local.batching import Batch
+
+    prompt = tokens - 1
+    ids, positions = fake.empty(1, prompt, dtype=torch.long), fake.empty(3, 1, prompt, dtype=torch.long)
+    mask = fake.empty(1, prompt, dtype=torch.long)
+    with fake.tracking() as live:
+        batch = Batch(thinker)
+        for _ in range(rows):
+            cache = DynamicCache(config=thinker.config.text_config)
+            output = thinker(input_ids=ids, position_ids=positions, cache=cache, use_cache=True)
+            del output
+            batch._merge(cache, mask)
+            del cache
+        step = thinker(
+            input_ids=fake.empty(rows, 1, dtype=torch.long),
+            attention_mask=fake.empty(rows, prompt + 1, dtype=torch.long),
+            position_ids=fake.empty(3, rows, 1, dtype=torch.long),
+            cache=batch.cache,
+            use_cache=True,
+        )
+        del step, batch
+        return live.peak
 
 
 def vision_phase(fake: FakeCuda, visual, grids: list[tuple[int, int, int]]) -> int:
@@ -526,6 +559,33 @@ def plan_rows(name: str, config, settings: Settings, tracked_max: dict[str, int]
 # ---------------------------------------------------------------- report
 
 
+BATCH_ROWS = (4, 8)
+
+
+@dataclass
+class BatchRow:
+    model: str
+    rows: int
+    tokens: int
+    tracked: int
+    predicted: int
+    ok: bool = False
+
+    def __post_init__(self) -> None:
+        self.ok = within_goal(self.tracked, self.predicted)
+
+
+def batch_rows(name: str, measured: RealSizeModel, tokens: int) -> list[BatchRow]:
+    found = []
+    for rows in BATCH_ROWS:
+        tracked = batch_phase(measured.fake, measured.model.thinker, tokens, rows)
+        predicted = activation_bytes(measured.config, Budgets(tokens, batch_size=rows), DTYPE, False)
+        found.append(
+            BatchRow(name, rows, tokens, tracked, sum(predicted[k] for k in ("kv_cache", "other_rows", "prefill")))
+        )
+    return found
+
+
 def gib(value: float) -> str:
     return f"{value / GiB:.2f}"
 
@@ -579,6 +639,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['model'].upper()} | {row['shape']} | {row['tokens']} | {gib(row['tracked_peak'])} | "
             f"{gib(row['predicted_peak'])} | {ratio:.2f} | {phases} |"
         )
+    lines += ["", "| model | batch rows | tokens each | tracked | predicted | ratio |", "|---" * 6 + "|"]
+    for row in report["batches"]:
+        lines.append(
+            f"| {row['model'].upper()} | {row['rows']} | {row['tokens']} | {gib(row['tracked'])} | "
+            f"{gib(row['predicted'])} | {row['predicted'] / row['tracked']:.2f} |"
+        )
     lines += ["", "| model | weights | GPU GiB | placement | fits | tracked | predicted | total tracked | total plan |"]
     lines.append("|---" * 9 + "|")
     for row in report["plans"]:
@@ -601,16 +667,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     settings = Settings(enable_audio_output=True)
-    report: dict[str, Any] = {"fixed_costs": [asdict(cost) for cost in FIXED_COSTS], "shapes": [], "plans": []}
+    report: dict[str, Any] = {
+        "fixed_costs": [asdict(cost) for cost in FIXED_COSTS],
+        "shapes": [],
+        "batches": [],
+        "plans": [],
+    }
     for name in args.models.split(","):
         config = load_config(str(ROOT / "configs" / MODELS[name]))
         config.enable_audio_output = True
         measured = RealSizeModel(config, settings.speech_chunk_blocks)
         shapes = shape_rows(name, measured, request_shapes(settings, config))
         plans = plan_rows(name, config, settings, largest_request(shapes), args.quantization.split(","))
+        batches = batch_rows(name, measured, settings.max_context_tokens)
         report["shapes"] += [asdict(row) for row in shapes]
+        report["batches"] += [asdict(row) for row in batches]
         report["plans"] += [asdict(row) for row in plans]
         print_shapes(shapes)
+        for batch in batches:
+            print(
+                f"{name} batch of {batch.rows} x {batch.tokens} tokens: tracked {gib(batch.tracked)} GiB, predicted "
+                f"{gib(batch.predicted)} GiB: {'yes' if batch.ok else 'NO'}"
+            )
         print_plans(plans)
         print()
     print("fixed costs the tracker cannot see (in every plan's headroom):")
@@ -619,8 +697,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(report, indent=1))
     if args.markdown:
         print("\n" + markdown(report))
-    failed = [r for r in report["shapes"] + report["plans"] if not r["ok"]]
-    print(f"\n{len(failed)} of {len(report['shapes']) + len(report['plans'])} rows miss the goal; report: {args.out}")
+    rows = report["shapes"] + report["batches"] + report["plans"]
+    failed = [r for r in rows if not r["ok"]]
+    print(f"\n{len(failed)} of {len(rows)} rows miss the goal; report: {args.out}")
     return 1 if failed else 0
 
 

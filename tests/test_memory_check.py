@@ -77,8 +77,11 @@ def test_the_memory_check_meets_its_goals_on_the_real_architectures(tmp_path, ca
     status = memory_check.main(["--models", "3b,7b", "--out", str(out)])
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
-    missed = [row for row in report["shapes"] + report["plans"] if not row["ok"]]
+    missed = [row for row in report["shapes"] + report["batches"] + report["plans"] if not row["ok"]]
     assert status == 0 and not missed, printed
+    batches = {(row["model"], row["rows"]): row["tracked"] for row in report["batches"]}
+    for model in ("3b", "7b"):  # each row's cache at the whole context: eight rows hold about twice four's
+        assert 1.6 < batches[model, 8] / batches[model, 4] < 2.0
     shapes = {(row["model"], row["shape"]): row for row in report["shapes"]}
     for model in ("3b", "7b"):
         # token2wav goes chunk by chunk: flat in the answer's length (whole, it was 0.24 GiB at 10 s, 31.9 at 180 s).

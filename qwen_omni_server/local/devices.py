@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from qwen_omni_server.core.settings import Settings
+from qwen_omni_server.core.settings import MAX_BATCH_ROWS, Settings
 from qwen_omni_server.local.placement import (
     GPU,
     OFFLOAD,
@@ -24,6 +24,7 @@ from qwen_omni_server.local.placement import (
     ConfigError,
     GiB,
     Plan,
+    build_skeleton,
     check_device,
     honest_placement,
     parse_device_map,
@@ -118,6 +119,7 @@ def planning_budgets(settings: Settings) -> dict[str, Any]:
         "max_speech_seconds": settings.max_speech_seconds,
         "speech_chunk_blocks": settings.speech_chunk_blocks,
         "speech_pipeline": settings.speech_pipeline,
+        "batch_size": settings.max_batch_size if isinstance(settings.max_batch_size, int) else 1,
     }
 
 
@@ -240,6 +242,50 @@ def cpu_plan(settings: Settings, config, dtype: torch.dtype) -> Plan:
         **planning_budgets(settings),
         quantization=settings.quantization,
     )
+
+
+def batch_size_for(
+    settings: Settings, config, placement: Placement, dtype: torch.dtype, available_bytes: int | None = None
+) -> int:
+    """MAX_BATCH_SIZE, `auto` resolved: the most rows (up to MAX_BATCH_ROWS) whose caches at MAX_CONTEXT_TOKENS
+    the placement's memory admits, on the GPU (its budget) or, all on the CPU, in the free RAM with headroom."""
+    if isinstance(settings.max_batch_size, int):
+        return settings.max_batch_size
+    config = copy.deepcopy(config)
+    config.enable_audio_output = settings.enable_audio_output
+    skeleton = build_skeleton(config)
+    on_gpu = runs_on_cuda(placement.components, settings)
+    budget = _gpu_budget(settings) if on_gpu else 0
+    chosen = {c: GPU if d == settings.gpu_device else d for c, d in placement.components.items()}
+    if not on_gpu:
+        available = available_host_bytes() if available_bytes is None else available_bytes
+
+    def fits(rows: int) -> bool:
+        plan = plan_placement(
+            config,
+            budget,
+            dtype,
+            audio_output=settings.enable_audio_output,
+            skeleton=skeleton,
+            placement=chosen,
+            gpu_layers=placement.gpu_layers,
+            quantization=settings.quantization,
+            **{**planning_budgets(settings), "batch_size": rows},
+        )
+        return plan.fits if on_gpu else plan.host_bytes * HOST_HEADROOM <= available
+
+    rows = largest(fits, MAX_BATCH_ROWS)
+    logger.info("MAX_BATCH_SIZE=auto: %d rows (their caches at %d tokens fit)", rows, settings.max_context_tokens)
+    return rows
+
+
+def largest(fits: Callable[[int], bool], most: int) -> int:
+    """The largest n in 1..most with fits(n) (fits holds up to some n and not after); 1 when none does."""
+    low, high = 1, most
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
 
 
 def available_host_bytes() -> int:

@@ -245,6 +245,7 @@ class Budgets:
     max_speech_seconds: float = 180  # the longest spoken answer
     speech_chunk_blocks: int = 3  # token2wav's chunk, in DiT blocks (SPEECH_CHUNK_BLOCKS)
     speech_pipeline: bool = True  # the talker reads the thinker's states as they come (SPEECH_PIPELINE)
+    batch_size: int = 1  # text answers decoded together (MAX_BATCH_SIZE): each row's cache at the whole context
 
 
 @dataclass
@@ -310,7 +311,8 @@ def activation_bytes(config, budgets: Budgets, dtype: torch.dtype, audio_output:
     the whole context; prefill: the prefill's peak above the cache (logits for its last position only);
     talker_states: the thinker's states the talker reads (after the text: every layer's of every token;
     pipelined: the prompt's first and last layer until the talker starts, each token's read as it comes); talker and
-    token2wav: the longest spoken answer. Each term follows what the memory check tracks on the real
+    token2wav: the longest spoken answer; other_rows: with batching, the other rows' caches and step logits
+    while a row is encoded and prefilled (spoken answers run alone). Each term follows what the memory check tracks on the real
     architectures (scripts/memory_check.py): the tensors alive at that part's peak."""
     element = torch.finfo(dtype).bits // 8
     thinker = config.thinker_config
@@ -330,6 +332,7 @@ def activation_bytes(config, budgets: Budgets, dtype: torch.dtype, audio_output:
         "talker_states": 0,
         "talker": 0,
         "token2wav": 0,
+        "other_rows": (budgets.batch_size - 1) * (tokens * _kv_bytes_per_token(text, element) + text.vocab_size * 4),
     }
     if audio_output:
         codes = int(budgets.max_speech_seconds * CODES_PER_SECOND)
@@ -459,6 +462,7 @@ class Plan:
             f"activations: KV cache {_gib(a['kv_cache'])} ({self.context_tokens} tokens), prefill {_gib(a['prefill'])}, "
             f"vision {_gib(a['vision'])} ({a['vision_patches']} patches), audio {_gib(a['audio'])} "
             f"({a['audio_seconds']} s)"
+            + (f", the batch's other rows {_gib(a['other_rows'])}" if a.get("other_rows") else "")
             + (
                 f", talker states {_gib(a['talker_states'])}, talker {_gib(a['talker'])}, "
                 f"token2wav {_gib(a['token2wav'])}"
@@ -498,8 +502,8 @@ def headroom_bytes(
 
 def peak_activations(acts: dict[str, int], placement: dict[str, str], on_gpu_side: bool) -> int:
     """The largest phase of a request, counting what runs on the GPU (or on the host): the encoders
-    run one after the other before the prefill; the thinker's cache and hidden states live on while
-    the talker and token2wav speak."""
+    run one after the other before the prefill, beside the caches of a batch's other rows; the thinker's
+    cache and hidden states live on while the talker and token2wav speak (alone)."""
 
     def here(component: str) -> bool:
         device = placement.get(component)
@@ -507,9 +511,10 @@ def peak_activations(acts: dict[str, int], placement: dict[str, str], on_gpu_sid
 
     encode = max(acts["vision"] if here("visual") else 0, acts["audio"] if here("audio_tower") else 0)
     thinker = acts["kv_cache"] + acts["talker_states"] if here("language_model") else 0
+    batch = acts.get("other_rows", 0) if here("language_model") else 0  # a newcomer joins rows decoding
     phases = [
-        encode,
-        thinker + (acts["prefill"] if here("language_model") else 0),
+        encode + batch,
+        thinker + batch + (acts["prefill"] if here("language_model") else 0),
         thinker + (acts["talker"] if here("talker") else 0),
         thinker + (acts["token2wav"] if here("token2wav") else 0),
     ]
@@ -660,6 +665,7 @@ def plan_placement(
     placement: dict[str, str] | None = None,
     gpu_layers: int | None = None,
     quantization: str = "none",
+    batch_size: int = 1,
 ) -> Plan:
     """Fit the model into `budget_bytes` of GPU memory, or cost a given `placement`.
 
@@ -676,7 +682,13 @@ def plan_placement(
     if not audio_output:
         sizes = {c: s for c, s in sizes.items() if c not in SPEECH_COMPONENTS}
     budgets = Budgets(
-        context_tokens, max_visual_patches, max_audio_seconds, max_speech_seconds, speech_chunk_blocks, speech_pipeline
+        context_tokens,
+        max_visual_patches,
+        max_audio_seconds,
+        max_speech_seconds,
+        speech_chunk_blocks,
+        speech_pipeline,
+        batch_size,
     )
     layer = _layer_size(skeleton, dtype, scheme, group_size)
     host_layer = int(layer.params * bytes_per_param("language_model", dtype)) if unquantized_on_cpu else None
