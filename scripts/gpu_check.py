@@ -27,6 +27,10 @@ skipped and why, and the bf16 rows still run.
 Spoken answers (3B, all on the GPU, bf16): a 200-token answer spoken after the whole text and while it
 is written (SPEECH_PIPELINE), seconds to the first audio and to the whole answer (`first_audio` in the
 report).
+
+Batching (3B, all on the GPU, bf16): 8 text requests at once, one at a time and batched (MAX_BATCH_SIZE=8),
+answer tokens per second and time to first token, and bare batched `thinker.generate` (`batching` in the
+report).
 """
 
 from __future__ import annotations
@@ -379,6 +383,84 @@ def first_audio_rows(path: str, device_map: str = "gpu", dtype: str = "bfloat16"
     return rows
 
 
+BATCH_LENGTHS = (64, 128, 96, 160)  # the answer lengths the batching rows' clients ask for, in turn
+
+
+def batch_rows(
+    path: str, device_map: str = "gpu", dtype: str = "bfloat16", clients: int = 8, tokens: int = 1
+) -> list[dict]:
+    """`clients` text requests at once (answers of BATCH_LENGTHS x `tokens` tokens, in turn), one at a time
+    (MAX_BATCH_SIZE=1) and batched (MAX_BATCH_SIZE=`clients`), through the engine's worker as the server runs
+    them: answer tokens per second, time to first token p50 and p99, the whole time; and bare
+    `thinker.generate` of the same prompts as one left-padded batch (tokens per second)."""
+    rows = []
+    for batch in (1, clients):
+        settings = Settings(_env_file=None, model_path=path, device_map=device_map, dtype=dtype, max_batch_size=batch)
+        engine = OmniEngine.load(settings)
+        try:
+            rows.append({"max_batch_size": batch, **_concurrent(engine, clients, tokens)})
+            if batch > 1:
+                rows.append({"bare_generate_rows": clients, **_bare_batch(engine, clients, BATCH_LENGTHS[0] * tokens)})
+        finally:
+            engine.close()
+            del engine
+            release()
+    return rows
+
+
+def _concurrent(engine: OmniEngine, clients: int, tokens: int) -> dict:
+    worker = engine.new_worker(clients)
+    first: list[float] = []
+    started = time.perf_counter()
+
+    def request(index: int) -> GenerationRequest:
+        seen: list[bool] = []
+
+        def on_text(_text: str) -> None:
+            if not seen:
+                seen.append(True)
+                first.append(time.perf_counter() - started)
+
+        text = f"Request {index}: tell me a long story about the sea."
+        return GenerationRequest(text, None, max_new_tokens=BATCH_LENGTHS[index % 4] * tokens, on_text=on_text)
+
+    futures = [worker.submit(engine.generate, request(i)) for i in range(clients)]
+    answered = sum(future.result().completion_tokens for future in futures)
+    seconds = time.perf_counter() - started
+    worker.shutdown()
+    return {
+        "clients": clients,
+        "tokens": answered,
+        "seconds": seconds,
+        "tokens_per_s": answered / seconds,
+        "ttft_p50_s": float(np.percentile(first, 50)) if first else None,
+        "ttft_p99_s": float(np.percentile(first, 99)) if first else None,
+    }
+
+
+def _bare_batch(engine: OmniEngine, rows: int, tokens: int) -> dict:
+    processor = engine.processor
+    processor.tokenizer.padding_side = "left"
+    texts = [
+        processor.apply_chat_template(
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": f"Request {i}: tell me a long story about the sea."}],
+                }
+            ],
+            add_generation_prompt=True,
+        )
+        for i in range(rows)
+    ]
+    inputs = processor(text=texts, return_tensors="pt", padding=True).to(engine.model.thinker.device)
+    with torch.inference_mode():
+        started = time.perf_counter()
+        engine.model.thinker.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        seconds = time.perf_counter() - started
+    return {"tokens": rows * tokens, "seconds": seconds, "tokens_per_s": rows * tokens / seconds}
+
+
 def settings_for(model_path: str, budget: float, quantization: str = "none") -> Settings:
     return Settings(
         _env_file=None,
@@ -523,6 +605,7 @@ def gpu_run(planned: list[tuple[str, str, list[float]]], report: dict, out: Path
                     out.write_text(json.dumps({**report, "rows": rows}, indent=2, default=str))
             if model == "3b":
                 report["first_audio"] = spoken_rows(path)
+                report["batching"] = batching_rows(path)
     return rows
 
 
@@ -537,6 +620,17 @@ def spoken_rows(path: str) -> list[dict]:
         print(
             f"3b speech, {mode}: {row['tokens']} tokens, first audio {row['first_audio_s']} s, whole {row['whole_s']:.2f} s"
         )
+    return rows
+
+
+def batching_rows(path: str) -> list[dict]:
+    """`batch_rows` on the GPU (3B, bf16, 8 clients), printed; an error is recorded, not raised."""
+    try:
+        rows = batch_rows(path)
+    except Exception as error:  # noqa: BLE001 - recorded; the rest of the report stands
+        return [{"error": repr(error)[:400]}]
+    for row in rows:
+        print(f"3b batching: {json.dumps(row)}")
     return rows
 
 

@@ -112,3 +112,17 @@ def test_the_first_audio_rows_run_on_the_tiny_model(tiny_model_dir):
     assert [row["speech_pipeline"] for row in rows] == [False, True]
     for row in rows:
         assert row["tokens"] > 0 and row["first_audio_s"] is not None and row["first_audio_s"] <= row["whole_s"]
+
+
+def test_the_batching_rows_run_on_the_tiny_model(tiny_model_dir):
+    """The GPU check's batching rows, on the CPU: one at a time, batched, and bare batched generate all answer
+    every token asked for, and the batched run has a first token for each client."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check
+
+    rows = gpu_check.batch_rows(str(tiny_model_dir), device_map="cpu", dtype="float32", clients=4, tokens=1)
+    alone, batched, bare = rows
+    assert (alone["max_batch_size"], batched["max_batch_size"], bare["bare_generate_rows"]) == (1, 4, 4)
+    asked = sum(gpu_check.BATCH_LENGTHS)
+    assert alone["tokens"] == batched["tokens"] and batched["tokens"] <= asked
+    assert batched["ttft_p99_s"] is not None and bare["tokens"] == 4 * gpu_check.BATCH_LENGTHS[0]
