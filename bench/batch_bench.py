@@ -4,7 +4,8 @@
     .venv/bin/python bench/batch_bench.py [--models real,tiny] [--clients 1,2,4,8] [--requests 3] \
         [--threads 2] [--real-layers 2] [--out bench/out/batch_bench.json]
 
-For each model a server (`multimodal_api.py`, DEVICE_MAP=cpu, CPU_THREADS=--threads) is started once per mode.
+For each model two servers (`multimodal_api.py`, DEVICE_MAP=cpu, CPU_THREADS=--threads) are started, one per mode;
+each load runs on one, then on the other (so other work on the machine weighs on both alike).
 N concurrent clients (--clients) each send --requests streamed `/v1/chat/completions` one after the other, of
 mixed kinds in turn: text, a 448x448 image, 2 s of audio; answer lengths cycle through 24, 48, 32 and 64
 tokens (max_tokens; temperature 0). Measured per load: answer tokens per second (usage's completion tokens
@@ -167,30 +168,41 @@ def load(url: str, clients: int, requests: int) -> dict[str, float]:
     }
 
 
-def serve_and_load(model_dir: Path, dtype: str, batch: int, args: argparse.Namespace) -> list[dict[str, float]]:
-    env = {
+def server_env(model_dir: Path, dtype: str, batch: int, threads: int) -> dict[str, str]:
+    return {
         "MODEL_PATH": str(model_dir),
         "DEVICE_MAP": "cpu",
         "DTYPE": dtype,
-        "CPU_THREADS": str(args.threads),
-        "OMP_NUM_THREADS": str(args.threads),
+        "CPU_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(threads),
         "MAX_BATCH_SIZE": str(batch),
         "MAX_WAITING_REQUESTS": "64",
         "HF_HUB_OFFLINE": "1",
         "LOG_LEVEL": "warning",
     }
-    server, url = start_server(ROOT, env, timeout=600)
+
+
+def serve_and_load(model_dir: Path, dtype: str, args: argparse.Namespace) -> list[dict[str, float]]:
+    """Both servers (one at a time, batched) started once; each load runs on one, then at once on the other,
+    so that whatever else the machine does weighs on both alike."""
+    servers = {
+        batch: start_server(ROOT, server_env(model_dir, dtype, batch, args.threads), timeout=900)
+        for batch in (1, BATCHED)
+    }
     try:
-        load(url, 1, 1)  # the first requests of each kind after the warm-up
+        for _, url in servers.values():
+            load(url, 1, 3)  # the first request of each kind after the warm-up
         rows = []
         for clients in args.clients:
-            row = {"max_batch_size": batch, **load(url, clients, args.requests)}
-            print(f"   MAX_BATCH_SIZE={batch} clients={clients}: {row['tokens_per_s']:.1f} tokens/s", flush=True)
-            rows.append(row)
+            for batch, (_, url) in servers.items():
+                row = {"max_batch_size": batch, **load(url, clients, args.requests)}
+                print(f"   MAX_BATCH_SIZE={batch} clients={clients}: {row['tokens_per_s']:.1f} tokens/s", flush=True)
+                rows.append(row)
         return rows
     finally:
-        server.terminate()
-        server.wait(60)
+        for server, _ in servers.values():
+            server.terminate()
+            server.wait(60)
 
 
 def bare_generate(model_dir: Path, dtype: str, threads: int) -> dict[str, float]:
@@ -276,7 +288,7 @@ def main() -> None:
                 "tiny model, float32",
             )
         print(f"{title}:", flush=True)
-        rows = [row for batch in (1, BATCHED) for row in serve_and_load(model_dir, dtype, batch, args)]
+        rows = serve_and_load(model_dir, dtype, args)
         bare = bare_generate(model_dir, dtype, args.threads)
         results[name] = {"title": title, "rows": rows, "bare": bare}
         lines += table(title, rows, bare)

@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -604,34 +605,27 @@ def gpu_run(planned: list[tuple[str, str, list[float]]], report: dict, out: Path
                     rows += run_budget(path, config, skeleton, base, inputs, report)
                     out.write_text(json.dumps({**report, "rows": rows}, indent=2, default=str))
             if model == "3b":
-                report["first_audio"] = spoken_rows(path)
-                report["batching"] = batching_rows(path)
+                report["first_audio"] = recorded(first_audio_rows, path, spoken_line)
+                report["batching"] = recorded(batch_rows, path, lambda row: f"3b batching: {json.dumps(row)}")
     return rows
 
 
-def spoken_rows(path: str) -> list[dict]:
-    """`first_audio_rows` on the GPU, printed; an error is recorded, not raised."""
+def recorded(measure: Callable[[str], list[dict]], path: str, line: Callable[[dict], str]) -> list[dict]:
+    """`measure(path)`'s rows on the GPU, each printed as `line` says; an error is recorded, not raised."""
     try:
-        rows = first_audio_rows(path)
+        rows = measure(path)
     except Exception as error:  # noqa: BLE001 - recorded; the rest of the report stands
         return [{"error": repr(error)[:400]}]
     for row in rows:
-        mode = "pipelined" if row["speech_pipeline"] else "after the text"
-        print(
-            f"3b speech, {mode}: {row['tokens']} tokens, first audio {row['first_audio_s']} s, whole {row['whole_s']:.2f} s"
-        )
+        print(line(row), flush=True)
     return rows
 
 
-def batching_rows(path: str) -> list[dict]:
-    """`batch_rows` on the GPU (3B, bf16, 8 clients), printed; an error is recorded, not raised."""
-    try:
-        rows = batch_rows(path)
-    except Exception as error:  # noqa: BLE001 - recorded; the rest of the report stands
-        return [{"error": repr(error)[:400]}]
-    for row in rows:
-        print(f"3b batching: {json.dumps(row)}")
-    return rows
+def spoken_line(row: dict) -> str:
+    mode = "pipelined" if row["speech_pipeline"] else "after the text"
+    return (
+        f"3b speech, {mode}: {row['tokens']} tokens, first audio {row['first_audio_s']} s, whole {row['whole_s']:.2f} s"
+    )
 
 
 def run_budget(path: str, config, skeleton, base: dict, inputs: dict, report: dict) -> list[dict]:
