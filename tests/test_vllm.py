@@ -38,12 +38,24 @@ pytestmark = pytest.mark.skipif(
     not VLLM_PYTHON.exists(), reason="needs vLLM's CPU build in .venv-vllm (scripts/setup_vllm.sh makes it)"
 )
 
+
+def vllm_cpus() -> str:
+    """The CPUs the vLLMs run on (scripts/vllm_serve.py's VLLM_SERVE_CPUS): all but the first, where there are two
+    or more. Generating, vLLM's CPU engine (its EngineCore and Worker processes, each busy on a core) starved every
+    other process of a 2-core machine for seconds at a time, niced or not: the front, this test, even a process
+    that only slept. A client that left was then cancelled upstream only once the front ran again, seconds later,
+    and a healthy upstream stayed silent past the idle timeout (a 502 where the request should have failed over)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []  # Linux's
+    return ",".join(str(cpu) for cpu in cpus[1:])  # none: wherever they like
+
+
 VLLM_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     "VLLM_HOST_IP": "127.0.0.1",
     "HF_HUB_OFFLINE": "1",
     "OMP_NUM_THREADS": "1",
+    "VLLM_SERVE_CPUS": vllm_cpus(),
 }
 IDLE = 4.0  # the fronts' UPSTREAM_IDLE_SECONDS
 TIMEOUT = 90  # their REQUEST_TIMEOUT_SECONDS: what a request in flight on a stopped upstream cost before

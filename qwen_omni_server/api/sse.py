@@ -149,18 +149,20 @@ async def _deltas(job: Job, stream: Stream, deltas: asyncio.Queue[tuple[str, Any
     first = True
     while not finished.done() or not deltas.empty():
         getter = asyncio.ensure_future(deltas.get())
-        done, _ = await asyncio.wait(
-            {getter, finished},
-            timeout=max(0.0, stream.deadline - time.perf_counter()),
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        try:
+            done, _ = await asyncio.wait(
+                {getter, finished},
+                timeout=max(0.0, stream.deadline - time.perf_counter()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:  # also when a client that left cancels the wait: else the getter stays pending, and asyncio
+            getter.cancel()  # logs "Task was destroyed but it is pending!" when it is collected (done: no-op)
         if getter in done:
             if first and stream.place is not None and stream.place.metrics is not None:
                 stream.place.metrics.first_token_seconds.observe(time.perf_counter() - stream.started)
             first = False
             yield getter.result()
             continue
-        getter.cancel()
         if not done or finished.cancelled() or job.timed_out:
             raise stream.timeout_error()
     if job.timed_out:
