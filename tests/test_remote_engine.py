@@ -208,13 +208,20 @@ def test_a_picture_cut_inside_goes_again_as_the_pixels_that_decoded(upstreams, f
         assert via_front.json()["warnings"][0].startswith("messages[0].content[0]: image file is truncated")
 
 
-def recording_upstream(bodies: list[dict]):
-    """A stand-in upstream: it keeps each Chat Completions body it is sent and answers "ok"."""
+def stand_in() -> FastAPI:
+    """A stand-in upstream's app, listing its one model; each test adds the chat completions it needs."""
     app = FastAPI()
 
     @app.get("/v1/models")
     def models() -> dict:
         return {"object": "list", "data": [{"id": "stand-in", "object": "model"}]}
+
+    return app
+
+
+def recording_upstream(bodies: list[dict]):
+    """A stand-in upstream: it keeps each Chat Completions body it is sent and answers "ok"."""
+    app = stand_in()
 
     @app.post("/v1/chat/completions")
     async def complete(request: Request) -> dict:
@@ -370,11 +377,7 @@ def test_a_request_in_flight_on_an_upstream_that_goes_down_is_given_up():
 def aborting_upstream():
     """A stand-in upstream that streams a few words, then ends with finish_reason "abort": as vLLM does with the
     requests in flight when it is stopped with SIGTERM."""
-    app = FastAPI()
-
-    @app.get("/v1/models")
-    def models() -> dict:
-        return {"object": "list", "data": [{"id": "stand-in", "object": "model"}]}
+    app = stand_in()
 
     @app.post("/v1/chat/completions")
     async def complete(request: Request) -> Response:
@@ -406,11 +409,7 @@ def test_an_answer_the_upstream_aborted_is_not_passed_off_as_whole():
 def pausing_upstream(closed: list[float]):
     """A stand-in upstream that streams a word, then sends nothing until its client goes; when it went, in
     `closed`."""
-    app = FastAPI()
-
-    @app.get("/v1/models")
-    def models() -> dict:
-        return {"object": "list", "data": [{"id": "stand-in", "object": "model"}]}
+    app = stand_in()
 
     @app.post("/v1/chat/completions")
     async def complete(request: Request) -> Response:
