@@ -338,3 +338,26 @@ def test_auto_on_the_cpu_takes_the_rows_the_free_memory_admits(config_3b):
         batch_size_for(settings, config_3b, placement, torch.bfloat16, available_bytes=gib * GiB) for gib in (12, 24)
     )
     assert 1 <= small < large
+
+
+def test_a_spoken_answer_runs_alone_between_batches_and_speaks_as_alone(tiny_model_dir, speaking_engine):
+    """Speech (the pipelined talker reads the thinker step by step) waits for the batch to empty and runs on
+    its own: the same text and the same audio as on an engine that does not batch, and the text rows beside it
+    answer as alone."""
+    engine = OmniEngine.load(
+        tiny_settings(tiny_model_dir, enable_audio_output=True, max_speech_seconds=2, max_batch_size=ROWS)
+    )
+    spoken = GenerationRequest("Say something.", None, max_new_tokens=8, return_audio=True, seed=2)
+    texts = mixed_requests()[:2]
+    alone = [speaking_engine.generate(r) for r in (spoken, *texts)]
+    assert alone[0].audio is not None and alone[0].audio.size > 0
+    hook = slow_steps(engine, 0.005)
+    try:
+        results = together(engine, [texts[0], spoken, texts[1]])
+    finally:
+        hook.remove()
+    for one, many in zip(alone[1:], (results[0], results[2])):
+        same_answer(one, many)  # type: ignore[arg-type]
+    voiced = results[1]
+    assert isinstance(voiced, GenerationResult) and voiced.audio is not None
+    assert voiced.completion_ids == alone[0].completion_ids and np.array_equal(voiced.audio, alone[0].audio)
