@@ -21,6 +21,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_until(condition, timeout: float = 30) -> None:
+    """Return once `condition()` holds; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("the condition did not hold in time")
+        time.sleep(0.05)
+
+
 def start_server(
     cwd: Path, env: dict[str, str], timeout: float = 60, port: int | None = None, **popen
 ) -> tuple[subprocess.Popen, str]:

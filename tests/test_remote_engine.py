@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.testclient import TestClient
 from PIL import Image
-from servers import free_port, start_server
+from servers import free_port, start_server, wait_until
 
 from qwen_omni_server.core import media
 from qwen_omni_server.core.settings import Settings
@@ -68,14 +68,6 @@ def front_settings(urls: list[str], **overrides) -> Settings:
         default_max_new_tokens=8,
         **overrides,
     )
-
-
-def wait_until(condition, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("the condition did not hold in time")
-        time.sleep(0.1)
 
 
 def start_front(settings: Settings):

@@ -26,7 +26,7 @@ import psutil
 import pytest
 import vllm_model
 from conftest import ROOT, serve
-from servers import free_port
+from servers import free_port, wait_until
 
 from qwen_omni_server.core.settings import Settings
 from qwen_omni_server.server import create_app
@@ -169,14 +169,6 @@ def front(*upstreams: Vllm, bare: bool = False, **settings) -> Iterator[str]:
         yield url
     finally:
         server.close()
-
-
-def wait_until(condition, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("the condition did not hold in time")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
