@@ -86,6 +86,13 @@ class Row:
     ended: str | None = None  # "stop", "length" or "stopped" once it left its batch
     future: Future = field(default_factory=Future)  # its tokens, or the error that ended it
 
+    def pick(self, logits: torch.Tensor) -> None:
+        """Take the token the row's sampler picks from its next position's `logits` (1 x vocabulary); once its
+        stop event is set, that token is its last ("stopped")."""
+        self.take(self.sampler(self.ids if self.ids is not None else self.inputs["input_ids"], logits))
+        if self.ended is None and self.stop.is_set():
+            self.ended = "stopped"
+
     def take(self, token: int) -> None:
         """Add the row's next token; `ended` says when it was its last."""
         self.tokens.append(token)
@@ -127,9 +134,7 @@ class Batch:
     def admit(self, row: Row) -> None:
         """Prefill `row`'s prompt alone, pick its first token and, unless that ended it, join the batch."""
         cache, logits, position = self._prefill(row)
-        row.take(row.sampler(row.ids if row.ids is not None else row.inputs["input_ids"], logits))
-        if row.stop.is_set() and row.ended is None:
-            row.ended = "stopped"
+        row.pick(logits)
         if row.ended is not None:
             return
         device = row.inputs["input_ids"].device
@@ -191,10 +196,7 @@ class Batch:
         logits = self.thinker.lm_head(output.last_hidden_state)[:, -1].to(self.mask.device, torch.float32)
         self.mask, self.positions = mask, self.positions + 1
         for index, row in enumerate(self.rows):
-            ids = row.ids if row.ids is not None else row.inputs["input_ids"]
-            row.take(row.sampler(ids, logits[index : index + 1]))
-            if row.ended is None and row.stop.is_set():
-                row.ended = "stopped"
+            row.pick(logits[index : index + 1])
         self.next_tokens = self.next_tokens.new_tensor([row.tokens[-1] for row in self.rows])
 
     def undo_step(self) -> None:

@@ -111,7 +111,7 @@ class OmniEngine(BaseEngine):
     @property
     def voices(self) -> list[str]:
         """The checkpoint's voices (from its spk_dict.pt), the default first."""
-        return list(getattr(self.model, "speaker_map", {}) or {})
+        return voices_of(self.model)
 
     def check_speech(self, speaker: str | None) -> str:
         """The voice to speak with; SpeechError when speech is off or the voice unknown."""
@@ -269,6 +269,11 @@ class Answer:
     warnings: list[str] = field(default_factory=list)
 
 
+def voices_of(model) -> list[str]:
+    """The checkpoint's voices (from its spk_dict.pt), the default first."""
+    return list(getattr(model, "speaker_map", {}) or {})
+
+
 def description(model, settings: Settings, placement: Placement, dtype: torch.dtype, rows: int) -> dict[str, Any]:
     """What runs where, worked out once (placement does not change after loading): the model, dtype, devices,
     placement, speech and voices, batching, and quantization."""
@@ -278,7 +283,7 @@ def description(model, settings: Settings, placement: Placement, dtype: torch.dt
         "devices": sorted({str(p.device) for p in model.parameters()}),
         "placement": placement.components,
         "audio_output": settings.enable_audio_output,
-        "voices": list(getattr(model, "speaker_map", {}) or {}),
+        "voices": voices_of(model),
         "batching": {"max_batch_size": settings.max_batch_size, "rows": rows},
     }
     if placement.gpu_layers is not None:
